@@ -1,0 +1,142 @@
+//! The `Lock` custom resource: a named capacity of `permits` that holders are granted from.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::duration;
+
+/// A distributed lock: a mutex (`permits: 1`), a counting semaphore (`permits: N`) or a
+/// read/write lock (readers ask for 1 permit, writers for all of them).
+///
+/// Users write the spec; the kubelock controller alone writes the status, and the status is
+/// the single source of truth for who holds the lock.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kubelock.dev",
+    version = "v1alpha1",
+    kind = "Lock",
+    namespaced,
+    status = "LockStatus",
+    shortname = "lk",
+    category = "kubelock",
+    doc = "A distributed lock: mutex, counting semaphore or read/write lock, granted by the kubelock controller.",
+    printcolumn(name = "Permits", type_ = "integer", json_path = ".spec.permits", priority = 1),
+    printcolumn(name = "Holders", type_ = "string", json_path = ".status.holders[*].holder"),
+    printcolumn(name = "Token", type_ = "integer", json_path = ".status.fencingToken"),
+    printcolumn(name = "Waiting", type_ = "integer", json_path = ".status.waiting"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LockSpec {
+    /// Capacity of the lock. 1 makes a mutex; N a counting semaphore of N. A request for all
+    /// permits is exclusive (a writer), a request for 1 is shared (a reader). Default 1.
+    #[serde(default = "default_permits")]
+    #[schemars(range(min = 1))]
+    pub permits: i32,
+
+    /// How long a holder may go without renewing (`spec.renewTime` of its LockRequest) before
+    /// the controller expires it. Measured on the controller's own monotonic clock from the
+    /// moment it observed the grant or the last renewal, never by comparing timestamps.
+    /// Go duration syntax (`30s`, `1m30s`, `500ms`); positive, at most 8760h. Default `30s`.
+    #[serde(default = "default_lease_duration")]
+    #[schemars(regex(pattern = duration::POSITIVE_PATTERN))]
+    pub lease_duration: String,
+
+    /// After a holder is expired (not after a clean release), no new grant is made for this
+    /// long: a guard against a holder that is paused rather than dead. Default `0s`.
+    #[serde(default = "default_lock_delay")]
+    #[schemars(regex(pattern = duration::PATTERN))]
+    pub lock_delay: String,
+}
+
+fn default_permits() -> i32 {
+    1
+}
+
+fn default_lease_duration() -> String {
+    "30s".into()
+}
+
+fn default_lock_delay() -> String {
+    "0s".into()
+}
+
+impl Default for LockSpec {
+    fn default() -> Self {
+        Self {
+            permits: default_permits(),
+            lease_duration: default_lease_duration(),
+            lock_delay: default_lock_delay(),
+        }
+    }
+}
+
+/// Observed state of a Lock, written only by the controller through a compare-and-swap on
+/// the Lock's resourceVersion.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LockStatus {
+    /// The requests that hold the lock now, in grant order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<Holder>,
+
+    /// The last fencing token issued. Every grant increments it; it never decreases for the
+    /// life of this Lock (pair it with `metadata.uid` if the Lock can be recreated).
+    #[serde(default)]
+    pub fencing_token: i64,
+
+    /// How many requests are queued and not granted.
+    #[serde(default)]
+    pub waiting: i32,
+
+    /// The first queued requests, head first (at most 10 names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue: Vec<String>,
+
+    /// Set while the lock delay after an expiry holds back new grants: the wall-clock time
+    /// (of the controller that expired the holder) at which grants may resume. Informational;
+    /// the controller measures the delay on its own monotonic clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delayed_until: Option<MicroTime>,
+
+    /// `Ready` (the spec is valid and the controller reconciles the lock) and `Held`
+    /// (at least one permit is granted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` of the spec this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One grant of a Lock.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Holder {
+    /// Name of the LockRequest that was granted.
+    pub request: String,
+    /// UID of that LockRequest: a request recreated under the same name does not inherit the grant.
+    #[serde(rename = "requestUID")]
+    pub request_uid: String,
+    /// The request's `spec.holderIdentity` (its name when that is empty).
+    pub holder: String,
+    /// Permits held by this grant.
+    pub permits: i32,
+    /// Fencing token of this grant: pass it to every resource you write while holding.
+    pub token: i64,
+    /// When the grant was made (the controller's wall clock; informational).
+    pub granted_at: MicroTime,
+    /// The lease this grant was made with: the request's `leaseDuration`, capped at the
+    /// Lock's at grant time. The holder must renew within it.
+    pub lease_duration: String,
+}
+
+impl Lock {
+    /// Permits currently granted.
+    pub fn granted_permits(&self) -> i64 {
+        self.status.as_ref().map_or(0, |s| s.holders.iter().map(|h| i64::from(h.permits)).sum())
+    }
+}

@@ -1,0 +1,160 @@
+//! The `LockRequest` custom resource: one party asking for one Lock. Deleting it releases.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::duration;
+
+/// Pattern of a Kubernetes object name (DNS-1123 subdomain), used for `spec.lockName`.
+pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// A request for permits of one Lock in the same namespace. The requester writes the spec
+/// (and renews `spec.renewTime`); the controller writes the status. Deleting the request
+/// releases whatever it holds at once.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kubelock.dev",
+    version = "v1alpha1",
+    kind = "LockRequest",
+    namespaced,
+    status = "LockRequestStatus",
+    shortname = "lkr",
+    category = "kubelock",
+    doc = "A request for permits of a kubelock Lock; delete it to release.",
+    printcolumn(name = "Lock", type_ = "string", json_path = ".spec.lockName"),
+    printcolumn(name = "Holder", type_ = "string", json_path = ".spec.holderIdentity", priority = 1),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Token", type_ = "integer", json_path = ".status.token"),
+    printcolumn(name = "Position", type_ = "integer", json_path = ".status.position"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LockRequestSpec {
+    /// Name of the Lock (in this namespace) to acquire. A request for a Lock that does not
+    /// exist yet waits, `Pending`, until it is created.
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub lock_name: String,
+
+    /// Who holds the lock when this request is granted, free text such as `pod/ns/name` or
+    /// `host:pid`. Shown in the Lock's status and in events.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 256))]
+    pub holder_identity: String,
+
+    /// Permits wanted, at most the Lock's `spec.permits` (more is `Rejected`). On a
+    /// read/write lock, 1 is a reader and all permits a writer. Default 1.
+    #[serde(default = "default_permits")]
+    #[schemars(range(min = 1))]
+    pub permits: i32,
+
+    /// Lease for this holder, Go duration syntax. Capped at the Lock's `leaseDuration` (the
+    /// effective value is reported in `status.leaseDuration`). Default: the Lock's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = duration::POSITIVE_PATTERN))]
+    pub lease_duration: Option<String>,
+
+    /// The requester's heartbeat: patch it (to any new value) about every third of the
+    /// lease, while waiting and while holding. The controller only looks for changes; it
+    /// never compares this time with its own clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_time: Option<MicroTime>,
+
+    /// The holder is this pod: the grant is released as soon as the pod is deleted or has
+    /// terminated (phase Succeeded or Failed), without waiting for the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ref: Option<PodRef>,
+}
+
+fn default_permits() -> i32 {
+    1
+}
+
+/// A pod in the request's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRef {
+    /// Pod name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Pod UID; when set, a pod recreated under the same name counts as gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+/// Where a request stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    /// Queued: waiting for permits (or for the Lock to exist).
+    Pending,
+    /// Holding the lock with `status.token`.
+    Granted,
+    /// Lost the lock: the lease ran out, the holder pod went away, an administrator broke
+    /// it, or the Lock was deleted. Final: create a new request to acquire again.
+    Expired,
+    /// Can never be granted (asks for more permits than the Lock has, or an invalid spec).
+    /// Final.
+    Rejected,
+}
+
+impl Phase {
+    /// Expired and Rejected never change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Expired | Phase::Rejected)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Observed state of a LockRequest, mirrored by the controller from the Lock's status after
+/// each successful compare-and-swap.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LockRequestStatus {
+    /// `Pending`, `Granted`, `Expired` or `Rejected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// Fencing token of the grant (kept after it expires, so the loser knows which token died).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<i64>,
+
+    /// When the grant was made (the controller's wall clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_at: Option<MicroTime>,
+
+    /// The effective lease of the grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_duration: Option<String>,
+
+    /// UID of the Lock that made the grant: tokens are unique per Lock UID.
+    #[serde(default, rename = "lockUID", skip_serializing_if = "Option::is_none")]
+    pub lock_uid: Option<String>,
+
+    /// 0-based place in the queue while `Pending` (0 = next). Exact for the first 10 places;
+    /// further back it is refreshed every 10 places to save writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<i32>,
+
+    /// Human-readable explanation of the phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+
+    /// `Granted`: True while holding; its reason says why not otherwise (`Waiting`,
+    /// `LockNotFound`, `LeaseExpired`, `PodGone`, `Broken`, `LockDeleted`, `TooManyPermits`...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+impl LockRequest {
+    /// The request's phase (`Pending` until the controller says otherwise).
+    pub fn phase(&self) -> Phase {
+        self.status.as_ref().and_then(|s| s.phase).unwrap_or(Phase::Pending)
+    }
+}

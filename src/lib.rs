@@ -1,0 +1,18 @@
+//! kubelock: a Kubernetes-native distributed lock service.
+//!
+//! - [`api`]: the `Lock` and `LockRequest` types and their CRDs.
+//! - [`planner`]: the pure grant decision.
+//! - [`controller`]: fetch, plan, compare-and-swap, mirror.
+//! - [`client`]: acquire, renew, release, local deadline; used by every tool below.
+//! - [`cli`], [`sidecar`]: the command-line tools and the pod sidecar.
+//! - [`telemetry`]: logs, metrics, admin server.
+//! - [`devenv`]: the local control plane used by `kubelock dev` and the tests.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod connect;
+pub mod controller;
+pub mod devenv;
+pub mod sidecar;
+pub mod telemetry;
