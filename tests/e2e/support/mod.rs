@@ -25,6 +25,7 @@
 
 #![allow(dead_code)] // Not every test module uses every helper.
 
+pub mod history;
 pub mod process;
 pub mod wait;
 
