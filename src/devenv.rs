@@ -907,7 +907,7 @@ pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut controller = tokio::spawn(controller::run_controller(client, args.controller, async move {
+    let mut controller = tokio::spawn(controller::run_controller(client, args.controller, client_args.request_timeout, async move {
         let _ = stop_rx.await;
     }));
 
