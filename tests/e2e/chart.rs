@@ -273,6 +273,41 @@ fn chart_crds_match_the_types() {
     }
 }
 
+/// Values documented as a whole object in the README rather than key by key.
+const OPAQUE_VALUES: [&str; 6] =
+    ["resources", "podSecurityContext", "containerSecurityContext", "livenessProbe", "readinessProbe", "sidecar.resources"];
+
+fn value_keys(value: &serde_yaml::Value, prefix: &str, out: &mut Vec<String>) {
+    if let serde_yaml::Value::Mapping(map) = value {
+        for (k, v) in map {
+            let key = format!("{prefix}{}", k.as_str().expect("string keys"));
+            match v {
+                serde_yaml::Value::Mapping(m) if !m.is_empty() && !OPAQUE_VALUES.contains(&key.as_str()) => {
+                    value_keys(v, &format!("{key}."), out)
+                }
+                _ => out.push(key),
+            }
+        }
+    }
+}
+
+/// The README's table lists every value of values.yaml, and every example.
+#[test]
+fn readme_documents_every_value_and_example() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml")).expect("YAML");
+    let mut keys = Vec::new();
+    value_keys(&values, "", &mut keys);
+    assert!(keys.len() > 40, "values.yaml parsed to only {keys:?}");
+    let missing: Vec<&String> = keys.iter().filter(|k| !readme.contains(&format!("| `{k}` |"))).collect();
+    assert!(missing.is_empty(), "README.md's values table lacks {missing:?}");
+    for entry in std::fs::read_dir(repo().join("examples")).expect("examples/") {
+        let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
+        assert!(readme.contains(&format!("`examples/{name}`")), "README.md does not list examples/{name}");
+    }
+}
+
 /// `helm lint --strict` finds nothing (not even a warning).
 #[tokio::test]
 async fn helm_lint_passes_strict() {
