@@ -9,9 +9,15 @@ HELM_SDKPY_VERSION ?= 0.1.32
 .PHONY: helm-sdk chart-crds chart-lint chart-install e2e-kind image
 
 helm-sdk: ## Install helm-sdkpy and PyYAML for hack/helm.py if missing.
-	@$(PYTHON) -c 'import helm_sdkpy, yaml' 2>/dev/null || \
-	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --ignore-requires-python \
-	    "helm-sdkpy==$(HELM_SDKPY_VERSION)" pyyaml
+	@if ! $(PYTHON) -c 'import helm_sdkpy, yaml' 2>/dev/null; then \
+	  echo "installing helm-sdkpy==$(HELM_SDKPY_VERSION) and pyyaml for $(PYTHON) (pip)" >&2; \
+	  $(PYTHON) -m pip --version >/dev/null 2>&1 || \
+	    { echo "no pip for $(PYTHON): install python3-pip, or set PYTHON=" >&2; exit 1; }; \
+	  pip_install() { $(PYTHON) -m pip install --quiet --disable-pip-version-check \
+	    --ignore-requires-python "$$@" "helm-sdkpy==$(HELM_SDKPY_VERSION)" pyyaml; }; \
+	  pip_install || pip_install --break-system-packages; \
+	  $(PYTHON) -c 'import helm_sdkpy, yaml'; \
+	fi
 
 chart-crds: ## Regenerate the chart's CRDs (charts/kubelock/files/crds.yaml) from the API types.
 	$(CARGO) run --quiet --bin kubelock -- crd > charts/kubelock/files/crds.yaml.tmp
