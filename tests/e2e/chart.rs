@@ -274,8 +274,14 @@ fn chart_crds_match_the_types() {
 }
 
 /// Values documented as a whole object in the README rather than key by key.
-const OPAQUE_VALUES: [&str; 6] =
-    ["resources", "podSecurityContext", "containerSecurityContext", "livenessProbe", "readinessProbe", "sidecar.resources"];
+const OPAQUE_VALUES: [&str; 6] = [
+    "resources",
+    "podSecurityContext",
+    "containerSecurityContext",
+    "livenessProbe",
+    "readinessProbe",
+    "sidecar.resources",
+];
 
 fn value_keys(value: &serde_yaml::Value, prefix: &str, out: &mut Vec<String>) {
     if let serde_yaml::Value::Mapping(map) = value {
@@ -296,7 +302,8 @@ fn value_keys(value: &serde_yaml::Value, prefix: &str, out: &mut Vec<String>) {
 fn readme_documents_every_value_and_example() {
     let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
     let values: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml")).expect("YAML");
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml"))
+            .expect("YAML");
     let mut keys = Vec::new();
     value_keys(&values, "", &mut keys);
     assert!(keys.len() > 40, "values.yaml parsed to only {keys:?}");
@@ -333,7 +340,10 @@ async fn invalid_values_are_rejected_by_the_schema() {
         ("replicas=3", "additional properties 'replicas' not allowed"),
         ("controller.finishedRetention=soon", "/controller/finishedRetention"),
         ("controller.logFormat=xml", "/controller/logFormat"),
-        ("containerSecurityContext.allowPrivilegeEscalation=true", "/containerSecurityContext/allowPrivilegeEscalation"),
+        (
+            "containerSecurityContext.allowPrivilegeEscalation=true",
+            "/containerSecurityContext/allowPrivilegeEscalation",
+        ),
         ("podSecurityContext.runAsNonRoot=false", "/podSecurityContext/runAsNonRoot"),
         ("podAntiAffinity=maybe", "/podAntiAffinity"),
         ("watchNamespace=Not_A_Namespace", "/watchNamespace"),
@@ -342,15 +352,11 @@ async fn invalid_values_are_rejected_by_the_schema() {
     let release = release_name(&env);
     let chart = chart_dir();
     for (set, expected) in cases {
-        let out = helm(&env, "helm-install-invalid", &[
-            "install",
-            &release,
-            chart.to_str().expect("utf-8"),
-            "-n",
-            env.ns(),
-            "--set",
-            set,
-        ])
+        let out = helm(
+            &env,
+            "helm-install-invalid",
+            &["install", &release, chart.to_str().expect("utf-8"), "-n", env.ns(), "--set", set],
+        )
         .await;
         assert_eq!(
             out.status.and_then(|s| s.code()),
@@ -368,7 +374,11 @@ async fn invalid_values_are_rejected_by_the_schema() {
     }
     let deployments: Api<Deployment> = env.api(Identity::Admin).await;
     let left = deployments.list(&ListParams::default()).await.expect("listing deployments");
-    assert!(left.items.is_empty(), "a refused install created {:?}", left.items.iter().map(|d| d.name_any()).collect::<Vec<_>>());
+    assert!(
+        left.items.is_empty(),
+        "a refused install created {:?}",
+        left.items.iter().map(|d| d.name_any()).collect::<Vec<_>>()
+    );
 }
 
 /// Default values: every part is installed, the pod passes the restricted profile, the
@@ -412,10 +422,18 @@ async fn default_install_is_restricted_and_least_privilege() {
     assert!(anti.preferred_during_scheduling_ignored_during_execution.is_some_and(|p| !p.is_empty()));
     let container = &pod.containers[0];
     let args = container.args.clone().unwrap_or_default();
-    for flag in ["controller", "--leader-elect", &format!("--leader-elect-namespace={}", env.ns()), &format!("--leader-elect-lease={name}-controller")] {
+    for flag in [
+        "controller",
+        "--leader-elect",
+        &format!("--leader-elect-namespace={}", env.ns()),
+        &format!("--leader-elect-lease={name}-controller"),
+    ] {
         assert!(args.iter().any(|a| a == flag), "controller args {args:?} lack {flag}");
     }
-    assert!(!args.iter().any(|a| a.starts_with("--watch-namespace")), "default install watches one namespace: {args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--watch-namespace")),
+        "default install watches one namespace: {args:?}"
+    );
     let env_vars: BTreeMap<String, String> = container
         .env
         .iter()
@@ -431,7 +449,10 @@ async fn default_install_is_restricted_and_least_privilege() {
     assert_eq!(probe_path(&container.liveness_probe), Some(("/healthz".into(), admin_port.clone())));
     assert_eq!(probe_path(&container.readiness_probe), Some(("/readyz".into(), admin_port)));
     let resources = container.resources.clone().expect("resources");
-    assert!(resources.requests.is_some_and(|r| r.contains_key("memory")) && resources.limits.is_some_and(|l| l.contains_key("memory")));
+    assert!(
+        resources.requests.is_some_and(|r| r.contains_key("memory"))
+            && resources.limits.is_some_and(|l| l.contains_key("memory"))
+    );
 
     // The controller's ClusterRole: exactly the API calls it makes.
     let role = Api::<ClusterRole>::all(client.clone()).get(&format!("{name}-controller")).await.expect("ClusterRole");
@@ -488,14 +509,20 @@ async fn namespace_scoped_install_is_enough_for_a_handover() {
     let env = TestEnv::new().await;
     let name = release_name(&env);
     let watch = format!("watchNamespace={}", env.ns());
-    let release = Release::install(&env, &name, &[&watch, "crds.install=false", "rbac.aggregateClusterRoles=false"], false).await;
+    let release =
+        Release::install(&env, &name, &[&watch, "crds.install=false", "rbac.aggregateClusterRoles=false"], false).await;
     let client = env.admin().await;
     let kinds = release.kinds();
-    assert!(!kinds.contains("ClusterRole") && !kinds.contains("ClusterRoleBinding"), "cluster-wide RBAC rendered: {kinds:?}");
+    assert!(
+        !kinds.contains("ClusterRole") && !kinds.contains("ClusterRoleBinding"),
+        "cluster-wide RBAC rendered: {kinds:?}"
+    );
     assert!(!kinds.contains("CustomResourceDefinition"), "crds.install=false still rendered CRDs");
-    let role = Api::<Role>::namespaced(client.clone(), env.ns()).get(&format!("{name}-controller")).await.expect("Role");
+    let role =
+        Api::<Role>::namespaced(client.clone(), env.ns()).get(&format!("{name}-controller")).await.expect("Role");
     assert_eq!(rule_set(role.rules.as_deref().unwrap_or_default()), controller_rules(true));
-    let cluster_role = Api::<ClusterRole>::all(client.clone()).get_opt(&format!("{name}-controller")).await.expect("get");
+    let cluster_role =
+        Api::<ClusterRole>::all(client.clone()).get_opt(&format!("{name}-controller")).await.expect("get");
     assert!(cluster_role.is_none(), "namespace-scoped mode created a ClusterRole");
 
     let controller = run_controller_as_service_account(&env, &name).await;
@@ -504,6 +531,9 @@ async fn namespace_scoped_install_is_enough_for_a_handover() {
     handover(&env, &controller, &name).await;
 }
 
+/// (verb, API group, resource[/subresource], namespace, resource name) for a SubjectAccessReview.
+type Access<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+
 /// Default (cluster-wide) RBAC: the controller, authenticated as the chart's ServiceAccount
 /// with the flags the chart passes, completes a handover; and the ServiceAccount is
 /// allowed exactly the controller's calls, nothing more.
@@ -511,14 +541,15 @@ async fn namespace_scoped_install_is_enough_for_a_handover() {
 async fn charts_service_account_runs_the_controller() {
     let env = TestEnv::new().await;
     let name = release_name(&env);
-    let _release = Release::install(&env, &name, &["crds.install=false", "rbac.aggregateClusterRoles=false"], false).await;
+    let _release =
+        Release::install(&env, &name, &["crds.install=false", "rbac.aggregateClusterRoles=false"], false).await;
     let client = env.admin().await;
 
     // What the ServiceAccount may and may not do, as the API server's authorizer answers.
     let sa = format!("system:serviceaccount:{}:{name}-controller", env.ns());
     let lease = format!("{name}-controller");
     let ns = env.ns();
-    let allowed: Vec<(&str, &str, &str, Option<&str>, Option<&str>)> = vec![
+    let allowed: Vec<Access> = vec![
         ("list", "kubelock.dev", "locks", None, None),
         ("watch", "kubelock.dev", "locks", Some("elsewhere"), None),
         ("update", "kubelock.dev", "locks/status", Some(ns), None),
@@ -531,7 +562,7 @@ async fn charts_service_account_runs_the_controller() {
         ("create", "coordination.k8s.io", "leases", Some(ns), None),
         ("update", "coordination.k8s.io", "leases", Some(ns), Some(&lease)),
     ];
-    let denied: Vec<(&str, &str, &str, Option<&str>, Option<&str>)> = vec![
+    let denied: Vec<Access> = vec![
         ("create", "kubelock.dev", "locks", Some(ns), None),
         ("update", "kubelock.dev", "locks", Some(ns), None),
         ("delete", "kubelock.dev", "locks", Some(ns), None),
@@ -564,7 +595,8 @@ async fn charts_service_account_runs_the_controller() {
         let events = events.clone();
         async move {
             let list = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
-            let ours = list.items.iter().any(|e| e.reporting_controller.as_deref() == Some(kubelock::api::CONTROLLER_MANAGER));
+            let ours =
+                list.items.iter().any(|e| e.reporting_controller.as_deref() == Some(kubelock::api::CONTROLLER_MANAGER));
             if ours { Ok(()) } else { Err(format!("{} events, none from the controller", list.items.len())) }
         }
     })
@@ -583,7 +615,11 @@ async fn requester_role_can_request_but_not_grant() {
     // Bind requester-1 to the chart's role in this namespace only.
     let binding = RoleBinding {
         metadata: ObjectMeta { name: Some("requester-1-locks".into()), ..Default::default() },
-        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "ClusterRole".into(), name: role.clone() },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: role.clone(),
+        },
         subjects: Some(vec![Subject {
             kind: "User".into(),
             name: Identity::Requester1.user(),
@@ -591,7 +627,10 @@ async fn requester_role_can_request_but_not_grant() {
             ..Default::default()
         }]),
     };
-    Api::<RoleBinding>::namespaced(client.clone(), env.ns()).create(&PostParams::default(), &binding).await.expect("RoleBinding");
+    Api::<RoleBinding>::namespaced(client.clone(), env.ns())
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("RoleBinding");
     let user = Identity::Requester1.user();
     eventually("the requester binding to apply", TIMEOUT, || {
         let client = client.clone();
@@ -608,14 +647,20 @@ async fn requester_role_can_request_but_not_grant() {
     .unwrap_or_else(|e| panic!("{e}"));
 
     let admin_locks: Api<Lock> = env.api(Identity::Admin).await;
-    admin_locks.create(&PostParams::default(), &Lock::new("shared", LockSpec { permits: 1, ..Default::default() })).await.expect("Lock");
+    admin_locks
+        .create(&PostParams::default(), &Lock::new("shared", LockSpec { permits: 1, ..Default::default() }))
+        .await
+        .expect("Lock");
     let locks: Api<Lock> = env.api(Identity::Requester1).await;
     let requests: Api<LockRequest> = env.api(Identity::Requester1).await;
 
     // Allowed: read Locks, create, renew and delete its own request.
     locks.get("shared").await.expect("requester reads a Lock");
     locks.list(&ListParams::default()).await.expect("requester lists Locks");
-    let created = requests.create(&PostParams::default(), &request("mine", "shared", "user/requester-1")).await.expect("create request");
+    let created = requests
+        .create(&PostParams::default(), &request("mine", "shared", "user/requester-1"))
+        .await
+        .expect("create request");
     let renew = json!({"spec": {"renewTime": "2030-01-01T00:00:00.000000Z"}});
     requests.patch("mine", &PatchParams::default(), &Patch::Merge(&renew)).await.expect("renew (patch) own request");
     requests.list(&ListParams::default()).await.expect("list requests");
@@ -625,11 +670,18 @@ async fn requester_role_can_request_but_not_grant() {
     lock.status.get_or_insert_with(Default::default).fencing_token = 99;
     expect_forbidden(locks.replace_status("shared", &PostParams::default(), &lock).await, "update Lock status");
     let grant = json!({"status": {"fencingToken": 99}});
-    expect_forbidden(locks.patch_status("shared", &PatchParams::default(), &Patch::Merge(&grant)).await, "patch Lock status");
+    expect_forbidden(
+        locks.patch_status("shared", &PatchParams::default(), &Patch::Merge(&grant)).await,
+        "patch Lock status",
+    );
     expect_forbidden(locks.delete("shared", &DeleteParams::default()).await.map(|_| ()), "delete the Lock");
-    expect_forbidden(locks.create(&PostParams::default(), &Lock::new("mine", LockSpec::default())).await, "create a Lock");
+    expect_forbidden(
+        locks.create(&PostParams::default(), &Lock::new("mine", LockSpec::default())).await,
+        "create a Lock",
+    );
     let mut req = requests.get("mine").await.expect("get own request");
-    req.status = Some(kubelock::api::LockRequestStatus { phase: Some(Phase::Granted), token: Some(1), ..Default::default() });
+    req.status =
+        Some(kubelock::api::LockRequestStatus { phase: Some(Phase::Granted), token: Some(1), ..Default::default() });
     expect_forbidden(requests.replace_status("mine", &PostParams::default(), &req).await, "update own request status");
 
     // Release: delete its own request.
@@ -650,7 +702,8 @@ async fn examples_apply_with_server_side_dry_run() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
     files.sort();
-    let names: BTreeSet<String> = files.iter().map(|p| p.file_name().expect("name").to_string_lossy().into_owned()).collect();
+    let names: BTreeSet<String> =
+        files.iter().map(|p| p.file_name().expect("name").to_string_lossy().into_owned()).collect();
     for expected in ["mutex.yaml", "semaphore.yaml", "rwlock.yaml", "active-passive.yaml", "job.yaml", "cronjob.yaml"] {
         assert!(names.contains(expected), "examples/{expected} is missing (have {names:?})");
     }
@@ -754,14 +807,17 @@ fn token_kubeconfig(env: &TestEnv, token: &str) -> PathBuf {
 }
 
 fn request(name: &str, lock: &str, holder: &str) -> LockRequest {
-    LockRequest::new(name, LockRequestSpec {
-        lock_name: lock.into(),
-        holder_identity: holder.into(),
-        permits: 1,
-        lease_duration: None,
-        renew_time: None,
-        pod_ref: None,
-    })
+    LockRequest::new(
+        name,
+        LockRequestSpec {
+            lock_name: lock.into(),
+            holder_identity: holder.into(),
+            permits: 1,
+            lease_duration: None,
+            renew_time: None,
+            pod_ref: None,
+        },
+    )
 }
 
 fn phase(r: &LockRequest) -> Option<Phase> {
@@ -783,8 +839,8 @@ async fn handover(env: &TestEnv, controller: &Proc, name: &str) {
         .unwrap_or_else(|e| panic!("{e}\ncontroller log:\n{}", log()));
     requests.create(&PostParams::default(), &request("second", &lock, "test/second")).await.expect("second");
     wait_until(&requests, "second", "second queued", TIMEOUT, |r| phase(r) == Some(Phase::Pending))
-    .await
-    .unwrap_or_else(|e| panic!("{e}\ncontroller log:\n{}", log()));
+        .await
+        .unwrap_or_else(|e| panic!("{e}\ncontroller log:\n{}", log()));
     requests.delete("first", &DeleteParams::default()).await.expect("release first");
     let second = wait_until(&requests, "second", "second granted", TIMEOUT, |r| phase(r) == Some(Phase::Granted))
         .await
@@ -820,10 +876,11 @@ async fn may(
         Some((r, s)) => (r.to_string(), Some(s.to_string())),
         None => (resource.to_string(), None),
     };
-    let groups = user
-        .starts_with("system:serviceaccount:")
-        .then(|| vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{sa_ns}"), "system:authenticated".into()])
-        .unwrap_or_else(|| vec!["system:authenticated".into()]);
+    let groups: Vec<String> = if user.starts_with("system:serviceaccount:") {
+        vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{sa_ns}"), "system:authenticated".into()]
+    } else {
+        vec!["system:authenticated".into()]
+    };
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(user.into()),
@@ -871,7 +928,9 @@ fn rule_set(rules: &[PolicyRule]) -> RuleSet {
 fn rules(entries: &[(&str, &str, &[&str], &str)]) -> RuleSet {
     entries
         .iter()
-        .flat_map(|(g, r, verbs, n)| verbs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string(), n.to_string())))
+        .flat_map(|(g, r, verbs, n)| {
+            verbs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string(), n.to_string()))
+        })
         .collect()
 }
 
@@ -884,13 +943,19 @@ fn controller_rules(pods_and_events: bool) -> RuleSet {
         ("kubelock.dev", "lockrequests/status", &["update"], ""),
     ]);
     if pods_and_events {
-        set.extend(rules(&[("", "pods", &["get", "list", "watch"], ""), ("events.k8s.io", "events", &["create", "patch"], "")]));
+        set.extend(rules(&[
+            ("", "pods", &["get", "list", "watch"], ""),
+            ("events.k8s.io", "events", &["create", "patch"], ""),
+        ]));
     }
     set
 }
 
 fn lease_rules(lease: &str) -> RuleSet {
-    rules(&[("coordination.k8s.io", "leases", &["get", "update"], lease), ("coordination.k8s.io", "leases", &["create"], "")])
+    rules(&[
+        ("coordination.k8s.io", "leases", &["get", "update"], lease),
+        ("coordination.k8s.io", "leases", &["create"], ""),
+    ])
 }
 
 /// `Api<DynamicObject>` for a rendered object's apiVersion and kind.
@@ -943,7 +1008,8 @@ async fn check_sidecar_snippet(env: &TestEnv, notes: &str) {
         .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
         .collect();
     let snippet: Value = serde_json::to_value(
-        serde_yaml::from_str::<serde_yaml::Value>(&block).unwrap_or_else(|e| panic!("snippet is not YAML ({e}):\n{block}")),
+        serde_yaml::from_str::<serde_yaml::Value>(&block)
+            .unwrap_or_else(|e| panic!("snippet is not YAML ({e}):\n{block}")),
     )
     .expect("JSON");
     let sidecar = snippet["containers"][0].clone();
