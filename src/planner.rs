@@ -245,6 +245,10 @@ pub struct PlanEvent {
     pub wait: Option<Duration>,
     /// For ends of grants: how long it was held (wall clock since `grantedAt`).
     pub held: Option<Duration>,
+    /// The event is a change of the Lock's status (a grant, or the end of one): it happened
+    /// once the status is written. Otherwise it only concerns the request, and happened once
+    /// the request's own status is written.
+    pub of_lock: bool,
 }
 
 /// A request status to write.
@@ -329,6 +333,7 @@ impl Plan {
             message,
             wait: None,
             held: None,
+            of_lock: false,
         });
         self.events.last_mut().expect("just pushed")
     }
@@ -342,6 +347,9 @@ struct LockParams {
 }
 
 fn parse_lock_spec(lock: &Lock) -> Result<LockParams, String> {
+    if let Some(problem) = crate::api::malformed(lock) {
+        return Err(problem.to_string());
+    }
     let spec = &lock.spec;
     if spec.permits < 1 {
         return Err(format!("spec.permits must be at least 1, got {}", spec.permits));
@@ -361,6 +369,9 @@ struct RequestParams {
 }
 
 fn parse_request_spec(req: &LockRequest) -> Result<RequestParams, String> {
+    if let Some(problem) = crate::api::malformed(req) {
+        return Err(problem.to_string());
+    }
     if req.spec.permits < 1 {
         return Err(format!("spec.permits must be at least 1, got {}", req.spec.permits));
     }
@@ -544,8 +555,9 @@ fn plan_holders(inputs: &Inputs<'_>, old: &LockStatus, lock_uid: &str, plan: &mu
         let Some(req) = by_uid.get(h.request_uid.as_str()).copied() else {
             if inputs.gone.contains(&h.request_uid) {
                 let message = format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token);
-                plan.event(EventKind::Released, Reason::Released, &h.request, &h.request_uid, &h.holder, Some(h.token), message)
-                    .held = held;
+                let e = plan.event(EventKind::Released, Reason::Released, &h.request, &h.request_uid, &h.holder, Some(h.token), message);
+                e.held = held;
+                e.of_lock = true;
             } else {
                 // Not in the cache, but no deletion seen: the cache may lag. Keep the grant.
                 plan.checks.insert(Check::Request { name: h.request.clone(), uid: h.request_uid.clone() });
@@ -557,8 +569,9 @@ fn plan_holders(inputs: &Inputs<'_>, old: &LockStatus, lock_uid: &str, plan: &mu
             // Being deleted, or finalized by another controller's plan: freed without a word.
             if req.metadata.deletion_timestamp.is_some() {
                 let message = format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token);
-                plan.event(EventKind::Released, Reason::Released, &h.request, &h.request_uid, &h.holder, Some(h.token), message)
-                    .held = held;
+                let e = plan.event(EventKind::Released, Reason::Released, &h.request, &h.request_uid, &h.holder, Some(h.token), message);
+                e.held = held;
+                e.of_lock = true;
             }
             continue;
         }
@@ -601,7 +614,9 @@ fn plan_holders(inputs: &Inputs<'_>, old: &LockStatus, lock_uid: &str, plan: &mu
                 let note = format!("{} lost token {}: {message}", h.holder, h.token);
                 let fate = Fate::Finished { phase: Phase::Expired, reason, message, holder: Some(h), lock_uid: Some(lock_uid) };
                 plan.update(req, desired_status(req, fate, now), false);
-                plan.event(kind, reason, &h.request, &h.request_uid, &h.holder, Some(h.token), note).held = held;
+                let e = plan.event(kind, reason, &h.request, &h.request_uid, &h.holder, Some(h.token), note);
+                e.held = held;
+                e.of_lock = true;
             }
         }
     }
@@ -750,7 +765,9 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
         plan.wake(now.mono + lease);
         let wait = obs.first_seen.remove(&uid).map(|seen| now.mono.saturating_sub(seen));
         let message = format!("granted {} permit(s) to {} with token {token}", holder.permits, holder.holder);
-        plan.event(EventKind::Granted, Reason::Granted, &holder.request, &uid, &holder.holder, Some(token), message).wait = wait;
+        let e = plan.event(EventKind::Granted, Reason::Granted, &holder.request, &uid, &holder.holder, Some(token), message);
+        e.wait = wait;
+        e.of_lock = true;
         holders.push(holder);
     }
 

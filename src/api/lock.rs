@@ -33,7 +33,7 @@ pub struct LockSpec {
     /// Capacity of the lock. 1 makes a mutex; N a counting semaphore of N. A request for all
     /// permits is exclusive (a writer), a request for 1 is shared (a reader). Default 1.
     #[serde(default = "default_permits")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 2147483647))]
     pub permits: i32,
 
     /// How long a holder may go without renewing (`spec.renewTime` of its LockRequest) before

@@ -46,7 +46,7 @@ pub struct LockRequestSpec {
     /// Permits wanted, at most the Lock's `spec.permits` (more is `Rejected`). On a
     /// read/write lock, 1 is a reader and all permits a writer. Default 1.
     #[serde(default = "default_permits")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 2147483647))]
     pub permits: i32,
 
     /// Lease for this holder, Go duration syntax. Capped at the Lock's `leaseDuration` (the

@@ -11,6 +11,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api,
+    api::{ApiResource, DynamicObject},
     runtime::{
         Controller, WatchStreamExt as _, controller,
         reflector::{self, ObjectRef},
@@ -27,7 +28,7 @@ use self::{
     reconcile::Context,
 };
 use crate::{
-    api::{Lock, LockRequest},
+    api::{self, Lock, LockRequest},
     connect::{ClientArgs, parse_duration},
     planner::Settings,
     telemetry::Metrics,
@@ -167,6 +168,37 @@ where
     }
 }
 
+/// A watch that never fails on an object it cannot read: it is converted with
+/// [`api::lenient`] and the planner refuses it with a clear condition. (A typed watch would
+/// fail its whole list on one such object and stop the controller for every Lock.)
+fn lenient_watch<K>(
+    client: kube::Client,
+    namespace: Option<&str>,
+    placeholder: fn(&serde_json::Value) -> K,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone + Send + 'static,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client, ns, &resource),
+        None => Api::all_with(client, &resource),
+    };
+    let convert = move |obj: DynamicObject| -> K {
+        match serde_json::to_value(&obj) {
+            Ok(value) => api::lenient(value, placeholder),
+            Err(_) => api::lenient(serde_json::Value::Null, placeholder),
+        }
+    };
+    watcher(api, watcher::Config::default()).default_backoff().map_ok(move |event| match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(convert(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(convert(o)),
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(convert(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    })
+}
+
 fn channel_stream<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
@@ -283,8 +315,7 @@ async fn run_active(
     };
 
     // Locks: the controller's own objects. Deletions send their requests to the orphan controller.
-    let locks = watcher(scoped::<Lock>(client.clone(), ns), watcher::Config::default())
-        .default_backoff()
+    let locks = lenient_watch(client.clone(), ns, api::placeholder_lock)
         .modify(|l| strip_meta(&mut l.metadata))
         .reflect(lock_writer)
         .inspect_ok({
@@ -306,8 +337,7 @@ async fn run_active(
         });
 
     // Requests: indexed by Lock; every change reconciles the Lock it names.
-    let requests = watcher(scoped::<LockRequest>(client.clone(), ns), watcher::Config::default())
-        .default_backoff()
+    let requests = lenient_watch(client.clone(), ns, api::placeholder_request)
         .modify(|r| strip_meta(&mut r.metadata))
         .reflect(request_writer)
         .inspect_ok({

@@ -15,7 +15,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, PostParams, Preconditions},
+    api::{ApiResource, DeleteParams, DynamicObject, ObjectMeta, PostParams, Preconditions},
     runtime::{controller::Action, reflector::ObjectRef},
 };
 use tracing::{debug, info, instrument, warn};
@@ -26,7 +26,7 @@ use super::{
     events::EventSink,
 };
 use crate::{
-    api::{CONTROLLER_MANAGER, Lock, LockRequest},
+    api::{self, CONTROLLER_MANAGER, Lock, LockRequest, LockRequestStatus},
     planner::{self, Check, EventKind, Inputs, Now, Observations, Plan, PlanEvent, PodInfo, Reason, Settings},
     telemetry::{Metrics, SumGauge},
 };
@@ -143,6 +143,49 @@ fn post_params() -> PostParams {
     PostParams { field_manager: Some(CONTROLLER_MANAGER.into()), ..Default::default() }
 }
 
+/// API calls on a kubelock kind that read answers leniently ([`api::lenient`]) and write a
+/// status with a minimal body: name, namespace, resourceVersion (the compare-and-swap) and
+/// the status. The status subresource keeps everything else from the stored object.
+struct Objects<K> {
+    api: Api<DynamicObject>,
+    placeholder: fn(&serde_json::Value) -> K,
+}
+
+impl<K> Objects<K>
+where
+    K: Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone,
+{
+    fn new(client: kube::Client, ns: &str, placeholder: fn(&serde_json::Value) -> K) -> Self {
+        Self { api: Api::namespaced_with(client, ns, &ApiResource::erase::<K>(&())), placeholder }
+    }
+
+    fn typed(&self, obj: DynamicObject) -> K {
+        let mut typed = api::lenient(serde_json::to_value(&obj).unwrap_or_default(), self.placeholder);
+        strip_meta(typed.meta_mut());
+        typed
+    }
+
+    async fn get_opt(&self, ctx: &Context, name: &str) -> Result<Option<K>, Error> {
+        Ok(ctx.call(self.api.get_opt(name)).await?.map(|o| self.typed(o)))
+    }
+
+    async fn replace_status(&self, ctx: &Context, obj: &K, status: &impl serde::Serialize) -> Result<K, Error> {
+        let meta = obj.meta();
+        let body = DynamicObject {
+            types: Some(kube::api::TypeMeta { api_version: K::api_version(&()).into(), kind: K::kind(&()).into() }),
+            metadata: ObjectMeta {
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                resource_version: meta.resource_version.clone(),
+                ..Default::default()
+            },
+            data: serde_json::json!({ "status": status }),
+        };
+        let name = meta.name.clone().unwrap_or_default();
+        Ok(self.typed(ctx.call(self.api.replace_status(&name, &post_params(), &body)).await?))
+    }
+}
+
 /// Results of the quorum reads a plan asked for.
 #[derive(Default)]
 struct Reads {
@@ -161,23 +204,18 @@ impl Reads {
     /// Makes the reads; returns the Lock if it was read (None inside when it is gone).
     async fn run(&mut self, ctx: &Context, ns: &str, lock_name: &str, checks: &std::collections::BTreeSet<Check>) -> Result<Option<Option<Lock>>, Error> {
         self.done = true;
-        let requests: Api<LockRequest> = Api::namespaced(ctx.client.clone(), ns);
+        let requests = Objects::new(ctx.client.clone(), ns, api::placeholder_request);
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
         let mut lock = None;
         for check in checks {
             ctx.metrics.confirm_reads.inc();
             match check {
                 Check::Lock => {
-                    let api: Api<Lock> = Api::namespaced(ctx.client.clone(), ns);
-                    let mut found = ctx.call(api.get_opt(lock_name)).await?;
-                    if let Some(l) = found.as_mut() {
-                        strip_meta(&mut l.metadata);
-                    }
-                    lock = Some(found);
+                    let locks = Objects::new(ctx.client.clone(), ns, api::placeholder_lock);
+                    lock = Some(locks.get_opt(ctx, lock_name).await?);
                 }
-                Check::Request { name, uid } => match ctx.call(requests.get_opt(name)).await? {
-                    Some(mut r) if r.uid().as_deref() == Some(uid.as_str()) => {
-                        strip_meta(&mut r.metadata);
+                Check::Request { name, uid } => match requests.get_opt(ctx, name).await? {
+                    Some(r) if r.uid().as_deref() == Some(uid.as_str()) => {
                         self.requests.insert(uid.clone(), Arc::new(r));
                     }
                     _ => {
@@ -214,7 +252,7 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
     let key = ObjectRef::from_obj(lock.as_ref());
     let ns = lock.namespace().unwrap_or_default();
     let name = lock.name_any();
-    let api: Api<Lock> = Api::namespaced(ctx.client.clone(), &ns);
+    let locks = Objects::new(ctx.client.clone(), &ns, api::placeholder_lock);
     // Read: the cache (or our own newer write).
     let cached = ctx.cache.locks.get(&key).unwrap_or(lock);
     let mut lock = ctx.newest(&key, cached);
@@ -272,13 +310,10 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         }
         // Compare-and-swap the Lock status.
         if let Some(status) = &plan.lock_status {
-            let mut next = (*lock).clone();
-            next.status = Some(status.clone());
-            match ctx.call(api.replace_status(&name, &post_params(), &next)).await {
-                Ok(mut written) => {
+            match locks.replace_status(&ctx, &lock, status).await {
+                Ok(written) => {
                     ctx.metrics.write("lock_status", "ok");
                     tracing::trace!(elapsed = ?start.elapsed(), "lock status written");
-                    strip_meta(&mut written.metadata);
                     let written = Arc::new(written);
                     let replaced = lock.resource_version().unwrap_or_default();
                     ctx.written.lock().expect("written lock poisoned").insert(key.clone(), (replaced, written.clone()));
@@ -289,9 +324,8 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
                     tracing::trace!(elapsed = ?start.elapsed(), "lock status conflict");
                     ctx.metrics.cas_conflicts.inc();
                     debug!("lock status changed under us; re-reading");
-                    match ctx.call(api.get_opt(&name)).await? {
-                        Some(mut read) => {
-                            strip_meta(&mut read.metadata);
+                    match locks.get_opt(&ctx, &name).await? {
+                        Some(read) => {
                             lock = Arc::new(read);
                             lock_fresh = true;
                         }
@@ -311,10 +345,10 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         let by_uid: HashMap<String, Arc<LockRequest>> = requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
         let mirrored = mirror(&ctx, &ns, &by_uid, &plan).await;
         delete_finished(&ctx, &ns, &plan).await;
-        record(&ctx, &lock, &plan);
+        record(&ctx, &lock, &plan, &mirrored);
         tracing::trace!(elapsed = ?start.elapsed(), writes = plan.requests.len(), "reconcile done");
         // A failed mirror write is retried soon: no watch event would bring it back.
-        let retry = (!mirrored).then(|| ctx.started.elapsed() + MIRROR_RETRY);
+        let retry = (!mirrored.complete).then(|| ctx.started.elapsed() + MIRROR_RETRY);
         return Ok(ctx.mono_to_action(plan.wake_at.into_iter().chain(retry).min()));
     }
     Err(Error::Contention(MAX_ROUNDS))
@@ -322,43 +356,60 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
 
 /// Writes request statuses (after the Lock status is written). New grants go first. A
 /// conflict means the request changed: its watch event brings another reconcile.
-async fn mirror(ctx: &Arc<Context>, ns: &str, by_uid: &HashMap<String, Arc<LockRequest>>, plan: &Plan) -> bool {
-    let api: Api<LockRequest> = Api::namespaced(ctx.client.clone(), ns);
-    let writes: Vec<(String, LockRequest)> = plan
+async fn mirror(ctx: &Arc<Context>, ns: &str, by_uid: &HashMap<String, Arc<LockRequest>>, plan: &Plan) -> Mirrored {
+    let api = Arc::new(Objects::new(ctx.client.clone(), ns, api::placeholder_request));
+    let writes: Vec<(String, String, Arc<LockRequest>, LockRequestStatus)> = plan
         .requests
         .iter()
-        .filter_map(|update| {
-            let mut next = (**by_uid.get(&update.uid)?).clone();
-            next.status = Some(update.status.clone());
-            Some((update.name.clone(), next))
-        })
+        .filter_map(|u| Some((u.name.clone(), u.uid.clone(), by_uid.get(&u.uid)?.clone(), u.status.clone())))
         .collect();
-    let writes = writes.into_iter().map(|(name, next)| {
+    let writes = writes.into_iter().map(|(name, uid, current, status)| {
         let (ctx, api) = (ctx.clone(), api.clone());
         async move {
-            match ctx.call(api.replace_status(&name, &post_params(), &next)).await {
+            let written = match api.replace_status(&ctx, &current, &status).await {
                 Ok(_) => {
                     ctx.metrics.write("request_status", "ok");
-                    true
+                    Some(true)
                 }
-                Err(Error::Kube(e)) if is_status(&e, 404) => true, // gone: nothing to tell
+                Err(Error::Kube(e)) if is_status(&e, 404) => Some(false), // gone: nothing to tell
                 Err(Error::Kube(e)) if is_status(&e, 409) => {
                     // The request changed under us; a change of its status alone brings no
                     // reconcile, so retry soon.
                     ctx.metrics.write("request_status", "conflict");
                     debug!(request = %name, "request changed before its status was written");
-                    false
+                    None
                 }
                 Err(e) => {
                     ctx.metrics.write("request_status", "error");
                     warn!(request = %name, error = %e, "writing request status");
-                    false
+                    None
                 }
-            }
+            };
+            (uid, written)
         }
     });
-    let results: Vec<bool> = futures::stream::iter(writes).buffer_unordered(MIRROR_CONCURRENCY).collect().await;
-    results.into_iter().all(|ok| ok)
+    let results: Vec<(String, Option<bool>)> =
+        futures::stream::iter(writes).buffer_unordered(MIRROR_CONCURRENCY).collect().await;
+    Mirrored {
+        complete: results.iter().all(|(_, r)| r.is_some()),
+        written: results.into_iter().filter(|(_, r)| *r == Some(true)).map(|(uid, _)| uid).collect(),
+    }
+}
+
+/// What a mirror pass achieved.
+struct Mirrored {
+    /// Every write succeeded (or its request is gone).
+    complete: bool,
+    /// UIDs of the requests whose status was written.
+    written: HashSet<String>,
+}
+
+impl Mirrored {
+    /// Whether an event took effect: a Lock change did (its status was written), a request's
+    /// own change only once its status is written (else the next plan proposes it again).
+    fn happened(&self, e: &PlanEvent) -> bool {
+        e.of_lock || self.written.contains(&e.request_uid)
+    }
 }
 
 /// Deletes finished requests past their retention.
@@ -382,14 +433,14 @@ async fn delete_finished(ctx: &Arc<Context>, ns: &str, plan: &Plan) {
 }
 
 /// Logs, metrics and events of a plan that took effect.
-fn record(ctx: &Context, lock: &Lock, plan: &Plan) {
+fn record(ctx: &Context, lock: &Lock, plan: &Plan, mirrored: &Mirrored) {
     let m = &ctx.metrics;
     let uid = lock.uid().unwrap_or_default();
     if let Some(status) = lock.status.as_ref() {
         m.queue_depth.set(ctx.waiting.set(&uid, i64::from(status.waiting)));
         m.holders.set(ctx.held.set(&uid, status.holders.len() as i64));
     }
-    for e in &plan.events {
+    for e in plan.events.iter().filter(|e| mirrored.happened(e)) {
         log_event(e);
         match e.kind {
             EventKind::Granted => {
@@ -453,9 +504,9 @@ pub async fn reconcile_orphan(req: Arc<LockRequest>, ctx: Arc<Context>) -> Resul
     let mut gone_locks = ctx.cache.gone_locks();
     let mut plan = planner::plan_orphans(&lock_name, &requests, &gone_locks, &ctx.settings, ctx.now());
     if plan.checks.contains(&Check::Lock) {
-        let api: Api<Lock> = Api::namespaced(ctx.client.clone(), &ns);
+        let locks = Objects::new(ctx.client.clone(), &ns, api::placeholder_lock);
         ctx.metrics.confirm_reads.inc();
-        match ctx.call(api.get_opt(&lock_name)).await? {
+        match locks.get_opt(&ctx, &lock_name).await? {
             // The cache lags: the Lock reconcile will see it.
             Some(lock) if lock.uid() == requests[0].status.as_ref().and_then(|s| s.lock_uid.clone()) => {
                 return Ok(Action::requeue(Duration::from_secs(1)));
@@ -470,7 +521,7 @@ pub async fn reconcile_orphan(req: Arc<LockRequest>, ctx: Arc<Context>) -> Resul
     let by_uid: HashMap<String, Arc<LockRequest>> = requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
     let mirrored = mirror(&ctx, &ns, &by_uid, &plan).await;
     delete_finished(&ctx, &ns, &plan).await;
-    for e in &plan.events {
+    for e in plan.events.iter().filter(|e| mirrored.happened(e)) {
         log_event(e);
         if e.kind == EventKind::Expired {
             ctx.metrics.expirations.get_or_create(&crate::telemetry::ReasonLabel { reason: Reason::LockDeleted.as_str() }).inc();
@@ -479,7 +530,7 @@ pub async fn reconcile_orphan(req: Arc<LockRequest>, ctx: Arc<Context>) -> Resul
             sink.publish(object_reference(requests[0].as_ref()), None, e.clone());
         }
     }
-    let retry = (!mirrored).then(|| ctx.started.elapsed() + MIRROR_RETRY);
+    let retry = (!mirrored.complete).then(|| ctx.started.elapsed() + MIRROR_RETRY);
     Ok(ctx.mono_to_action(plan.wake_at.into_iter().chain(retry).min()))
 }
 
