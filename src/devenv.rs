@@ -130,10 +130,10 @@ impl std::fmt::Display for Component {
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
     #[error(
-        "no kube-apiserver v1.20 found (neither $KUBE_APISERVER nor the cache {cache}): run `make demo` \
-         (installs it first) or `hack/control-plane.sh install` (builds it with Go 1.15, about 7 minutes)"
+        "no usable kube-apiserver ({reason}): run `make demo` (installs it first) or `hack/control-plane.sh \
+         install` (builds v1.20.2 with Go 1.15, about 7 minutes), or set KUBE_APISERVER to such a binary"
     )]
-    NoApiServer { cache: String },
+    NoApiServer { reason: String },
     #[error("{what} not found on PATH: {hint}")]
     Missing { what: &'static str, hint: &'static str },
     #[error("{what}: {source}")]
@@ -428,8 +428,16 @@ impl ControlPlane {
             .map_err(io_err(format!("chmod {}", script.display())))?;
 
         // A precise error when the one expensive dependency is missing.
-        if opts.kube_apiserver.is_none() && run_script(&script, "path", None, &opts).await.is_err() {
-            return Err(DevError::NoApiServer { cache: cache_dir().display().to_string() });
+        if let Err(e) = run_script(&script, "path", None, &opts).await {
+            let explicit = opts.kube_apiserver.is_some() || std::env::var_os("KUBE_APISERVER").is_some();
+            let reason = match e {
+                DevError::Script { stderr, .. } if explicit => {
+                    stderr.trim_start_matches("control-plane: error: ").to_string()
+                }
+                DevError::Script { .. } => format!("none in the cache {}", cache_dir().display()),
+                other => return Err(other),
+            };
+            return Err(DevError::NoApiServer { reason });
         }
         run_script(&script, "prepare", Some(&cp.dir), &opts).await?;
 
@@ -777,8 +785,14 @@ async fn run_script(
     dir: Option<&Path>,
     opts: &ControlPlaneOptions,
 ) -> Result<String, DevError> {
-    let mut cmd = tokio::process::Command::new("bash");
-    cmd.arg(script).arg(step).args(dir).env("KUBELOCK_SCRIPT_NAME", "hack/control-plane.sh");
+    // Under setpriv too, so that a prepare in progress dies with us rather than writing
+    // into a directory the reaper is removing.
+    let mut cmd = tokio::process::Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--", "bash"])
+        .arg(script)
+        .arg(step)
+        .args(dir)
+        .env("KUBELOCK_SCRIPT_NAME", "hack/control-plane.sh");
     if let Some(path) = &opts.kube_apiserver {
         cmd.env("KUBE_APISERVER", path);
     }

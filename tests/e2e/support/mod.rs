@@ -2,7 +2,7 @@
 //! identity, RBAC grants, watch-driven waits, guarded child processes and a dump of the
 //! objects involved when a test fails.
 //!
-//! ```ignore
+//! ```text
 //! #[tokio::test]
 //! async fn something() {
 //!     let env = TestEnv::new().await;                    // shared control plane, fresh namespace

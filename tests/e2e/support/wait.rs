@@ -12,13 +12,20 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::time::Instant;
 
-/// A wait that did not end in time.
-#[derive(Debug, thiserror::Error)]
+/// A wait that did not end in time. Its `Debug` is its message, so that
+/// `.expect("...")` prints the last state readably.
+#[derive(thiserror::Error)]
 #[error("timed out after {timeout:?} waiting for {what}; last seen:\n{last}")]
 pub struct WaitError {
     pub what: String,
     pub timeout: Duration,
     pub last: String,
+}
+
+impl Debug for WaitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Watches the object `name` until `cond` holds for it (`None`: it does not exist) and
