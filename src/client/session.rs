@@ -46,7 +46,7 @@ pub(crate) fn next_renew_time(last: jiff::Timestamp) -> jiff::Timestamp {
     now.max(floor)
 }
 
-type Renewal = Pin<Box<dyn Future<Output = (BootInstant, Result<LockRequest, RenewError>)> + Send>>;
+type Renewal = Pin<Box<dyn Future<Output = (BootInstant, tokio::time::Instant, Result<LockRequest, RenewError>)> + Send>>;
 
 #[derive(Debug)]
 enum RenewError {
@@ -78,11 +78,10 @@ pub(crate) async fn run(mut ctx: SessionCtx, mut tracker: Tracker, tx: std::sync
     let mut lock_listed = false;
     let mut renewing: Option<Renewal> = None;
     let mut retry = RETRY_MIN;
-    let mut next_renew = if ctx.renew_now {
-        tokio::time::Instant::now()
-    } else {
-        tokio::time::Instant::now() + tracker.renew_interval()
-    };
+    // The cadence: lease/3 after the send time of the last successful write. Recomputed on
+    // every turn because the interval shrinks once the Lock's or the granted lease is known.
+    let mut last_ok_send = tokio::time::Instant::now();
+    let mut retry_at: Option<tokio::time::Instant> = ctx.renew_now.then(tokio::time::Instant::now);
 
     loop {
         if let Some(t) = &mut timer
@@ -95,6 +94,7 @@ pub(crate) async fn run(mut ctx: SessionCtx, mut tracker: Tracker, tx: std::sync
             break;
         }
         let timer_armed = timer.as_ref().is_some_and(|t| t.armed().is_some());
+        let next_renew = retry_at.unwrap_or(last_ok_send + tracker.renew_interval());
         tokio::select! {
             biased;
             // The deadline first: after a freeze or a suspend every branch is ready at once.
@@ -104,13 +104,14 @@ pub(crate) async fn run(mut ctx: SessionCtx, mut tracker: Tracker, tx: std::sync
             _ = cancel.cancelled() => break,
             Some(done) = OptionFuture::from(renewing.as_mut()) => {
                 renewing = None;
-                let (sent_at, result) = done;
+                let (sent_at, sent_mono, result) = done;
                 let now = BootInstant::now();
                 match result {
                     Ok(obj) => {
                         tracker.on_write_ok(sent_at, now, Some(&obj));
                         retry = RETRY_MIN;
-                        next_renew = tokio::time::Instant::now() + tracker.renew_interval();
+                        retry_at = None;
+                        last_ok_send = sent_mono;
                     }
                     Err(RenewError::Gone) => tracker.on_request_gone(now),
                     Err(RenewError::Failed(e)) => {
@@ -118,13 +119,14 @@ pub(crate) async fn run(mut ctx: SessionCtx, mut tracker: Tracker, tx: std::sync
                         let wait = retry.min(tracker.renew_interval());
                         warn!(request = %name, error = %e, retry_in = ?wait, "renewal failed");
                         retry = (retry * 2).min(tracker.renew_interval());
-                        next_renew = tokio::time::Instant::now() + wait;
+                        retry_at = Some(tokio::time::Instant::now() + wait);
                     }
                 }
             }
             _ = tokio::time::sleep_until(next_renew), if renewing.is_none() => {
                 let renew_time = next_renew_time(ctx.last_renew);
                 ctx.last_renew = renew_time;
+                retry_at = None;
                 renewing = Some(Box::pin(renew(ctx.requests.clone(), name.clone(), uid.clone(), renew_time, ctx.request_timeout)));
             }
             Some(event) = request_events.next() => {
@@ -198,20 +200,25 @@ async fn renew(
     uid: String,
     renew_time: jiff::Timestamp,
     timeout: Duration,
-) -> (BootInstant, Result<LockRequest, RenewError>) {
+) -> (BootInstant, tokio::time::Instant, Result<LockRequest, RenewError>) {
     let patch = serde_json::json!({
         "metadata": { "uid": uid },
         "spec": { "renewTime": MicroTime(renew_time) },
     });
     let params = PatchParams { field_manager: Some(CLIENT_MANAGER.into()), ..Default::default() };
+    let sent_mono = tokio::time::Instant::now();
     let sent_at = BootInstant::now();
     let result = match tokio::time::timeout(timeout, requests.patch(&name, &params, &Patch::Merge(&patch))).await {
         Ok(Ok(obj)) => Ok(obj),
-        Ok(Err(kube::Error::Api(status))) if status.code == 404 || status.code == 409 || status.code == 422 => {
+        // 404: deleted. 409, or 422 "metadata.uid: field is immutable": the name now belongs
+        // to another request (the UID in the patch acts as a precondition).
+        Ok(Err(kube::Error::Api(status)))
+            if status.code == 404 || status.code == 409 || (status.code == 422 && status.message.contains("metadata.uid")) =>
+        {
             Err(RenewError::Gone)
         }
         Ok(Err(e)) => Err(RenewError::Failed(e.to_string())),
         Err(_) => Err(RenewError::Failed(format!("no answer within {timeout:?}"))),
     };
-    (sent_at, result)
+    (sent_at, sent_mono, result)
 }
