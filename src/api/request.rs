@@ -141,6 +141,11 @@ pub struct LockRequestStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<i32>,
 
+    /// When the request became `Expired` or `Rejected`; the controller deletes it
+    /// `--finished-retention` (default 15m) later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<MicroTime>,
+
     /// Human-readable explanation of the phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

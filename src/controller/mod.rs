@@ -1,8 +1,37 @@
 //! The controller: fetch -> plan -> compare-and-swap the Lock status -> mirror request statuses.
 
-use std::{future::Future, net::SocketAddr, process::ExitCode, time::Duration};
+mod cache;
+mod events;
+pub mod leader;
+mod reconcile;
 
-use crate::connect::{ClientArgs, parse_duration};
+use std::{future::Future, net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    runtime::{
+        Controller, WatchStreamExt as _, controller,
+        reflector::{self, ObjectRef},
+        watcher,
+    },
+};
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use self::{
+    cache::{Cache, strip_meta, strip_pod},
+    events::EventSink,
+    reconcile::Context,
+};
+use crate::{
+    api::{Lock, LockRequest},
+    connect::{ClientArgs, parse_duration},
+    planner::Settings,
+    telemetry::Metrics,
+};
 
 /// `kubelock controller` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -72,27 +101,277 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("API request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("serializing the {0} status: {1}")]
+    Serialize(&'static str, #[source] serde_json::Error),
+    #[error("the lock kept changing under us: gave up after {0} rounds")]
+    Contention(usize),
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
+    #[error(transparent)]
+    Admin(#[from] crate::telemetry::AdminError),
+}
+
+impl Error {
+    /// A short static name: the only error label on metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Connect(_) => "connect",
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "transport",
+            Error::Config(_) => "config",
+            Error::Timeout(_) => "timeout",
+            Error::Serialize(..) => "serialize",
+            Error::Contention(_) => "contention",
+            Error::Leader(_) => "leader",
+            Error::Admin(_) => "admin",
+        }
+    }
 }
 
 /// `kubelock controller`: runs until SIGINT/SIGTERM.
 pub async fn run(args: ControllerArgs, client: &ClientArgs) -> Result<ExitCode, Error> {
+    let timeout = client.request_timeout;
     let (client, _ns) = client.client().await?;
-    run_controller(client, args, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    run_controller(client, args, timeout, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs the controller in this process until `shutdown` completes (used by `kubelock dev`).
-/// For now: connects and reports the server version.
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn scoped<K>(client: kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
+}
+
+fn channel_stream<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Runs the controller in this process until `shutdown` completes (also used by
+/// `kubelock dev`). With leader election it first waits to lead, and returns an error if
+/// it loses the lead (so that its pod restarts as a standby).
 pub async fn run_controller(
     client: kube::Client,
-    _args: ControllerArgs,
+    args: ControllerArgs,
+    request_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let version = client.apiserver_version().await?;
-    tracing::info!(version = %version.git_version, "connected to the API server");
-    shutdown.await;
+    let token = CancellationToken::new();
+    tokio::spawn({
+        let token = token.clone();
+        async move {
+            shutdown.await;
+            token.cancel();
+        }
+    });
+    let mut registry = Registry::with_prefix("kubelock");
+    let metrics = Metrics::register(&mut registry);
+    let registry = Arc::new(registry);
+    let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(addr) = args.admin_socket()? {
+        let ready = {
+            let synced = synced.clone();
+            Arc::new(move || synced.load(std::sync::atomic::Ordering::Acquire)) as Arc<dyn Fn() -> bool + Send + Sync>
+        };
+        let listener_token = token.clone();
+        let serve = crate::telemetry::serve_admin(addr, registry.clone(), ready, listener_token.cancelled_owned());
+        // Bind errors surface at once; serving runs in the background.
+        tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin server stopped");
+            }
+        });
+    }
+
+    let identity = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| format!("kubelock-{}", std::process::id()));
+    let elector = args.leader_elect.then(|| {
+        let ns = args.leader_elect_namespace.clone().or_else(|| std::env::var("POD_NAMESPACE").ok()).unwrap_or_else(|| "default".into());
+        leader::Elector::new(client.clone(), &ns, &args.leader_elect_lease, &identity, leader::Timings::default())
+    });
+    let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
+    if let Some(elector) = &elector {
+        synced.store(true, std::sync::atomic::Ordering::Release); // a standby is healthy
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = token.cancelled() => return Ok(()),
+        }
+        synced.store(false, std::sync::atomic::Ordering::Release);
+    }
+    metrics.leader.set(1);
+    let keeper = elector.map(|e| {
+        let e = Arc::new(e);
+        let keep = e.clone();
+        let token = token.clone();
+        let handle = tokio::spawn(async move {
+            keep.keep(lost_tx).await;
+        });
+        tokio::spawn({
+            let token = token.clone();
+            async move {
+                if lost_rx.wait_for(|lost| *lost).await.is_ok() {
+                    token.cancel();
+                }
+            }
+        });
+        (e, handle)
+    });
+
+    run_active(client, &args, request_timeout, metrics.clone(), synced, token.clone(), identity).await;
+    metrics.leader.set(0);
+    if let Some((elector, handle)) = keeper {
+        handle.abort();
+        let lost = handle.await.is_ok();
+        if lost {
+            return Err(leader::LeaderError::Lost(args.leader_elect_lease.clone()).into());
+        }
+        elector.release().await;
+    }
     Ok(())
+}
+
+/// The watches and the two controllers (Locks; requests of missing Locks), until cancelled.
+async fn run_active(
+    client: kube::Client,
+    args: &ControllerArgs,
+    request_timeout: Duration,
+    metrics: Arc<Metrics>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+    token: CancellationToken,
+    identity: String,
+) {
+    let ns = args.watch_namespace.as_deref();
+    let settings = Settings { finished_retention: args.finished_retention, watch_pods: args.watch_pods };
+    let (lock_store, lock_writer) = reflector::store::<Lock>();
+    let (request_store, request_writer) = reflector::store::<LockRequest>();
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let cache = Cache::new(lock_store.clone(), request_store.clone(), args.watch_pods.then(|| pod_store.clone()));
+    let events = args.events.then(|| EventSink::spawn(client.clone(), Some(identity), metrics.clone()));
+    let ctx = Arc::new(Context::new(client.clone(), cache, settings, metrics, events, request_timeout));
+    let (lock_tx, lock_rx) = mpsc::unbounded_channel::<ObjectRef<Lock>>();
+    let (orphan_tx, orphan_rx) = mpsc::unbounded_channel::<ObjectRef<LockRequest>>();
+    let mark_synced = {
+        let ctx = ctx.clone();
+        move || {
+            if ctx.cache.is_synced() {
+                synced.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    };
+
+    // Locks: the controller's own objects. Deletions send their requests to the orphan controller.
+    let locks = watcher(scoped::<Lock>(client.clone(), ns), watcher::Config::default())
+        .default_backoff()
+        .modify(|l| strip_meta(&mut l.metadata))
+        .reflect(lock_writer)
+        .inspect_ok({
+            let (ctx, orphan_tx, mark_synced) = (ctx.clone(), orphan_tx.clone(), mark_synced.clone());
+            move |event| {
+                for r in ctx.cache.on_lock_event(event) {
+                    let _ = orphan_tx.send(r);
+                }
+                if let watcher::Event::Delete(lock) = event {
+                    ctx.forget_lock(lock);
+                }
+                mark_synced();
+            }
+        })
+        .applied_objects();
+
+    // Requests: indexed by Lock; every change reconciles the Lock it names.
+    let requests = watcher(scoped::<LockRequest>(client.clone(), ns), watcher::Config::default())
+        .default_backoff()
+        .modify(|r| strip_meta(&mut r.metadata))
+        .reflect(request_writer)
+        .inspect_ok({
+            let (ctx, lock_tx, mark_synced) = (ctx.clone(), lock_tx.clone(), mark_synced.clone());
+            move |event| {
+                for key in ctx.cache.on_request_event(event) {
+                    let _ = lock_tx.send(key);
+                }
+                mark_synced();
+            }
+        })
+        .applied_objects();
+
+    // Pods named by podRef: a change reconciles the Locks whose requests name them.
+    if args.watch_pods {
+        let pods = watcher(scoped::<Pod>(client.clone(), ns), watcher::Config::default())
+            .default_backoff()
+            .modify(strip_pod)
+            .reflect(pod_writer)
+            .inspect_ok({
+                let (ctx, lock_tx, mark_synced) = (ctx.clone(), lock_tx.clone(), mark_synced.clone());
+                move |event| {
+                    for key in ctx.cache.on_pod_event(event) {
+                        let _ = lock_tx.send(key);
+                    }
+                    mark_synced();
+                }
+            });
+        let token = token.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = pods.for_each(|event| async move {
+                    if let Err(e) = event {
+                        tracing::warn!(error = %e, "pod watch");
+                    }
+                }) => {}
+                _ = token.cancelled() => {}
+            }
+        });
+    }
+
+    let config = controller::Config::default().concurrency(args.concurrency);
+    let lock_controller = Controller::for_stream(locks, lock_store)
+        .with_config(config.clone())
+        .reconcile_on(channel_stream(lock_rx))
+        .graceful_shutdown_on(token.clone().cancelled_owned())
+        .run(reconcile::reconcile, reconcile::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            match result {
+                Ok(_) | Err(controller::Error::ObjectNotFound(_)) => {}
+                Err(e) => tracing::debug!(error = %e, "lock controller"),
+            }
+        });
+    let orphan_controller = Controller::for_stream(requests, request_store)
+        .with_config(config)
+        .reconcile_on(channel_stream(orphan_rx))
+        .graceful_shutdown_on(token.clone().cancelled_owned())
+        .run(reconcile::reconcile_orphan, reconcile::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            match result {
+                Ok(_) | Err(controller::Error::ObjectNotFound(_)) => {}
+                Err(e) => tracing::debug!(error = %e, "request controller"),
+            }
+        });
+    tracing::info!(namespace = ns.unwrap_or("<all>"), "controller running");
+    futures::join!(lock_controller, orphan_controller);
 }

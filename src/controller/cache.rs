@@ -1,0 +1,330 @@
+//! The controller's view of the cluster: watch-fed stores of Locks, LockRequests and Pods,
+//! an index of requests by Lock (and by pod), and tombstones of observed deletions.
+//!
+//! Objects are stripped before they are cached (no `managedFields`, no last-applied
+//! annotation; pods keep only name, UID and phase), so 10,000 Locks fit in a small pod.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use kube::{
+    Resource, ResourceExt,
+    api::ObjectMeta,
+    runtime::{reflector::{ObjectRef, Store}, watcher},
+};
+
+use crate::{
+    api::{Lock, LockRequest},
+    planner::PodInfo,
+};
+
+/// How long an observed deletion is remembered.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+
+/// The annotation `kubectl apply` writes: can be large and is never needed here.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what the controller never reads from a cached object's metadata.
+pub fn strip_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// Reduces a pod to what `podRef` checks need: name, namespace, UID, phase.
+pub fn strip_pod(pod: &mut Pod) {
+    let meta = ObjectMeta {
+        name: pod.metadata.name.take(),
+        namespace: pod.metadata.namespace.take(),
+        uid: pod.metadata.uid.take(),
+        resource_version: pod.metadata.resource_version.take(),
+        deletion_timestamp: pod.metadata.deletion_timestamp.take(),
+        ..Default::default()
+    };
+    let phase = pod.status.as_mut().and_then(|s| s.phase.take());
+    *pod = Pod { metadata: meta, spec: None, status: Some(PodStatus { phase, ..Default::default() }) };
+}
+
+/// The key of a Lock: namespace and name.
+pub type LockKey = ObjectRef<Lock>;
+
+/// The Lock a request names.
+pub fn lock_key_of(req: &LockRequest) -> LockKey {
+    let key = ObjectRef::new(&req.spec.lock_name);
+    match req.namespace() {
+        Some(ns) => key.within(&ns),
+        None => key,
+    }
+}
+
+/// A pod key: namespace and name.
+type PodKey = (String, String);
+
+#[derive(Default)]
+struct Index {
+    /// Request names by the Lock they name.
+    by_lock: HashMap<LockKey, BTreeSet<String>>,
+    /// The Lock (and pod) each request is filed under.
+    filed: HashMap<ObjectRef<LockRequest>, (LockKey, Option<PodKey>)>,
+    /// Locks with a request naming this pod.
+    by_pod: HashMap<PodKey, HashSet<LockKey>>,
+}
+
+impl Index {
+    fn remove(&mut self, key: &ObjectRef<LockRequest>) -> Option<LockKey> {
+        let (lock, pod) = self.filed.remove(key)?;
+        if let Some(names) = self.by_lock.get_mut(&lock) {
+            names.remove(&key.name);
+            if names.is_empty() {
+                self.by_lock.remove(&lock);
+            }
+        }
+        if let Some(pod) = pod
+            && let Some(locks) = self.by_pod.get_mut(&pod)
+        {
+            locks.remove(&lock);
+            if locks.is_empty() {
+                self.by_pod.remove(&pod);
+            }
+        }
+        Some(lock)
+    }
+
+    fn insert(&mut self, req: &LockRequest) -> LockKey {
+        let key = ObjectRef::from_obj(req);
+        self.remove(&key);
+        let lock = lock_key_of(req);
+        let pod = req.spec.pod_ref.as_ref().map(|p| (req.namespace().unwrap_or_default(), p.name.clone()));
+        self.by_lock.entry(lock.clone()).or_default().insert(key.name.clone());
+        if let Some(pod) = &pod {
+            self.by_pod.entry(pod.clone()).or_default().insert(lock.clone());
+        }
+        self.filed.insert(key, (lock.clone(), pod));
+        lock
+    }
+}
+
+#[derive(Default)]
+struct Tombstones {
+    requests: HashMap<String, Instant>,
+    locks: HashMap<String, Instant>,
+    pods: HashMap<PodKey, Instant>,
+}
+
+impl Tombstones {
+    fn prune(&mut self) {
+        let cutoff = Instant::now().checked_sub(TOMBSTONE_TTL);
+        if let Some(cutoff) = cutoff {
+            self.requests.retain(|_, t| *t > cutoff);
+            self.locks.retain(|_, t| *t > cutoff);
+            self.pods.retain(|_, t| *t > cutoff);
+        }
+    }
+}
+
+/// Stores, index and tombstones, shared by the watch tasks and the reconcilers.
+pub struct Cache {
+    /// Locks.
+    pub locks: Store<Lock>,
+    /// LockRequests.
+    pub requests: Store<LockRequest>,
+    /// Pods (stripped), when pods are watched.
+    pub pods: Option<Store<Pod>>,
+    index: Mutex<Index>,
+    tombstones: Mutex<Tombstones>,
+    /// First list done: locks, requests, pods.
+    synced: [AtomicBool; 3],
+    /// True once all three are.
+    all_synced: tokio::sync::watch::Sender<bool>,
+}
+
+impl Cache {
+    /// A cache over these reflector stores.
+    pub fn new(locks: Store<Lock>, requests: Store<LockRequest>, pods: Option<Store<Pod>>) -> Self {
+        let pods_synced = AtomicBool::new(pods.is_none());
+        Self {
+            locks,
+            requests,
+            pods,
+            index: Mutex::default(),
+            tombstones: Mutex::default(),
+            synced: [AtomicBool::new(false), AtomicBool::new(false), pods_synced],
+            all_synced: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// The requests naming this Lock.
+    pub fn requests_for(&self, lock: &LockKey) -> Vec<Arc<LockRequest>> {
+        let names: Vec<String> = {
+            let index = self.index.lock().expect("index lock poisoned");
+            index.by_lock.get(lock).map(|n| n.iter().cloned().collect()).unwrap_or_default()
+        };
+        let ns = lock.namespace.clone().unwrap_or_default();
+        names
+            .iter()
+            .filter_map(|name| self.requests.get(&ObjectRef::new(name).within(&ns)))
+            .filter(|r| r.spec.lock_name == lock.name)
+            .collect()
+    }
+
+    /// Request names filed under this Lock (for the orphan controller).
+    pub fn request_refs_for(&self, lock: &LockKey) -> Vec<ObjectRef<LockRequest>> {
+        let ns = lock.namespace.clone().unwrap_or_default();
+        let index = self.index.lock().expect("index lock poisoned");
+        index.by_lock.get(lock).map(|n| n.iter().map(|name| ObjectRef::new(name).within(&ns)).collect()).unwrap_or_default()
+    }
+
+    /// Files a request change (after the reflector stored it); returns the Locks to reconcile.
+    pub fn on_request_event(&self, event: &watcher::Event<LockRequest>) -> Vec<LockKey> {
+        let mut index = self.index.lock().expect("index lock poisoned");
+        match event {
+            watcher::Event::Apply(req) => {
+                let old = index.filed.get(&ObjectRef::from_obj(req)).map(|(l, _)| l.clone());
+                let new = index.insert(req);
+                let mut keys: Vec<LockKey> = old.into_iter().filter(|o| *o != new).collect();
+                keys.push(new);
+                keys
+            }
+            watcher::Event::Delete(req) => {
+                if let Some(uid) = req.uid() {
+                    self.tombstones.lock().expect("tombstones lock poisoned").requests.insert(uid, Instant::now());
+                }
+                index.remove(&ObjectRef::from_obj(req)).into_iter().collect()
+            }
+            watcher::Event::InitDone => {
+                self.mark_synced(1);
+                // A (quorum) relist replaced the store: rebuild, and remember what vanished.
+                let state = self.requests.state();
+                let present: HashSet<String> = state.iter().filter_map(|r| r.uid()).collect();
+                let mut vanished = Vec::new();
+                for key in index.filed.keys() {
+                    if let Some(uid) = key.extra.uid.as_ref().filter(|u| !present.contains(*u)) {
+                        vanished.push(uid.clone());
+                    }
+                }
+                let mut fresh = Index::default();
+                for req in &state {
+                    fresh.insert(req);
+                }
+                let mut locks: HashSet<LockKey> = index.by_lock.keys().cloned().collect();
+                locks.extend(fresh.by_lock.keys().cloned());
+                *index = fresh;
+                let mut tombstones = self.tombstones.lock().expect("tombstones lock poisoned");
+                let now = Instant::now();
+                for uid in vanished {
+                    tombstones.requests.insert(uid, now);
+                }
+                tombstones.prune();
+                locks.into_iter().collect()
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
+        }
+    }
+
+    /// Records a Lock deletion; returns the requests that named it (for the orphan controller).
+    pub fn on_lock_event(&self, event: &watcher::Event<Lock>) -> Vec<ObjectRef<LockRequest>> {
+        match event {
+            watcher::Event::Delete(lock) => {
+                if let Some(uid) = lock.uid() {
+                    self.tombstones.lock().expect("tombstones lock poisoned").locks.insert(uid, Instant::now());
+                }
+                self.request_refs_for(&ObjectRef::from_obj(lock))
+            }
+            watcher::Event::InitDone => {
+                self.mark_synced(0);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Records a pod change; returns the Locks whose requests name the pod.
+    pub fn on_pod_event(&self, event: &watcher::Event<Pod>) -> Vec<LockKey> {
+        let index = self.index.lock().expect("index lock poisoned");
+        let locks_of = |pod: &Pod| -> Vec<LockKey> {
+            let key = (pod.namespace().unwrap_or_default(), pod.name_any());
+            index.by_pod.get(&key).map(|l| l.iter().cloned().collect()).unwrap_or_default()
+        };
+        match event {
+            watcher::Event::Apply(pod) => locks_of(pod),
+            watcher::Event::Delete(pod) => {
+                let key = (pod.namespace().unwrap_or_default(), pod.name_any());
+                self.tombstones.lock().expect("tombstones lock poisoned").pods.insert(key, Instant::now());
+                locks_of(pod)
+            }
+            watcher::Event::InitDone => {
+                self.mark_synced(2);
+                index.by_pod.values().flatten().cloned().collect::<HashSet<_>>().into_iter().collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether a request UID was seen deleted.
+    pub fn request_gone(&self, uid: &str) -> bool {
+        self.tombstones.lock().expect("tombstones lock poisoned").requests.contains_key(uid)
+    }
+
+    /// Records a request UID as deleted (a quorum read found it gone).
+    pub fn mark_request_gone(&self, uid: &str) {
+        self.tombstones.lock().expect("tombstones lock poisoned").requests.insert(uid.to_string(), Instant::now());
+    }
+
+    /// UIDs of deleted Locks seen recently.
+    pub fn gone_locks(&self) -> HashSet<String> {
+        self.tombstones.lock().expect("tombstones lock poisoned").locks.keys().cloned().collect()
+    }
+
+    /// What the caches know about the pods named by these requests.
+    pub fn pods_for(&self, ns: &str, requests: &[Arc<LockRequest>]) -> (std::collections::BTreeMap<String, PodInfo>, HashSet<String>) {
+        let mut pods = std::collections::BTreeMap::new();
+        let mut gone = HashSet::new();
+        let Some(store) = &self.pods else { return (pods, gone) };
+        let tombstones = self.tombstones.lock().expect("tombstones lock poisoned");
+        for name in requests.iter().filter_map(|r| r.spec.pod_ref.as_ref()).map(|p| &p.name) {
+            match store.get(&ObjectRef::new(name).within(ns)) {
+                Some(pod) => {
+                    pods.insert(name.clone(), pod_info(&pod));
+                }
+                None if tombstones.pods.contains_key(&(ns.to_string(), name.clone())) => {
+                    gone.insert(name.clone());
+                }
+                None => {}
+            }
+        }
+        (pods, gone)
+    }
+
+    /// Whether every store has finished its first list.
+    pub fn is_synced(&self) -> bool {
+        self.synced.iter().all(|s| s.load(Ordering::Acquire))
+    }
+
+    fn mark_synced(&self, which: usize) {
+        self.synced[which].store(true, Ordering::Release);
+        if self.is_synced() {
+            self.all_synced.send_replace(true);
+        }
+    }
+
+    /// Waits until every store has finished its first list: before that, a Lock whose
+    /// requests are not listed yet would look free.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.all_synced.subscribe();
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+}
+
+/// The planner's view of a pod.
+pub fn pod_info(pod: &Pod) -> PodInfo {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    PodInfo { uid: pod.meta().uid.clone().unwrap_or_default(), terminated: matches!(phase, Some("Succeeded" | "Failed")) }
+}

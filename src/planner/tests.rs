@@ -1,0 +1,729 @@
+//! Unit tests for each planner rule, and property tests over random histories.
+
+use std::collections::{BTreeMap, HashSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::ObjectMeta;
+use proptest::prelude::*;
+
+use super::*;
+use crate::api::{LockRequestSpec, LockSpec, PodRef};
+
+const T0: i64 = 1_800_000_000;
+
+fn lock(permits: i32, lease: &str, delay: &str) -> Lock {
+    let mut lock = Lock::new("db", LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into() });
+    lock.metadata.namespace = Some("ns".into());
+    lock.metadata.uid = Some("lock-uid".into());
+    lock.metadata.generation = Some(1);
+    lock
+}
+
+fn request(name: &str, permits: i32, created: i64) -> LockRequest {
+    LockRequest {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            uid: Some(format!("uid-{name}")),
+            generation: Some(1),
+            creation_timestamp: Some(Time(Timestamp::from_second(T0 + created).unwrap())),
+            ..Default::default()
+        },
+        spec: LockRequestSpec {
+            lock_name: "db".into(),
+            holder_identity: format!("holder-{name}"),
+            permits,
+            lease_duration: None,
+            renew_time: None,
+            pod_ref: None,
+        },
+        status: None,
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// A small simulated controller around the planner: applies plans like the controller does.
+struct World {
+    lock: Lock,
+    requests: Vec<Arc<LockRequest>>,
+    obs: Observations,
+    gone: HashSet<String>,
+    fresh: HashSet<String>,
+    pods: BTreeMap<String, PodInfo>,
+    gone_pods: HashSet<String>,
+    settings: Settings,
+    mono: Duration,
+}
+
+impl World {
+    fn new(lock: Lock) -> Self {
+        Self {
+            lock,
+            requests: Vec::new(),
+            obs: Observations::default(),
+            gone: HashSet::new(),
+            fresh: HashSet::new(),
+            pods: BTreeMap::new(),
+            gone_pods: HashSet::new(),
+            settings: Settings::default(),
+            mono: secs(1000),
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now { mono: self.mono, wall: Timestamp::from_second(T0 + self.mono.as_secs() as i64).unwrap() }
+    }
+
+    fn add(&mut self, r: LockRequest) {
+        self.requests.push(Arc::new(r));
+    }
+
+    fn plan(&self) -> Plan {
+        plan(Inputs {
+            lock: &self.lock,
+            lock_fresh: true,
+            requests: &self.requests,
+            fresh: &self.fresh,
+            gone: &self.gone,
+            pods: &self.pods,
+            gone_pods: &self.gone_pods,
+            observations: &self.obs,
+            settings: &self.settings,
+            now: self.now(),
+        })
+    }
+
+    /// Plans and applies the result, answering the plan's checks like quorum reads would.
+    fn step(&mut self) -> Plan {
+        let mut p = self.plan();
+        if !p.checks.is_empty() {
+            for check in &p.checks {
+                match check {
+                    Check::Request { uid, .. } => {
+                        if self.requests.iter().any(|r| uid_of(r) == uid) {
+                            self.fresh.insert(uid.clone());
+                        } else {
+                            self.gone.insert(uid.clone());
+                        }
+                    }
+                    Check::Pod(name) => {
+                        if !self.pods.contains_key(name) {
+                            self.gone_pods.insert(name.clone());
+                        }
+                    }
+                    Check::Lock => {}
+                }
+            }
+            p = self.plan();
+            self.fresh.clear();
+        }
+        self.apply(&p);
+        p
+    }
+
+    fn apply(&mut self, p: &Plan) {
+        if let Some(status) = &p.lock_status {
+            self.lock.status = Some(status.clone());
+        }
+        for u in &p.requests {
+            let r = self.requests.iter_mut().find(|r| uid_of(r) == u.uid).expect("update for a known request");
+            Arc::make_mut(r).status = Some(u.status.clone());
+        }
+        let deleted: HashSet<&str> = p.deletions.iter().map(|d| d.uid.as_str()).collect();
+        self.requests.retain(|r| !deleted.contains(uid_of(r)));
+        self.obs = p.observations.clone();
+    }
+
+    fn delete(&mut self, name: &str) {
+        let uid = format!("uid-{name}");
+        self.requests.retain(|r| uid_of(r) != uid);
+        self.gone.insert(uid);
+    }
+
+    fn renew(&mut self, name: &str) {
+        let r = self.requests.iter_mut().find(|r| r.name_any() == name).unwrap();
+        let r = Arc::make_mut(r);
+        r.metadata.generation = Some(r.metadata.generation.unwrap_or(0) + 1);
+    }
+
+    fn status(&self) -> LockStatus {
+        self.lock.status.clone().unwrap_or_default()
+    }
+
+    fn holders(&self) -> Vec<String> {
+        self.status().holders.iter().map(|h| h.request.clone()).collect()
+    }
+
+    fn phase(&self, name: &str) -> Phase {
+        self.req(name).phase()
+    }
+
+    fn req(&self, name: &str) -> &LockRequest {
+        self.requests.iter().find(|r| r.name_any() == name).unwrap()
+    }
+
+    fn reason(&self, name: &str) -> String {
+        self.req(name).status.as_ref().unwrap().conditions[0].reason.clone()
+    }
+}
+
+#[test]
+fn mutex_grants_the_first_request_and_queues_the_rest() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("b", 1, 2));
+    w.add(request("a", 1, 1));
+    let p = w.step();
+    assert_eq!(w.holders(), ["a"]);
+    assert_eq!(w.status().fencing_token, 1);
+    assert_eq!(w.status().waiting, 1);
+    assert_eq!(w.status().queue, ["b"]);
+    assert_eq!(w.phase("a"), Phase::Granted);
+    assert_eq!(w.req("a").status.as_ref().unwrap().token, Some(1));
+    assert_eq!(w.req("b").status.as_ref().unwrap().position, Some(0));
+    assert!(p.requests[0].granted, "the new grant is mirrored first");
+    assert_eq!(p.events.iter().filter(|e| e.kind == EventKind::Granted).count(), 1);
+}
+
+#[test]
+fn fifo_is_by_creation_time_then_name() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("z-late", 1, 5));
+    w.add(request("b", 1, 1));
+    w.add(request("a", 1, 1));
+    w.step();
+    assert_eq!(w.holders(), ["a"]);
+    assert_eq!(w.status().queue, ["b", "z-late"]);
+}
+
+#[test]
+fn clean_release_hands_over_at_once_without_lock_delay() {
+    let mut w = World::new(lock(1, "30s", "10s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    w.delete("a");
+    let p = w.step();
+    assert_eq!(w.holders(), ["b"]);
+    assert_eq!(w.status().fencing_token, 2);
+    assert!(w.status().delayed_until.is_none());
+    assert!(p.events.iter().any(|e| e.kind == EventKind::Released && e.request == "a"));
+}
+
+#[test]
+fn a_holder_missing_from_the_cache_is_kept_until_a_read_confirms() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    // The cache lost "a" but no deletion was seen.
+    w.requests.retain(|r| r.name_any() != "a");
+    let p = w.plan();
+    assert!(p.checks.contains(&Check::Request { name: "a".into(), uid: "uid-a".into() }));
+    assert!(p.lock_status.is_none(), "nothing changes before the read");
+    assert!(p.requests.is_empty());
+}
+
+#[test]
+fn a_silent_holder_expires_after_its_lease_and_not_before() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    let p = w.step();
+    assert_eq!(p.wake_at, Some(w.mono + secs(30)));
+    w.mono += secs(29);
+    w.step();
+    assert_eq!(w.holders(), ["a"]);
+    w.mono += secs(1);
+    // Without a quorum read the plan only asks for one.
+    let asked = w.plan();
+    assert!(asked.checks.contains(&Check::Request { name: "a".into(), uid: "uid-a".into() }));
+    assert!(asked.lock_status.is_none());
+    let p = w.step();
+    assert_eq!(w.holders(), ["b"]);
+    assert_eq!(w.phase("a"), Phase::Expired);
+    assert_eq!(w.reason("a"), "LeaseExpired");
+    assert_eq!(w.req("a").status.as_ref().unwrap().token, Some(1), "the loser keeps its token");
+    assert!(p.events.iter().any(|e| e.kind == EventKind::Expired && e.reason == Reason::LeaseExpired));
+}
+
+#[test]
+fn renewals_restart_the_countdown() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.step();
+    for _ in 0..5 {
+        w.mono += secs(20);
+        w.renew("a");
+        w.step();
+        assert_eq!(w.holders(), ["a"]);
+    }
+    w.mono += secs(29);
+    w.step();
+    assert_eq!(w.holders(), ["a"]);
+    w.mono += secs(1);
+    w.step();
+    assert!(w.holders().is_empty());
+}
+
+#[test]
+fn a_renewal_found_by_the_confirming_read_saves_the_holder() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.step();
+    w.mono += secs(31);
+    // The watch lagged: the renewal is only visible to the quorum read.
+    w.renew("a");
+    w.fresh.insert("uid-a".into());
+    let p = w.plan();
+    assert!(p.lock_status.is_none(), "no expiry: {p:?}");
+    assert_eq!(p.observations.renewals["uid-a"].at, w.mono);
+}
+
+#[test]
+fn a_restarted_controller_counts_the_lease_from_its_restart() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.step();
+    w.mono += secs(100);
+    w.obs = Observations::default(); // restart: memory lost
+    w.step();
+    assert_eq!(w.holders(), ["a"]);
+    w.mono += secs(29);
+    w.step();
+    assert_eq!(w.holders(), ["a"]);
+    w.mono += secs(1);
+    w.step();
+    assert!(w.holders().is_empty());
+}
+
+#[test]
+fn lock_delay_follows_an_expiry() {
+    let mut w = World::new(lock(1, "10s", "5s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    w.mono += secs(10);
+    let p = w.step();
+    assert!(w.holders().is_empty());
+    assert!(w.status().delayed_until.is_some());
+    assert_eq!(p.wake_at, Some(w.mono + secs(5)));
+    assert_eq!(w.reason("b"), "LockDelay");
+    w.mono += secs(4);
+    w.step();
+    assert!(w.holders().is_empty());
+    w.mono += secs(1);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+    assert!(w.status().delayed_until.is_none());
+}
+
+#[test]
+fn lock_delay_restarts_in_full_after_a_controller_restart() {
+    let mut w = World::new(lock(1, "10s", "5s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    w.mono += secs(10);
+    w.step();
+    w.mono += secs(4);
+    w.obs = Observations::default();
+    w.step();
+    assert!(w.holders().is_empty(), "late, never early");
+    w.mono += secs(4);
+    w.step();
+    assert!(w.holders().is_empty());
+    w.mono += secs(1);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+}
+
+#[test]
+fn semaphore_grants_up_to_its_permits() {
+    let mut w = World::new(lock(3, "30s", "0s"));
+    for (i, n) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        w.add(request(n, 1, i as i64));
+    }
+    w.step();
+    assert_eq!(w.holders(), ["a", "b", "c"]);
+    assert_eq!(w.status().waiting, 2);
+    let tokens: Vec<i64> = w.status().holders.iter().map(|h| h.token).collect();
+    assert_eq!(tokens, [1, 2, 3]);
+    w.delete("b");
+    w.step();
+    assert_eq!(w.holders(), ["a", "c", "d"]);
+    assert_eq!(w.status().fencing_token, 4);
+}
+
+#[test]
+fn a_queued_writer_blocks_later_readers() {
+    let mut w = World::new(lock(3, "30s", "0s"));
+    w.add(request("r1", 1, 1));
+    w.add(request("r2", 1, 2));
+    w.add(request("writer", 3, 3));
+    w.add(request("r3", 1, 4));
+    w.step();
+    assert_eq!(w.holders(), ["r1", "r2"], "r3 fits but must not overtake the writer");
+    assert_eq!(w.status().queue, ["writer", "r3"]);
+    w.delete("r1");
+    w.step();
+    assert_eq!(w.holders(), ["r2"]);
+    w.delete("r2");
+    w.step();
+    assert_eq!(w.holders(), ["writer"]);
+    w.delete("writer");
+    w.step();
+    assert_eq!(w.holders(), ["r3"]);
+}
+
+#[test]
+fn too_many_permits_is_rejected_with_the_field_named() {
+    let mut w = World::new(lock(2, "30s", "0s"));
+    w.add(request("big", 3, 1));
+    w.add(request("ok", 1, 2));
+    let p = w.step();
+    assert_eq!(w.phase("big"), Phase::Rejected);
+    assert_eq!(w.reason("big"), "TooManyPermits");
+    assert!(w.req("big").status.as_ref().unwrap().message.as_ref().unwrap().contains("spec.permits 3"));
+    assert_eq!(w.holders(), ["ok"]);
+    assert!(p.events.iter().any(|e| e.kind == EventKind::Rejected));
+}
+
+#[test]
+fn invalid_request_specs_are_rejected_naming_the_field() {
+    let mut w = World::new(lock(2, "30s", "0s"));
+    let mut bad = request("bad", 1, 1);
+    bad.spec.lease_duration = Some("soon".into());
+    w.add(bad);
+    let mut zero = request("zero", 0, 1);
+    zero.spec.permits = 0;
+    w.add(zero);
+    w.step();
+    assert_eq!(w.phase("bad"), Phase::Rejected);
+    assert!(w.req("bad").status.as_ref().unwrap().message.as_ref().unwrap().starts_with("spec.leaseDuration"));
+    assert_eq!(w.phase("zero"), Phase::Rejected);
+    assert!(w.req("zero").status.as_ref().unwrap().message.as_ref().unwrap().starts_with("spec.permits"));
+}
+
+#[test]
+fn an_invalid_lock_spec_grants_nothing_and_says_why() {
+    let mut w = World::new(lock(0, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    let p = w.step();
+    assert!(w.holders().is_empty());
+    assert_eq!(w.phase("a"), Phase::Pending);
+    assert_eq!(w.reason("a"), "InvalidLock");
+    let ready = &w.status().conditions[0];
+    assert_eq!((ready.type_.as_str(), ready.status.as_str(), ready.reason.as_str()), ("Ready", "False", "InvalidSpec"));
+    assert!(ready.message.contains("spec.permits"));
+    assert!(p.invalid_spec.is_some());
+    let mut w = World::new(lock(1, "1y", "0s"));
+    w.step();
+    assert!(w.status().conditions[0].message.starts_with("spec.leaseDuration"));
+}
+
+#[test]
+fn a_request_lease_is_capped_at_the_locks() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    let mut r = request("a", 1, 1);
+    r.spec.lease_duration = Some("1h".into());
+    w.add(r);
+    w.step();
+    assert_eq!(w.status().holders[0].lease_duration, "30s");
+    assert_eq!(w.req("a").status.as_ref().unwrap().lease_duration.as_deref(), Some("30s"));
+    let mut w = World::new(lock(1, "30s", "0s"));
+    let mut r = request("a", 1, 1);
+    r.spec.lease_duration = Some("5s".into());
+    w.add(r);
+    let p = w.step();
+    assert_eq!(w.status().holders[0].lease_duration, "5s");
+    assert_eq!(p.wake_at, Some(w.mono + secs(5)));
+}
+
+fn with_pod(mut r: LockRequest, pod: &str) -> LockRequest {
+    r.spec.pod_ref = Some(PodRef { name: pod.into(), uid: Some(format!("pod-uid-{pod}")) });
+    r
+}
+
+#[test]
+fn a_deleted_holder_pod_releases_at_once() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: false });
+    w.add(with_pod(request("a", 1, 1), "p1"));
+    w.add(request("b", 1, 2));
+    w.step();
+    assert_eq!(w.holders(), ["a"]);
+    w.pods.clear();
+    // Missing from the cache only: a read must confirm first.
+    assert!(w.plan().checks.contains(&Check::Pod("p1".into())));
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+    assert_eq!(w.reason("a"), "PodGone");
+}
+
+#[test]
+fn terminated_or_replaced_pods_count_as_gone() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: false });
+    w.add(with_pod(request("a", 1, 1), "p1"));
+    w.step();
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: true });
+    w.step();
+    assert_eq!(w.reason("a"), "PodGone");
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.pods.insert("p1".into(), PodInfo { uid: "other".into(), terminated: false });
+    w.add(with_pod(request("a", 1, 1), "p1"));
+    w.step();
+    assert_eq!(w.phase("a"), Phase::Expired, "a waiting request whose pod was replaced is given up");
+}
+
+#[test]
+fn a_waiting_request_with_an_unseen_pod_does_not_block_the_queue() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(with_pod(request("a", 1, 1), "not-yet"));
+    w.add(request("b", 1, 2));
+    let p = w.plan();
+    assert!(p.checks.contains(&Check::Pod("not-yet".into())));
+    let status = p.lock_status.unwrap();
+    assert_eq!(status.holders[0].request, "b");
+    assert_eq!(status.queue, ["a"]);
+}
+
+#[test]
+fn break_expires_the_holder_with_who_and_why() {
+    let mut w = World::new(lock(1, "30s", "3s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    let a = w.requests.iter_mut().find(|r| r.name_any() == "a").unwrap();
+    let a = Arc::make_mut(a);
+    a.annotations_mut().insert(BREAK_ANNOTATION.into(), "stuck migration".into());
+    a.annotations_mut().insert(BROKEN_BY_ANNOTATION.into(), "alice".into());
+    let p = w.step();
+    assert_eq!(w.reason("a"), "Broken");
+    assert!(w.holders().is_empty(), "lock delay applies after a break");
+    let e = p.events.iter().find(|e| e.kind == EventKind::Broken).unwrap();
+    assert!(e.message.contains("alice") && e.message.contains("stuck migration"), "{}", e.message);
+}
+
+#[test]
+fn a_grant_that_ended_unmirrored_is_finalized_only_when_certain() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    let mut r = request("a", 1, 1);
+    r.status = Some(LockRequestStatus {
+        phase: Some(Phase::Granted),
+        token: Some(5),
+        lock_uid: Some("lock-uid".into()),
+        ..Default::default()
+    });
+    w.add(r);
+    // The Lock view predates token 5: a lagging cache, not an ended grant.
+    let p = w.plan();
+    assert!(p.requests.iter().all(|u| u.name != "a"), "{p:?}");
+    // The Lock has issued token 5 and later ones: the grant ended.
+    w.lock.status = Some(LockStatus { fencing_token: 6, ..Default::default() });
+    w.step();
+    assert_eq!(w.phase("a"), Phase::Expired);
+    assert_eq!(w.reason("a"), "Lost");
+}
+
+#[test]
+fn tokens_continue_past_any_token_a_request_remembers() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    let mut old = request("old", 1, 0);
+    old.status = Some(LockRequestStatus {
+        phase: Some(Phase::Expired),
+        token: Some(41),
+        lock_uid: Some("lock-uid".into()),
+        finished_at: Some(MicroTime(Timestamp::from_second(T0 + 1000).unwrap())),
+        ..Default::default()
+    });
+    w.add(old);
+    w.add(request("a", 1, 1));
+    w.step();
+    assert_eq!(w.status().holders[0].token, 42);
+}
+
+#[test]
+fn finished_requests_are_deleted_after_retention() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.settings.finished_retention = secs(60);
+    w.add(request("big", 2, 1));
+    w.step();
+    assert_eq!(w.phase("big"), Phase::Rejected);
+    let p = w.step();
+    assert!(p.deletions.is_empty());
+    assert_eq!(p.wake_at, Some(w.mono + secs(60)));
+    w.mono += secs(60);
+    let p = w.step();
+    assert_eq!(p.deletions, [Deletion { name: "big".into(), uid: "uid-big".into() }]);
+}
+
+#[test]
+fn orphans_wait_for_their_lock_and_lose_grants_of_a_deleted_one() {
+    let now = Now { mono: secs(1), wall: Timestamp::from_second(T0).unwrap() };
+    let pending = Arc::new(request("a", 1, 1));
+    let mut granted = request("b", 1, 2);
+    granted.status = Some(LockRequestStatus { phase: Some(Phase::Granted), token: Some(3), lock_uid: Some("old".into()), ..Default::default() });
+    let granted = Arc::new(granted);
+    let reqs = [pending, granted];
+    let p = plan_orphans("db", &reqs, &HashSet::new(), &Settings::default(), now);
+    assert_eq!(p.requests.len(), 1);
+    assert_eq!(p.requests[0].status.conditions[0].reason, "LockNotFound");
+    assert!(p.checks.contains(&Check::Lock), "the deletion must be confirmed");
+    let gone: HashSet<String> = ["old".to_string()].into();
+    let p = plan_orphans("db", &reqs, &gone, &Settings::default(), now);
+    let b = p.requests.iter().find(|u| u.name == "b").unwrap();
+    assert_eq!(b.status.phase, Some(Phase::Expired));
+    assert_eq!(b.status.conditions[0].reason, "LockDeleted");
+    assert_eq!(b.status.token, Some(3));
+}
+
+#[test]
+fn a_request_granted_by_an_earlier_lock_of_the_same_name_expires() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    let mut r = request("a", 1, 1);
+    r.status = Some(LockRequestStatus { phase: Some(Phase::Granted), token: Some(9), lock_uid: Some("previous".into()), ..Default::default() });
+    w.add(r);
+    w.add(request("b", 1, 2));
+    w.step();
+    assert_eq!(w.phase("a"), Phase::Expired);
+    assert_eq!(w.reason("a"), "LockDeleted");
+    assert_eq!(w.holders(), ["b"]);
+}
+
+#[test]
+fn planning_an_unchanged_world_changes_nothing() {
+    let mut w = World::new(lock(2, "30s", "0s"));
+    for (i, n) in ["a", "b", "c", "d"].iter().enumerate() {
+        w.add(request(n, 1 + (i as i32 % 2), i as i64));
+    }
+    w.step();
+    w.mono += secs(3);
+    let p = w.plan();
+    assert_eq!(p.lock_status, None);
+    assert!(p.requests.is_empty() && p.events.is_empty() && p.deletions.is_empty());
+    assert_eq!(p.observations, w.obs);
+}
+
+#[test]
+fn positions_far_back_are_refreshed_in_steps() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    for i in 0..30 {
+        w.add(request(&format!("r{i:02}"), 1, i));
+    }
+    w.step();
+    assert_eq!(w.req("r25").status.as_ref().unwrap().position, Some(24));
+    w.delete("r00");
+    let p = w.step();
+    assert_eq!(w.req("r25").status.as_ref().unwrap().position, Some(24), "not rewritten for one place");
+    assert_eq!(w.req("r05").status.as_ref().unwrap().position, Some(3), "exact near the head");
+    assert!(p.requests.len() < 15, "{} writes for one handover", p.requests.len());
+}
+
+// ---- properties over random histories ----
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create { permits: i32 },
+    Release { pick: usize },
+    Renew { pick: usize },
+    Advance { secs: u64 },
+    Restart,
+}
+
+fn op(max_permits: i32) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (1..=max_permits).prop_map(|permits| Op::Create { permits }),
+        2 => any::<usize>().prop_map(|pick| Op::Release { pick }),
+        3 => any::<usize>().prop_map(|pick| Op::Renew { pick }),
+        3 => (1u64..20).prop_map(|secs| Op::Advance { secs }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_over_random_histories(
+        permits in 1i32..4,
+        delay in 0u64..6,
+        ops in proptest::collection::vec(op(4), 1..60),
+    ) {
+        let lease = 10u64;
+        let mut w = World::new(lock(permits, &format!("{lease}s"), &format!("{delay}s")));
+        let mut next = 0i64;
+        let mut issued: Vec<i64> = Vec::new();
+        let mut granted_order: Vec<String> = Vec::new();
+        // When each holder was last seen alive (grant or renewal), on the world's clock.
+        let mut alive: BTreeMap<String, Duration> = BTreeMap::new();
+        let mut last_expiry: Option<Duration> = None;
+        for op in ops {
+            match op {
+                Op::Create { permits } => {
+                    next += 1;
+                    w.add(request(&format!("r{next:03}"), permits, next));
+                }
+                Op::Release { pick } => {
+                    let live: Vec<String> = w.requests.iter().filter(|r| !r.phase().is_final()).map(|r| r.name_any()).collect();
+                    if !live.is_empty() {
+                        let name = live[pick % live.len()].clone();
+                        w.delete(&name);
+                        alive.remove(&format!("uid-{name}"));
+                    }
+                }
+                Op::Renew { pick } => {
+                    let holders = w.holders();
+                    if !holders.is_empty() {
+                        let name = holders[pick % holders.len()].clone();
+                        w.renew(&name);
+                        alive.insert(format!("uid-{name}"), w.mono);
+                    }
+                }
+                Op::Advance { secs: s } => w.mono += secs(s),
+                Op::Restart => w.obs = Observations::default(),
+            }
+            let p = w.step();
+            for e in &p.events {
+                match e.kind {
+                    EventKind::Granted => {
+                        let t = e.token.unwrap();
+                        prop_assert!(issued.last().is_none_or(|&l| t > l), "token {t} after {issued:?}");
+                        issued.push(t);
+                        granted_order.push(e.request.clone());
+                        alive.insert(e.request_uid.clone(), w.mono);
+                        prop_assert!(last_expiry.is_none_or(|x| w.mono >= x + secs(delay)) || delay == 0,
+                            "grant during the lock delay");
+                    }
+                    EventKind::Expired if e.reason == Reason::LeaseExpired => {
+                        let seen = alive[&e.request_uid];
+                        prop_assert!(w.mono >= seen + secs(lease), "expired {:?} after the last renewal", w.mono - seen);
+                        last_expiry = Some(w.mono);
+                    }
+                    _ => {}
+                }
+            }
+            let status = w.status();
+            // Mutual exclusion by permits.
+            let held: i32 = status.holders.iter().map(|h| h.permits).sum();
+            prop_assert!(held <= permits, "{held} permits held of {permits}");
+            // No lost wake-up: the head of the queue does not fit (or grants are held back).
+            if status.delayed_until.is_none()
+                && let Some(head) = status.queue.first()
+            {
+                let head = w.req(head).spec.permits;
+                prop_assert!(held + head > permits, "head wants {head}, {held} of {permits} held");
+            }
+            // Idempotent: planning again right away changes nothing.
+            let again = w.plan();
+            prop_assert!(again.lock_status.is_none() && again.requests.is_empty() && again.events.is_empty(), "{again:?}");
+        }
+        // FIFO: grants happened in creation order (names are numbered in creation order).
+        let mut sorted = granted_order.clone();
+        sorted.sort();
+        prop_assert_eq!(granted_order, sorted);
+    }
+}
