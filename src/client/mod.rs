@@ -428,7 +428,8 @@ impl Inner {
         }
     }
 
-    /// Stops the task and deletes the request unless the controller already finished it.
+    /// Stops the task and deletes the request, unless the lock was lost (then the
+    /// controller finishes the request).
     async fn release(&mut self) -> Result<(), ClientError> {
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
@@ -443,11 +444,11 @@ impl Inner {
                 LockState::Waiting { .. } => None,
             },
         });
-        let finished = matches!(
-            &before,
-            LockState::Lost { reason: LostReason::Expired { .. } | LostReason::Rejected { .. } | LostReason::RequestDeleted, .. }
-        );
-        if finished {
+        // After a loss the request is left to the controller: it is gone, or final
+        // (Expired/Rejected, deleted after the retention), or about to be expired — and an
+        // expiry, unlike a delete, applies the lock delay, which is what a holder that
+        // overran its deadline deserves (its work may still be landing somewhere).
+        if before.is_lost() {
             return Ok(());
         }
         self.client.delete_request(&self.name, Some(&self.uid)).await?;
@@ -694,7 +695,9 @@ impl Guard {
         }
     }
 
-    /// Deletes the request (UID precondition) and stops renewing.
+    /// Stops renewing and deletes the request (UID precondition): a clean release, the next
+    /// waiter is granted at once. After a loss it only stops: the controller expires the
+    /// request (with the lock delay) and deletes it after its retention.
     pub async fn release(mut self) -> Result<(), ClientError> {
         let mut inner = self.inner.take().expect("present until consumed");
         let r = inner.release().await;
