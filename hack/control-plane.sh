@@ -25,6 +25,9 @@ CACHED_APISERVER="$CACHE/kube-apiserver-v$KUBE_VERSION-go1.15"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
+# How to name this script in hints (the Rust harness runs an embedded copy from a temp dir).
+SELF="${KUBELOCK_SCRIPT_NAME:-$0}"
+
 die() { echo "control-plane: error: $*" >&2; exit 1; }
 log() { echo "control-plane: $*" >&2; }
 
@@ -37,7 +40,9 @@ as_root() {
 # apt_install PKG... installs Debian packages that are missing.
 apt_install() {
   local missing=()
-  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  for p in "$@"; do
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
+  done
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null ||
     die "apt-get not found: install ${missing[*]} yourself (etcd 3.4+, openssl, curl) and set KUBE_APISERVER"
@@ -115,10 +120,12 @@ cmd_install() {
   fi
 }
 
+# free_port [EXCLUDED...]: a loopback port nobody listens on, not among EXCLUDED.
 free_port() {
   local port
   for _ in $(seq 1 200); do
     port=$((20000 + RANDOM % 40000))
+    case " $* " in *" $port "*) continue ;; esac
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "$port"; return 0; fi
   done
   die "no free loopback port found"
@@ -149,10 +156,11 @@ EOF
 cmd_prepare() {
   DIR=$1
   [ -f "$DIR/apiserver.args" ] && return 0
-  command -v openssl >/dev/null || die "openssl not found: run '$0 install' first"
-  command -v etcd >/dev/null || die "etcd not found: run '$0 install' first"
+  command -v openssl >/dev/null || die "openssl not found: run '$SELF install' first"
+  command -v etcd >/dev/null || die "etcd not found: run '$SELF install' first"
+  command -v setpriv >/dev/null || die "setpriv not found: install util-linux"
   local apiserver
-  apiserver=$(apiserver_path) || die "no kube-apiserver: run '$0 install' or set KUBE_APISERVER"
+  apiserver=$(apiserver_path) || die "no kube-apiserver: run '$SELF install' or set KUBE_APISERVER"
   mkdir -p "$DIR/pki"
   local pki="$DIR/pki"
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kubelock-dev-ca" \
@@ -179,7 +187,7 @@ cmd_prepare() {
   done
   chmod 0600 "$DIR"/token-* "$DIR/tokens.csv"
 
-  ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port); API_PORT=$(free_port)
+  ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port "$ETCD_PORT"); API_PORT=$(free_port "$ETCD_PORT" "$ETCD_PEER_PORT")
   local data="$DIR/etcd"
   if [ -z "${ETCD_DATA_ON_DISK:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ]; then
     data=$(mktemp -d /dev/shm/kubelock-etcd.XXXXXX)
@@ -246,7 +254,7 @@ cmd_run() {
   trap 'exit 0' INT TERM
   start_from_args "$DIR/etcd.args" "$DIR/etcd.log"; ETCD_PID=$!
   start_from_args "$DIR/apiserver.args" "$DIR/apiserver.log"; API_PID=$!
-  echo $$ >"$DIR/pid"
+  echo $$ >"$DIR/pid"; echo "$ETCD_PID" >"$DIR/etcd.pid"; echo "$API_PID" >"$DIR/apiserver.pid"
   wait_ready 90
   touch "$DIR/ready"
   log "ready: export KUBECONFIG=$DIR/kubeconfig"
@@ -285,7 +293,7 @@ cmd_down() {
 
 case "${1:-}" in
   install) cmd_install ;;
-  path) apiserver_path || die "no kube-apiserver yet: run '$0 install'" ;;
+  path) apiserver_path || die "no kube-apiserver yet: run '$SELF install'" ;;
   prepare) cmd_prepare "${2:?usage: $0 prepare DIR}" ;;
   run) cmd_run "${2:-}" ;;
   up) cmd_up "${2:-}" ;;

@@ -1,21 +1,970 @@
-//! The local control plane used by `kubelock dev` and the tests. (Placeholder.)
+//! The local control plane used by `kubelock dev`, the tests and the benchmarks: a real etcd
+//! and kube-apiserver on free loopback ports, with one static-token identity per role.
+//!
+//! `hack/control-plane.sh` (embedded here, so the binary works outside the repository)
+//! prepares a state directory: certificates, tokens, kubeconfigs and one argument file per
+//! server. [`ControlPlane`] then runs the two servers itself so that it can kill and restart
+//! them for fault-injection tests.
+//!
+//! No process outlives its owner, however the owner dies:
+//! - every server runs under `setpriv --pdeathsig KILL`, spawned from one long-lived
+//!   thread ([`spawn_guarded`]): the kernel sends the signal when the *thread* that forked
+//!   exits, so spawning from a short-lived (test or blocking-pool) thread would kill the
+//!   child early;
+//! - a tiny reaper process (`sh`, reading a pipe held by this process) removes the state
+//!   directory and the tmpfs etcd data once the pipe closes, which also happens on SIGKILL;
+//! - `Drop` stops the servers (SIGTERM, then SIGKILL) and removes everything at once.
 
-use std::process::ExitCode;
+use std::{
+    ffi::OsStr,
+    fs,
+    io::{self, Write as _},
+    net::SocketAddr,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, ExitCode, ExitStatus, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock, mpsc},
+    time::{Duration, Instant},
+};
 
-use crate::connect::ClientArgs;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, ResourceExt as _,
+    api::{Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::wait::{await_condition, conditions},
+};
+
+use crate::{
+    connect::ClientArgs,
+    controller::{self, ControllerArgs},
+};
+
+/// The control-plane script, embedded so that `kubelock dev` works from any directory.
+const SCRIPT: &str = include_str!("../hack/control-plane.sh");
+/// Field manager of the CRD installs made by `kubelock dev` and the tests.
+pub const DEV_MANAGER: &str = "kubelock-dev";
+/// Prefix of the state directories (under `$TMPDIR`).
+pub const STATE_DIR_PREFIX: &str = "kubelock-cp.";
+/// Prefix the script gives etcd data directories on tmpfs.
+const SHM_PREFIX: &str = "/dev/shm/kubelock-etcd.";
+
+/// How long a server gets to stop after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Interval of readiness polls.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The identities of the local control plane (static tokens). `admin` is in
+/// `system:masters`; the others have no rights until something binds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Identity {
+    /// Cluster administrator (`kubelock-admin`, group `system:masters`).
+    Admin,
+    /// The controller's own identity (`kubelock-controller`), no rights by default.
+    Controller,
+    /// An ordinary requester (`kubelock-requester-1`), no rights by default.
+    Requester1,
+    /// A second ordinary requester (`kubelock-requester-2`), no rights by default.
+    Requester2,
+}
+
+impl Identity {
+    /// Every identity.
+    pub const ALL: [Identity; 4] = [Identity::Admin, Identity::Controller, Identity::Requester1, Identity::Requester2];
+
+    /// Short name, as in the kubeconfig file names (`kubeconfig-<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Identity::Admin => "admin",
+            Identity::Controller => "controller",
+            Identity::Requester1 => "requester-1",
+            Identity::Requester2 => "requester-2",
+        }
+    }
+
+    /// The Kubernetes user name the API server authenticates (for RBAC subjects).
+    pub fn user(self) -> String {
+        format!("kubelock-{}", self.name())
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One of the two servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Component {
+    /// etcd.
+    Etcd,
+    /// kube-apiserver.
+    ApiServer,
+}
+
+impl Component {
+    fn name(self) -> &'static str {
+        match self {
+            Component::Etcd => "etcd",
+            Component::ApiServer => "kube-apiserver",
+        }
+    }
+
+    /// Base name of the files in the state directory (`<base>.args`, `.log`, `.pid`).
+    fn file_base(self) -> &'static str {
+        match self {
+            Component::Etcd => "etcd",
+            Component::ApiServer => "apiserver",
+        }
+    }
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors of the local control plane and `kubelock dev`.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error(
+        "no kube-apiserver v1.20 found (neither $KUBE_APISERVER nor the cache {cache}): run `make demo` \
+         (installs it first) or `hack/control-plane.sh install` (builds it with Go 1.15, about 7 minutes)"
+    )]
+    NoApiServer { cache: String },
+    #[error("{what} not found on PATH: {hint}")]
+    Missing { what: &'static str, hint: &'static str },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("hack/control-plane.sh {step} failed ({status}): {stderr}")]
+    Script { step: &'static str, status: ExitStatus, stderr: String },
+    #[error("state directory {dir}: {what}")]
+    StateDir { dir: PathBuf, what: String },
+    #[error("{component} exited ({status}); last lines of {log}:\n{tail}")]
+    Exited { component: Component, status: ExitStatus, log: PathBuf, tail: String },
+    #[error("kube-apiserver not ready after {timeout:?} ({last}); last lines of {log}:\n{tail}")]
+    NotReady { timeout: Duration, last: String, log: PathBuf, tail: String },
+    #[error("etcd not accepting connections on {endpoint} after {timeout:?}")]
+    EtcdNotReady { endpoint: String, timeout: Duration },
+    #[error("this control plane was not started by this process: cannot stop or start its {0}")]
+    NotOwned(Component),
+    #[error("kubeconfig of {identity} ({path}): {source}")]
+    Kubeconfig {
+        identity: Identity,
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("creating the API client: {0}")]
+    Client(#[source] kube::Error),
+    #[error("installing CRD {name}: {source}")]
+    Crd {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("CRD {name} not Established after {timeout:?}")]
+    CrdNotEstablished { name: String, timeout: Duration },
+    #[error("waiting for CRD {name}: {source}")]
+    CrdWait {
+        name: String,
+        #[source]
+        source: kube::runtime::wait::Error,
+    },
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
+    #[error("controller: {0}")]
+    Controller(#[from] controller::Error),
+    #[error("controller task: {0}")]
+    ControllerTask(#[source] tokio::task::JoinError),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DevError {
+    let what = what.into();
+    move |source| DevError::Io { what, source }
+}
+
+// ---------------------------------------------------------------------------------------
+// Spawning children that die with this process.
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The long-lived thread every guarded child is forked from. It never exits, so the
+/// children's parent-death signal fires only when the whole process dies.
+fn spawner() -> &'static mpsc::Sender<Job> {
+    static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        // If the thread cannot be created, `rx` is dropped and every spawn reports it.
+        let _ = std::thread::Builder::new().name("kubelock-spawner".into()).spawn(move || {
+            for job in rx {
+                job();
+            }
+        });
+        tx
+    })
+}
+
+/// A command that runs `program` under `setpriv --pdeathsig KILL` in its own process group
+/// (so a Ctrl-C meant for the parent reaches the parent alone, which then stops it in order).
+/// Spawn it with [`spawn_guarded`].
+pub fn guarded_command(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--"]).arg(program).process_group(0);
+    cmd
+}
+
+/// Spawns `cmd` (normally from [`guarded_command`]) on the long-lived spawner thread, so
+/// that its parent-death signal fires when this process exits, not when the calling thread does.
+pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
+    let (tx, rx) = mpsc::channel();
+    spawner()
+        .send(Box::new(move || {
+            let _ = tx.send(cmd.spawn());
+        }))
+        .map_err(|_| io::Error::other("the kubelock-spawner thread is not running"))?;
+    rx.recv().map_err(|_| io::Error::other("the kubelock-spawner thread did not answer"))?
+}
+
+/// Sends `signal` to `pid` (ignoring a process that is already gone).
+fn send_signal(pid: u32, signal: rustix::process::Signal) -> io::Result<()> {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+        return Err(io::Error::other(format!("invalid pid {pid}")));
+    };
+    match rustix::process::kill_process(pid, signal) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Last `lines` lines of a log file (empty if it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// The control plane.
+
+/// How to start a [`ControlPlane`].
+#[derive(Clone, Debug)]
+pub struct ControlPlaneOptions {
+    /// Keep etcd's data in the state directory on disk instead of tmpfs (`/dev/shm`).
+    /// Benchmarks want this so that their figures include real fsyncs.
+    pub etcd_on_disk: bool,
+    /// How long to wait for `/readyz` (at start and after restarts).
+    pub ready_timeout: Duration,
+    /// Where to create the state directory (default: `$TMPDIR`, else `/tmp`).
+    pub parent_dir: Option<PathBuf>,
+    /// kube-apiserver binary (default: `$KUBE_APISERVER`, else the cache the script fills).
+    pub kube_apiserver: Option<PathBuf>,
+    /// Extra kube-apiserver flags, appended to the prepared ones (later flags win).
+    pub extra_apiserver_args: Vec<String>,
+    /// Leave the state directory (logs, kubeconfigs) behind after stopping, for debugging.
+    pub keep_dir: bool,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        Self {
+            etcd_on_disk: false,
+            ready_timeout: Duration::from_secs(90),
+            parent_dir: None,
+            kube_apiserver: None,
+            extra_apiserver_args: Vec::new(),
+            keep_dir: false,
+        }
+    }
+}
+
+/// One server process and how to (re)start it.
+#[derive(Debug)]
+struct Server {
+    component: Component,
+    args: Vec<String>,
+    log: PathBuf,
+    pid_file: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn spawn(&mut self) -> Result<(), DevError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let name = self.component.name();
+        let (program, args) = self.args.split_first().ok_or_else(|| DevError::StateDir {
+            dir: self.log.parent().map(Path::to_path_buf).unwrap_or_default(),
+            what: format!("the {name} argument file is empty"),
+        })?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(io_err(format!("opening {}", self.log.display())))?;
+        let log2 = log.try_clone().map_err(io_err(format!("opening {}", self.log.display())))?;
+        let mut cmd = guarded_command(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(log2);
+        let child = spawn_guarded(cmd).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DevError::Missing { what: "setpriv", hint: "install util-linux" },
+            _ => DevError::Io { what: format!("starting {name}"), source: e },
+        })?;
+        fs::write(&self.pid_file, format!("{}\n", child.id()))
+            .map_err(io_err(format!("writing {}", self.pid_file.display())))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL and reap.
+    fn kill(&mut self) -> Result<(), DevError> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            child.wait().map_err(io_err(format!("waiting for {}", self.component)))?;
+            let _ = fs::remove_file(&self.pid_file);
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL.
+    fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = send_signal(child.id(), rustix::process::Signal::TERM);
+        // Resume it in case a test paused it: a stopped process cannot act on SIGTERM.
+        let _ = send_signal(child.id(), rustix::process::Signal::CONT);
+        let deadline = Instant::now() + grace;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let _ = fs::remove_file(&self.pid_file);
+    }
+
+    /// `Some(status)` if the process has exited on its own.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+}
+
+/// A local etcd + kube-apiserver. Every method takes `&self`, so one control plane can be
+/// shared (e.g. in a `static`) and still be killed and restarted by fault tests.
+///
+/// Dropping it stops both servers and removes the state directory and the etcd data.
+#[derive(Debug)]
+pub struct ControlPlane {
+    dir: PathBuf,
+    shm_data: Option<PathBuf>,
+    server: String,
+    etcd_endpoint: String,
+    ready_timeout: Duration,
+    keep_dir: bool,
+    /// `None` when attached to a control plane started by someone else.
+    etcd: Option<Mutex<Server>>,
+    apiserver: Option<Mutex<Server>>,
+    /// The write end of the reaper's stdin: closing it (even by dying) triggers cleanup.
+    reaper: Mutex<Option<(Child, ChildStdin)>>,
+}
+
+impl ControlPlane {
+    /// Prepares a state directory with `hack/control-plane.sh prepare`, starts etcd and
+    /// kube-apiserver and waits until `/readyz` answers.
+    ///
+    /// Cancel-safe: if the future is dropped half-way, what was started is stopped.
+    pub async fn start(opts: ControlPlaneOptions) -> Result<ControlPlane, DevError> {
+        for (what, hint) in [
+            ("setpriv", "install util-linux"),
+            ("etcd", "run `hack/control-plane.sh install` (Debian package etcd-server)"),
+            ("openssl", "run `hack/control-plane.sh install`"),
+            ("bash", "install bash"),
+            ("curl", "install curl"),
+        ] {
+            if !on_path(what) {
+                return Err(DevError::Missing { what, hint });
+            }
+        }
+        let parent = opts.parent_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix(STATE_DIR_PREFIX)
+            .tempdir_in(&parent)
+            .map_err(io_err(format!("creating a state directory in {}", parent.display())))?
+            .keep();
+        let reaper = spawn_reaper(&dir, opts.keep_dir).inspect_err(|_| {
+            let _ = fs::remove_dir_all(&dir);
+        })?;
+        // From here on, `Drop` cleans up whatever happens.
+        let mut cp = ControlPlane {
+            dir,
+            shm_data: None,
+            server: String::new(),
+            etcd_endpoint: String::new(),
+            ready_timeout: opts.ready_timeout,
+            keep_dir: opts.keep_dir,
+            etcd: None,
+            apiserver: None,
+            reaper: Mutex::new(Some(reaper)),
+        };
+        let script = cp.dir.join("control-plane.sh");
+        fs::write(&script, SCRIPT).map_err(io_err(format!("writing {}", script.display())))?;
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755))
+            .map_err(io_err(format!("chmod {}", script.display())))?;
+
+        // A precise error when the one expensive dependency is missing.
+        if opts.kube_apiserver.is_none() && run_script(&script, "path", None, &opts).await.is_err() {
+            return Err(DevError::NoApiServer { cache: cache_dir().display().to_string() });
+        }
+        run_script(&script, "prepare", Some(&cp.dir), &opts).await?;
+
+        cp.server = cp.read_state("server")?;
+        cp.etcd_endpoint = cp.read_state("etcd-endpoint")?;
+        if cp.dir.join("etcd-data-shm").exists() {
+            let shm = PathBuf::from(cp.read_state("etcd-data-shm")?);
+            if !shm.to_string_lossy().starts_with(SHM_PREFIX) {
+                return Err(cp.state_error(format!("etcd-data-shm names {}, not {SHM_PREFIX}*", shm.display())));
+            }
+            cp.shm_data = Some(shm);
+        }
+        let etcd = cp.server_from_args(Component::Etcd, &[])?;
+        let apiserver = cp.server_from_args(Component::ApiServer, &opts.extra_apiserver_args)?;
+        cp.etcd = Some(Mutex::new(etcd));
+        cp.apiserver = Some(Mutex::new(apiserver));
+        cp.start_server(Component::Etcd)?;
+        cp.start_server(Component::ApiServer)?;
+        cp.wait_ready(cp.ready_timeout).await?;
+        Ok(cp)
+    }
+
+    /// Attaches to a control plane prepared and started by someone else (for example
+    /// `hack/control-plane.sh up DIR`). It can be used but not stopped or restarted, and
+    /// dropping it leaves it running.
+    pub async fn attach(dir: impl Into<PathBuf>, ready_timeout: Duration) -> Result<ControlPlane, DevError> {
+        let dir = dir.into();
+        let mut cp = ControlPlane {
+            dir,
+            shm_data: None,
+            server: String::new(),
+            etcd_endpoint: String::new(),
+            ready_timeout,
+            keep_dir: true,
+            etcd: None,
+            apiserver: None,
+            reaper: Mutex::new(None),
+        };
+        cp.server = cp.read_state("server")?;
+        cp.etcd_endpoint = cp.read_state("etcd-endpoint")?;
+        cp.wait_ready(ready_timeout).await?;
+        Ok(cp)
+    }
+
+    fn read_state(&self, name: &str) -> Result<String, DevError> {
+        let path = self.dir.join(name);
+        let text = fs::read_to_string(&path).map_err(|e| self.state_error(format!("reading {name}: {e}")))?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(self.state_error(format!("{name} is empty")));
+        }
+        Ok(text.to_string())
+    }
+
+    fn state_error(&self, what: String) -> DevError {
+        DevError::StateDir { dir: self.dir.clone(), what }
+    }
+
+    fn server_from_args(&self, component: Component, extra: &[String]) -> Result<Server, DevError> {
+        let base = component.file_base();
+        let mut args: Vec<String> =
+            self.read_state(&format!("{base}.args"))?.lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
+        args.extend(extra.iter().cloned());
+        Ok(Server {
+            component,
+            args,
+            log: self.dir.join(format!("{base}.log")),
+            pid_file: self.dir.join(format!("{base}.pid")),
+            child: None,
+        })
+    }
+
+    fn lock(&self, component: Component) -> Result<MutexGuard<'_, Server>, DevError> {
+        let server = match component {
+            Component::Etcd => self.etcd.as_ref(),
+            Component::ApiServer => self.apiserver.as_ref(),
+        }
+        .ok_or(DevError::NotOwned(component))?;
+        // A panic while holding the lock leaves the Server consistent: take it anyway.
+        Ok(server.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    fn start_server(&self, component: Component) -> Result<(), DevError> {
+        self.lock(component)?.spawn()
+    }
+
+    /// The state directory: kubeconfigs, logs (`etcd.log`, `apiserver.log`), pid files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The API server URL (`https://127.0.0.1:<port>`).
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The etcd client URL (`http://127.0.0.1:<port>`).
+    pub fn etcd_endpoint(&self) -> &str {
+        &self.etcd_endpoint
+    }
+
+    /// Where etcd keeps its data (tmpfs unless `etcd_on_disk`).
+    pub fn etcd_data_dir(&self) -> PathBuf {
+        self.shm_data.clone().unwrap_or_else(|| self.dir.join("etcd"))
+    }
+
+    /// The kubeconfig file of an identity.
+    pub fn kubeconfig(&self, identity: Identity) -> PathBuf {
+        self.dir.join(format!("kubeconfig-{}", identity.name()))
+    }
+
+    /// The log file of a server.
+    pub fn log_file(&self, component: Component) -> PathBuf {
+        self.dir.join(format!("{}.log", component.file_base()))
+    }
+
+    /// Client configuration of an identity (default namespace `default`).
+    pub async fn config(&self, identity: Identity) -> Result<kube::Config, DevError> {
+        let path = self.kubeconfig(identity);
+        let kubeconfig = Kubeconfig::read_from(&path).map_err(|source| DevError::Kubeconfig {
+            identity,
+            path: path.clone(),
+            source,
+        })?;
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|source| DevError::Kubeconfig { identity, path, source })
+    }
+
+    /// A client acting as `identity`. Bound to the current tokio runtime: make one per runtime.
+    pub async fn client(&self, identity: Identity) -> Result<kube::Client, DevError> {
+        kube::Client::try_from(self.config(identity).await?).map_err(DevError::Client)
+    }
+
+    /// PID of a server, if this process runs it and it is running.
+    pub fn pid(&self, component: Component) -> Option<u32> {
+        self.lock(component).ok()?.pid()
+    }
+
+    /// PID of etcd, if running (and started by this process).
+    pub fn etcd_pid(&self) -> Option<u32> {
+        self.pid(Component::Etcd)
+    }
+
+    /// PID of kube-apiserver, if running (and started by this process).
+    pub fn apiserver_pid(&self) -> Option<u32> {
+        self.pid(Component::ApiServer)
+    }
+
+    /// Kills a server with SIGKILL and reaps it. No-op if it is not running.
+    pub fn kill(&self, component: Component) -> Result<(), DevError> {
+        self.lock(component)?.kill()
+    }
+
+    /// Stops a server cleanly (SIGTERM, SIGKILL after 10 s). No-op if it is not running.
+    pub fn stop_server(&self, component: Component) -> Result<(), DevError> {
+        self.lock(component)?.stop(STOP_GRACE);
+        Ok(())
+    }
+
+    /// Pauses a server (SIGSTOP): it keeps its sockets but answers nothing.
+    pub fn pause(&self, component: Component) -> Result<(), DevError> {
+        self.signal(component, rustix::process::Signal::STOP)
+    }
+
+    /// Resumes a paused server (SIGCONT).
+    pub fn resume(&self, component: Component) -> Result<(), DevError> {
+        self.signal(component, rustix::process::Signal::CONT)
+    }
+
+    fn signal(&self, component: Component, signal: rustix::process::Signal) -> Result<(), DevError> {
+        let server = self.lock(component)?;
+        match server.pid() {
+            Some(pid) => send_signal(pid, signal).map_err(io_err(format!("signalling {component}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// SIGKILLs kube-apiserver.
+    pub fn kill_apiserver(&self) -> Result<(), DevError> {
+        self.kill(Component::ApiServer)
+    }
+
+    /// SIGKILLs etcd.
+    pub fn kill_etcd(&self) -> Result<(), DevError> {
+        self.kill(Component::Etcd)
+    }
+
+    /// (Re)starts kube-apiserver with the same flags and port and waits until it is ready.
+    pub async fn start_apiserver(&self) -> Result<(), DevError> {
+        self.start_server(Component::ApiServer)?;
+        self.wait_ready(self.ready_timeout).await
+    }
+
+    /// (Re)starts etcd with the same data and port and waits until it accepts connections
+    /// (and, if kube-apiserver runs, until `/readyz` says it reaches etcd again).
+    pub async fn start_etcd(&self) -> Result<(), DevError> {
+        self.start_server(Component::Etcd)?;
+        self.wait_etcd(self.ready_timeout).await?;
+        if self.apiserver_pid().is_some() {
+            self.wait_ready(self.ready_timeout).await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_etcd(&self, timeout: Duration) -> Result<(), DevError> {
+        let not_ready = || DevError::EtcdNotReady { endpoint: self.etcd_endpoint.clone(), timeout };
+        let addr: SocketAddr =
+            self.etcd_endpoint.trim_start_matches("http://").parse().map_err(|_| {
+                self.state_error(format!("etcd-endpoint {:?} is not http://IP:PORT", self.etcd_endpoint))
+            })?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check()?;
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(not_ready());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Polls `/readyz` (as admin, with curl: a kube client would log every refused
+    /// connection as an error) until it answers `ok`, a server exits, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), DevError> {
+        let token = self.read_state("token-admin")?;
+        let ca = self.dir.join("pki/ca.crt");
+        let url = format!("{}/readyz", self.server);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check()?;
+            let probe = tokio::process::Command::new("curl")
+                .args(["-sS", "--max-time", "2", "--cacert"])
+                .arg(&ca)
+                .arg("-H")
+                .arg(format!("Authorization: Bearer {token}"))
+                .arg(&url)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => DevError::Missing { what: "curl", hint: "install curl" },
+                    _ => DevError::Io { what: "running curl".into(), source: e },
+                })?;
+            let body = String::from_utf8_lossy(&probe.stdout);
+            if probe.status.success() && body.trim() == "ok" {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let last = format!("{} {}", body.trim(), String::from_utf8_lossy(&probe.stderr).trim());
+                let log = self.log_file(Component::ApiServer);
+                return Err(DevError::NotReady { timeout, last, tail: log_tail(&log, 20), log });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Fails if a server this process started has exited on its own.
+    pub fn check(&self) -> Result<(), DevError> {
+        for component in [Component::Etcd, Component::ApiServer] {
+            let Ok(mut server) = self.lock(component) else { continue };
+            if let Some(status) = server.exited() {
+                let log = server.log.clone();
+                return Err(DevError::Exited { component, status, tail: log_tail(&log, 20), log });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops both servers (kube-apiserver first) and removes the state directory and the
+    /// etcd data, unless `keep_dir`. Idempotent; `Drop` calls it.
+    pub fn stop(&self) {
+        for component in [Component::ApiServer, Component::Etcd] {
+            if let Ok(mut server) = self.lock(component) {
+                server.stop(STOP_GRACE);
+            }
+        }
+        let reaper = self.reaper.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some((mut reaper, stdin)) = reaper else { return };
+        if let Some(shm) = &self.shm_data {
+            let _ = fs::remove_dir_all(shm);
+        }
+        if !self.keep_dir {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+        // Closing its stdin lets the reaper run; there is nothing left for it to do.
+        drop(stdin);
+        let _ = reaper.wait();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts the reaper: `sh` blocked reading a pipe whose only writer is this process. When
+/// this process exits, however it dies, the read returns and the reaper removes the state
+/// directory (unless `keep_dir`) and the tmpfs etcd data named in it. It runs in its own
+/// process group so that a Ctrl-C aimed at us does not reach it.
+fn spawn_reaper(dir: &Path, keep_dir: bool) -> Result<(Child, ChildStdin), DevError> {
+    const REAPER: &str = r#"
+cat >/dev/null
+dir=$1 keep=$2
+shm=$(cat "$dir/etcd-data-shm" 2>/dev/null || true)
+case $shm in /dev/shm/kubelock-etcd.*) ;; *) shm= ;; esac
+[ "$keep" = 1 ] && dir=
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  rm -rf -- $dir $shm 2>/dev/null
+  [ -z "$dir" ] || [ ! -e "$dir" ] || { sleep 0.2; continue; }
+  [ -z "$shm" ] || [ ! -e "$shm" ] || { sleep 0.2; continue; }
+  exit 0
+done
+"#;
+    let mut child = Command::new("sh")
+        .args(["-c", REAPER, "kubelock-reaper"])
+        .arg(dir)
+        .arg(if keep_dir { "1" } else { "0" })
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(io_err("starting the cleanup process (sh)"))?;
+    match child.stdin.take() {
+        Some(stdin) => Ok((child, stdin)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(DevError::Io { what: "starting the cleanup process".into(), source: io::Error::other("no stdin pipe") })
+        }
+    }
+}
+
+/// Runs `control-plane.sh STEP [DIR]`; returns its stdout.
+async fn run_script(
+    script: &Path,
+    step: &'static str,
+    dir: Option<&Path>,
+    opts: &ControlPlaneOptions,
+) -> Result<String, DevError> {
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.arg(script).arg(step).args(dir).env("KUBELOCK_SCRIPT_NAME", "hack/control-plane.sh");
+    if let Some(path) = &opts.kube_apiserver {
+        cmd.env("KUBE_APISERVER", path);
+    }
+    if opts.etcd_on_disk {
+        cmd.env("ETCD_DATA_ON_DISK", "1");
+    } else {
+        cmd.env_remove("ETCD_DATA_ON_DISK");
+    }
+    let out = cmd.stdin(Stdio::null()).kill_on_drop(true).output().await.map_err(io_err("running bash"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(DevError::Script { step, status: out.status, stderr });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// The cache the script keeps kube-apiserver in.
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KUBELOCK_CACHE") {
+        return dir.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("kubelock")
+}
+
+// ---------------------------------------------------------------------------------------
+// CRDs.
+
+/// Installs kubelock's CRDs ([`crate::api::crds`]) with server-side apply and waits until
+/// each is Established.
+pub async fn install_crds(client: &kube::Client, timeout: Duration) -> Result<(), DevError> {
+    apply_crds(client, &crate::api::crds(), DEV_MANAGER, timeout).await
+}
+
+/// Applies the given CRDs (server-side apply, field manager `manager`, forcing conflicts)
+/// and waits until each is Established.
+pub async fn apply_crds(
+    client: &kube::Client,
+    crds: &[CustomResourceDefinition],
+    manager: &str,
+    timeout: Duration,
+) -> Result<(), DevError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply(manager).force();
+    for crd in crds {
+        let name = crd.name_any();
+        tokio::time::timeout(timeout, api.patch(&name, &params, &Patch::Apply(crd)))
+            .await
+            .map_err(|_| DevError::CrdNotEstablished { name: name.clone(), timeout })?
+            .map_err(|source| DevError::Crd { name: name.clone(), source })?;
+    }
+    for crd in crds {
+        let name = crd.name_any();
+        tokio::time::timeout(timeout, await_condition(api.clone(), &name, conditions::is_crd_established()))
+            .await
+            .map_err(|_| DevError::CrdNotEstablished { name: name.clone(), timeout })?
+            .map_err(|source| DevError::CrdWait { name: name.clone(), source })?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// `kubelock dev`.
 
 /// `kubelock dev` flags.
 #[derive(clap::Args, Debug)]
-pub struct DevArgs {}
-
-/// Dev environment errors.
-#[derive(Debug, thiserror::Error)]
-pub enum DevError {
-    #[error("not implemented yet")]
-    NotImplemented,
+pub struct DevArgs {
+    /// Use the cluster selected by --kubeconfig / $KUBECONFIG / --context instead of starting a
+    /// local control plane (CRDs are installed there and the controller runs here).
+    #[arg(long)]
+    pub use_cluster: bool,
+    /// Keep etcd's data on disk instead of tmpfs (slower; what benchmarks measure).
+    #[arg(long)]
+    pub etcd_on_disk: bool,
+    /// Keep the state directory (kubeconfigs, logs) after exiting.
+    #[arg(long)]
+    pub keep: bool,
+    /// How long to wait for the local API server to become ready.
+    #[arg(long, default_value = "90s", value_parser = crate::connect::parse_duration, value_name = "DURATION")]
+    pub ready_timeout: Duration,
+    #[command(flatten)]
+    pub controller: ControllerArgs,
 }
 
-/// Runs `kubelock dev`.
-pub async fn run_dev(_args: DevArgs, _client: &ClientArgs) -> Result<ExitCode, DevError> {
-    Err(DevError::NotImplemented)
+/// Runs `kubelock dev` until SIGINT/SIGTERM, then stops everything it started.
+pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode, DevError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(io_err("installing the SIGTERM handler"))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(io_err("installing the SIGINT handler"))?;
+
+    let setup = async {
+        if args.use_cluster {
+            let (client, _ns) = client_args.client().await?;
+            Ok::<_, DevError>((client, None))
+        } else {
+            eprintln!("kubelock dev: starting etcd and kube-apiserver (about 10 s)...");
+            let opts = ControlPlaneOptions {
+                etcd_on_disk: args.etcd_on_disk,
+                keep_dir: args.keep,
+                ready_timeout: args.ready_timeout,
+                ..Default::default()
+            };
+            let cp = ControlPlane::start(opts).await?;
+            let client = cp.client(Identity::Admin).await?;
+            Ok((client, Some(cp)))
+        }
+    };
+    let (client, cp) = tokio::select! {
+        res = setup => res?,
+        _ = sigint.recv() => return Ok(ExitCode::from(130)),
+        _ = sigterm.recv() => return Ok(ExitCode::from(143)),
+    };
+    tokio::select! {
+        res = install_crds(&client, Duration::from_secs(60)) => res?,
+        _ = sigint.recv() => return Ok(ExitCode::from(130)),
+        _ = sigterm.recv() => return Ok(ExitCode::from(143)),
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut controller = tokio::spawn(controller::run_controller(client, args.controller, client_args.request_timeout, async move {
+        let _ = stop_rx.await;
+    }));
+
+    match &cp {
+        Some(cp) => {
+            println!("export KUBECONFIG={}", cp.kubeconfig(Identity::Admin).display());
+            eprintln!(
+                "kubelock dev: control plane ready at {}; CRDs installed; controller running.\n\
+                 kubelock dev: other identities: {}\n\
+                 kubelock dev: try `kubectl get locks -A`. Ctrl-C stops everything.",
+                cp.server(),
+                Identity::ALL[1..]
+                    .iter()
+                    .map(|id| cp.kubeconfig(*id).display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        None => {
+            eprintln!("kubelock dev: CRDs installed; controller running against the given cluster. Ctrl-C stops it.")
+        }
+    }
+    let _ = io::stdout().flush();
+
+    // Run until a signal, the controller ends, or a server dies.
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    let outcome: Result<ExitCode, DevError> = loop {
+        tokio::select! {
+            _ = sigint.recv() => break Ok(ExitCode::SUCCESS),
+            _ = sigterm.recv() => break Ok(ExitCode::SUCCESS),
+            res = &mut controller => {
+                return match res {
+                    Ok(Ok(())) => Ok(ExitCode::SUCCESS),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(DevError::ControllerTask(e)),
+                };
+            }
+            _ = health.tick() => {
+                if let Some(cp) = &cp
+                    && let Err(e) = cp.check()
+                {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    eprintln!("kubelock dev: stopping");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(10), &mut controller).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "controller stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "controller task failed"),
+        Ok(Ok(Ok(()))) => {}
+        Err(_) => {
+            tracing::warn!("controller did not stop within 10s");
+            controller.abort();
+        }
+    }
+    drop(cp);
+    outcome
 }

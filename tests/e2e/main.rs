@@ -1,0 +1,8 @@
+//! End-to-end tests against a real Kubernetes API server: one test binary, so that one
+//! control plane (started on first use, see `support`) serves every test of a run.
+//!
+//! Modules: `smoke` (the harness itself). Add one module per area.
+
+mod support;
+
+mod smoke;
