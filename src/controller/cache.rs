@@ -72,15 +72,16 @@ type PodKey = (String, String);
 struct Index {
     /// Request names by the Lock they name.
     by_lock: HashMap<LockKey, BTreeSet<String>>,
-    /// The Lock (and pod) each request is filed under.
-    filed: HashMap<ObjectRef<LockRequest>, (LockKey, Option<PodKey>)>,
+    /// The Lock (and pod) each request is filed under, and what the Lock reconcile reads
+    /// of its metadata.
+    filed: HashMap<ObjectRef<LockRequest>, (LockKey, Option<PodKey>, Fingerprint)>,
     /// Locks with a request naming this pod.
     by_pod: HashMap<PodKey, HashSet<LockKey>>,
 }
 
 impl Index {
     fn remove(&mut self, key: &ObjectRef<LockRequest>) -> Option<LockKey> {
-        let (lock, pod) = self.filed.remove(key)?;
+        let (lock, pod, _) = self.filed.remove(key)?;
         if let Some(names) = self.by_lock.get_mut(&lock) {
             names.remove(&key.name);
             if names.is_empty() {
@@ -107,8 +108,29 @@ impl Index {
         if let Some(pod) = &pod {
             self.by_pod.entry(pod.clone()).or_default().insert(lock.clone());
         }
-        self.filed.insert(key, (lock.clone(), pod));
+        self.filed.insert(key, (lock.clone(), pod, Fingerprint::of(req)));
         lock
+    }
+}
+
+/// What of a request, besides its status, matters to its Lock: a change of anything else
+/// (its status, written by the controller itself) does not reconcile the Lock again.
+#[derive(Clone, PartialEq, Eq)]
+struct Fingerprint {
+    uid: Option<String>,
+    generation: Option<i64>,
+    deleting: bool,
+    break_request: Option<String>,
+}
+
+impl Fingerprint {
+    fn of(req: &LockRequest) -> Self {
+        Self {
+            uid: req.metadata.uid.clone(),
+            generation: req.metadata.generation,
+            deleting: req.metadata.deletion_timestamp.is_some(),
+            break_request: req.annotations().get(crate::api::BREAK_ANNOTATION).cloned(),
+        }
     }
 }
 
@@ -187,7 +209,16 @@ impl Cache {
         let mut index = self.index.lock().expect("index lock poisoned");
         match event {
             watcher::Event::Apply(req) => {
-                let old = index.filed.get(&ObjectRef::from_obj(req)).map(|(l, _)| l.clone());
+                let old = index.filed.get(&ObjectRef::from_obj(req)).map(|(l, _, f)| (l.clone(), f.clone()));
+                if let Some((lock, fingerprint)) = &old
+                    && *lock == lock_key_of(req)
+                    && *fingerprint == Fingerprint::of(req)
+                    && index.filed.get(&ObjectRef::from_obj(req)).map(|(_, p, _)| p.clone())
+                        == Some(req.spec.pod_ref.as_ref().map(|p| (req.namespace().unwrap_or_default(), p.name.clone())))
+                {
+                    return Vec::new(); // only its status changed
+                }
+                let old = old.map(|(l, _)| l);
                 let new = index.insert(req);
                 let mut keys: Vec<LockKey> = old.into_iter().filter(|o| *o != new).collect();
                 keys.push(new);

@@ -33,6 +33,8 @@ use crate::{
 
 /// Plan/write rounds before a reconcile gives up on a contended Lock (and is retried).
 const MAX_ROUNDS: usize = 8;
+/// A failed request-status write is retried after this long.
+const MIRROR_RETRY: Duration = Duration::from_secs(1);
 /// Mirror writes in flight at once for one Lock.
 const MIRROR_CONCURRENCY: usize = 16;
 
@@ -292,17 +294,19 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         // The decision is made: keep what was observed, then tell the requests.
         ctx.observations.lock().expect("observations lock poisoned").insert(uid.clone(), plan.observations.clone());
         let by_uid: HashMap<String, Arc<LockRequest>> = requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
-        mirror(&ctx, &ns, &by_uid, &plan).await;
+        let mirrored = mirror(&ctx, &ns, &by_uid, &plan).await;
         delete_finished(&ctx, &ns, &plan).await;
         record(&ctx, &lock, &plan);
-        return Ok(ctx.mono_to_action(plan.wake_at));
+        // A failed mirror write is retried soon: no watch event would bring it back.
+        let retry = (!mirrored).then(|| ctx.started.elapsed() + MIRROR_RETRY);
+        return Ok(ctx.mono_to_action(plan.wake_at.into_iter().chain(retry).min()));
     }
     Err(Error::Contention(MAX_ROUNDS))
 }
 
 /// Writes request statuses (after the Lock status is written). New grants go first. A
 /// conflict means the request changed: its watch event brings another reconcile.
-async fn mirror(ctx: &Arc<Context>, ns: &str, by_uid: &HashMap<String, Arc<LockRequest>>, plan: &Plan) {
+async fn mirror(ctx: &Arc<Context>, ns: &str, by_uid: &HashMap<String, Arc<LockRequest>>, plan: &Plan) -> bool {
     let api: Api<LockRequest> = Api::namespaced(ctx.client.clone(), ns);
     let writes: Vec<(String, LockRequest)> = plan
         .requests
@@ -317,19 +321,26 @@ async fn mirror(ctx: &Arc<Context>, ns: &str, by_uid: &HashMap<String, Arc<LockR
         let (ctx, api) = (ctx.clone(), api.clone());
         async move {
             match ctx.call(api.replace_status(&name, &post_params(), &next)).await {
-                Ok(_) => ctx.metrics.write("request_status", "ok"),
+                Ok(_) => {
+                    ctx.metrics.write("request_status", "ok");
+                    true
+                }
                 Err(Error::Kube(e)) if is_status(&e, 409) || is_status(&e, 404) => {
+                    // The request changed (or went): its watch event reconciles the Lock again.
                     ctx.metrics.write("request_status", "conflict");
                     debug!(request = %name, "request changed before its status was written");
+                    true
                 }
                 Err(e) => {
                     ctx.metrics.write("request_status", "error");
                     warn!(request = %name, error = %e, "writing request status");
+                    false
                 }
             }
         }
     });
-    futures::stream::iter(writes).buffer_unordered(MIRROR_CONCURRENCY).collect::<()>().await;
+    let results: Vec<bool> = futures::stream::iter(writes).buffer_unordered(MIRROR_CONCURRENCY).collect().await;
+    results.into_iter().all(|ok| ok)
 }
 
 /// Deletes finished requests past their retention.
@@ -439,7 +450,7 @@ pub async fn reconcile_orphan(req: Arc<LockRequest>, ctx: Arc<Context>) -> Resul
         }
     }
     let by_uid: HashMap<String, Arc<LockRequest>> = requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
-    mirror(&ctx, &ns, &by_uid, &plan).await;
+    let mirrored = mirror(&ctx, &ns, &by_uid, &plan).await;
     delete_finished(&ctx, &ns, &plan).await;
     for e in &plan.events {
         log_event(e);
@@ -450,7 +461,8 @@ pub async fn reconcile_orphan(req: Arc<LockRequest>, ctx: Arc<Context>) -> Resul
             sink.publish(object_reference(requests[0].as_ref()), None, e.clone());
         }
     }
-    Ok(ctx.mono_to_action(plan.wake_at))
+    let retry = (!mirrored).then(|| ctx.started.elapsed() + MIRROR_RETRY);
+    Ok(ctx.mono_to_action(plan.wake_at.into_iter().chain(retry).min()))
 }
 
 /// Backs off on errors: a second for the first, growing with repeats is left to the next
