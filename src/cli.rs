@@ -330,10 +330,11 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
     tracing::info!(lock = %args.lock, request = %guard.request_name(), token = guard.token(), "running the command");
 
     // 2. Run the command with the token in its environment.
+    let terminal_foreground = in_terminal_foreground();
     let own_group = match args.process_group {
         ProcessGroup::Own => true,
         ProcessGroup::Same => false,
-        ProcessGroup::Auto => !in_terminal_foreground(),
+        ProcessGroup::Auto => !terminal_foreground,
     };
     let mut command = match setpriv() {
         Some(setpriv) => {
@@ -396,8 +397,11 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
             }
             status = child.wait() => break status,
             sig = signals.recv() => {
-                // In the terminal's foreground group, Ctrl-C/Ctrl-\ already reached the command.
-                let from_terminal_too = !own_group && matches!(sig, rustix::process::Signal::INT | rustix::process::Signal::QUIT);
+                // Sharing the terminal's foreground group, the command got Ctrl-C/Ctrl-\ from
+                // the terminal already: forwarding would deliver it twice.
+                let from_terminal_too = !own_group
+                    && terminal_foreground
+                    && matches!(sig, rustix::process::Signal::INT | rustix::process::Signal::QUIT);
                 if !from_terminal_too {
                     target.send(sig);
                 }
