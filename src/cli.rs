@@ -135,8 +135,29 @@ pub enum ProcessGroup {
     Same,
 }
 
+const RUN_HELP: &str = "\
+The command runs with KUBELOCK_TOKEN (fencing token: pass it to everything you write),
+KUBELOCK_LOCK, KUBELOCK_LOCK_UID, KUBELOCK_REQUEST and KUBELOCK_NAMESPACE set.
+The lock is renewed while it runs and released as soon as it exits. If the lock is lost
+(lease deadline passed, expired by the controller, broken), the command gets SIGTERM,
+then SIGKILL after --grace. SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to it.
+
+Exit codes:
+  the command's own     it exited by itself while the lock was held
+  128+N                 it died from signal N
+  75                    the lock was lost while it ran
+  76                    --wait-timeout passed before the grant (request withdrawn)
+  77                    the controller rejected the request (e.g. more permits than the lock has)
+  126, 127              the command cannot be executed / was not found (nothing acquired)
+  130, 143              interrupted (SIGINT, SIGTERM) while waiting (request withdrawn)
+  2                     invalid flags;  1  other errors (cluster unreachable, RBAC)
+
+Example:
+  kubelock run --lock db-migrations --lease 15s --wait-timeout 5m -- ./migrate.sh";
+
 /// `kubelock run` flags.
 #[derive(clap::Args, Debug)]
+#[command(after_help = RUN_HELP)]
 pub struct RunArgs {
     /// Lock to hold while the command runs.
     #[arg(long, value_name = "NAME")]
@@ -282,12 +303,13 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
+    // Bad flags are reported before anything talks to the cluster.
+    if let Err(AcquireError::Invalid { field, message }) = args.request.options(&args.lock, "").validate() {
+        return Ok(usage(format!("invalid {}: {message}", flag_of(field))));
+    }
     let (kube, namespace) = client_args.client().await?;
     let locks = LockClient::new(kube, &namespace).with_request_timeout(client_args.request_timeout);
     let opts = args.request.options(&args.lock, &namespace);
-    if let Err(AcquireError::Invalid { field, message }) = opts.validate() {
-        return Ok(usage(format!("invalid --{}: {message}", field.replace(' ', "-"))));
-    }
     let mut signals = Forwarded::install()?;
 
     // 1. Acquire; SIGINT/SIGTERM while waiting withdraw the request.
@@ -433,6 +455,11 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
     Ok(ExitCode::from(exit_code_of(status)))
 }
 
+/// The flag (or variable) behind an [`AcquireOptions`] field named in a validation error.
+fn flag_of(field: &str) -> &'static str {
+    crate::sidecar::flag_of(field)
+}
+
 /// `kubelock acquire` flags.
 #[derive(clap::Args, Debug)]
 pub struct AcquireArgs {
@@ -477,12 +504,12 @@ pub async fn acquire(args: AcquireArgs, client_args: &ClientArgs) -> Result<Exit
     let Some(lock) = args.name.clone().or(args.lock.clone()) else {
         return Ok(usage("acquire: give the lock name (kubelock acquire LOCK)"));
     };
+    if let Err(AcquireError::Invalid { field, message }) = args.request.options(&lock, "").validate() {
+        return Ok(usage(format!("invalid {}: {message}", flag_of(field))));
+    }
     let (kube, namespace) = client_args.client().await?;
     let locks = LockClient::new(kube, &namespace).with_request_timeout(client_args.request_timeout);
     let opts = args.request.options(&lock, &namespace);
-    if let Err(AcquireError::Invalid { field, message }) = opts.validate() {
-        return Ok(usage(format!("invalid --{}: {message}", field.replace(' ', "-"))));
-    }
     let dir = match &args.dir {
         Some(p) => Some(StateDir::create(p).map_err(|source| CliError::File { path: p.clone(), source })?),
         None => None,

@@ -325,6 +325,10 @@ pub async fn run(args: SidecarArgs, client_args: &ClientArgs) -> Result<ExitCode
             message: format!("{:?} is not an address like 127.0.0.1:8081", args.listen),
         })?)
     };
+    let probe = AcquireOptions { permits: args.permits, lease: args.lease, margin: args.margin, ..AcquireOptions::new(&args.lock) };
+    if let Err(AcquireError::Invalid { field, message }) = probe.validate() {
+        return Err(SidecarError::Invalid { flag: flag_of(field), message });
+    }
     let (kube, namespace) = client_args.client().await?;
     let locks = LockClient::new(kube, &namespace).with_request_timeout(client_args.request_timeout);
     let dir = StateDir::create(&args.dir).map_err(|source| SidecarError::Dir { path: args.dir.clone(), source })?;
@@ -466,9 +470,10 @@ pub async fn run(args: SidecarArgs, client_args: &ClientArgs) -> Result<ExitCode
     Ok(code)
 }
 
-fn flag_of(field: &str) -> &'static str {
+/// The flag (or variable) behind an [`AcquireOptions`] field named in a validation error.
+pub(crate) fn flag_of(field: &str) -> &'static str {
     match field {
-        "lock" => "--lock",
+        "lock" => "--lock (the lock name)",
         "permits" => "--permits",
         "lease" => "--lease",
         "margin" => "--margin",
