@@ -67,9 +67,36 @@ impl ClientArgs {
     pub async fn client(&self) -> Result<(kube::Client, String), ConnectError> {
         let config = self.config().await?;
         let ns = config.default_namespace.clone();
-        let client = kube::Client::try_from(config).map_err(ConnectError::Client)?;
-        Ok((client, ns))
+        Ok((client_from_config(config)?, ns))
     }
+}
+
+/// Builds a [`kube::Client`] whose connections set `TCP_NODELAY`.
+///
+/// kube's default client leaves Nagle's algorithm on. A TLS request is written in more
+/// than one segment, so the second waits for the server's delayed ACK: measured here, that
+/// added ~25 ms to every API write and made a lock handover 5× slower than it needs to be.
+pub fn client_from_config(config: kube::Config) -> Result<kube::Client, ConnectError> {
+    use hyper_util::{
+        client::legacy::{Client as HyperClient, connect::HttpConnector},
+        rt::TokioExecutor,
+    };
+    use kube::client::ConfigExt as _;
+    use tower::{BoxError, ServiceBuilder};
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = config.rustls_https_connector_with_connector(http).map_err(ConnectError::Client)?;
+    let hyper: HyperClient<_, kube::client::Body> = HyperClient::builder(TokioExecutor::new()).build(https);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer().map_err(ConnectError::Client)?)
+        .layer(config.extra_headers_layer().map_err(ConnectError::Client)?)
+        .map_err(BoxError::from)
+        .service(hyper);
+    Ok(kube::Client::new(service, config.default_namespace))
 }
 
 /// clap value parser for Go-style durations (`500ms`, `30s`, `5m`).

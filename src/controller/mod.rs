@@ -299,7 +299,11 @@ async fn run_active(
                 mark_synced();
             }
         })
-        .applied_objects();
+        .applied_objects()
+        .try_filter({
+            let ctx = ctx.clone();
+            move |lock| std::future::ready(!ctx.is_own_write(lock))
+        });
 
     // Requests: indexed by Lock; every change reconciles the Lock it names.
     let requests = watcher(scoped::<LockRequest>(client.clone(), ns), watcher::Config::default())
@@ -309,6 +313,7 @@ async fn run_active(
         .inspect_ok({
             let (ctx, lock_tx, mark_synced) = (ctx.clone(), lock_tx.clone(), mark_synced.clone());
             move |event| {
+                tracing::trace!(event = ?std::mem::discriminant(event), "request event");
                 for key in ctx.cache.on_request_event(event) {
                     let _ = lock_tx.send(key);
                 }

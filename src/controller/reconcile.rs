@@ -34,7 +34,7 @@ use crate::{
 /// Plan/write rounds before a reconcile gives up on a contended Lock (and is retried).
 const MAX_ROUNDS: usize = 8;
 /// A failed request-status write is retried after this long.
-const MIRROR_RETRY: Duration = Duration::from_secs(1);
+const MIRROR_RETRY: Duration = Duration::from_millis(250);
 /// Mirror writes in flight at once for one Lock.
 const MIRROR_CONCURRENCY: usize = 16;
 
@@ -113,6 +113,15 @@ impl Context {
             }
             None => cached,
         }
+    }
+
+    /// Whether this Lock version is our own last write: its watch event needs no reconcile,
+    /// and skipping it keeps the next real trigger (a release) from queuing behind it.
+    pub fn is_own_write(&self, lock: &Lock) -> bool {
+        let written = self.written.lock().expect("written lock poisoned");
+        written.get(&ObjectRef::from_obj(lock)).is_some_and(|(_, ours)| {
+            ours.resource_version().is_some() && ours.resource_version() == lock.resource_version()
+        })
     }
 
     /// Forgets everything about a deleted Lock.
@@ -200,6 +209,8 @@ fn object_reference<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
 pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.cache.wait_synced().await;
     let _timer = ctx.metrics.reconcile_timer();
+    let start = Instant::now();
+    tracing::trace!("reconcile start");
     let key = ObjectRef::from_obj(lock.as_ref());
     let ns = lock.namespace().unwrap_or_default();
     let name = lock.name_any();
@@ -264,6 +275,7 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
             match ctx.call(api.replace_status(&name, &post_params(), &next)).await {
                 Ok(mut written) => {
                     ctx.metrics.write("lock_status", "ok");
+                    tracing::trace!(elapsed = ?start.elapsed(), "lock status written");
                     strip_meta(&mut written.metadata);
                     let written = Arc::new(written);
                     let replaced = lock.resource_version().unwrap_or_default();
@@ -272,6 +284,7 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
                 }
                 Err(Error::Kube(e)) if is_status(&e, 409) => {
                     ctx.metrics.write("lock_status", "conflict");
+                    tracing::trace!(elapsed = ?start.elapsed(), "lock status conflict");
                     ctx.metrics.cas_conflicts.inc();
                     debug!("lock status changed under us; re-reading");
                     match ctx.call(api.get_opt(&name)).await? {
@@ -297,6 +310,7 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         let mirrored = mirror(&ctx, &ns, &by_uid, &plan).await;
         delete_finished(&ctx, &ns, &plan).await;
         record(&ctx, &lock, &plan);
+        tracing::trace!(elapsed = ?start.elapsed(), writes = plan.requests.len(), "reconcile done");
         // A failed mirror write is retried soon: no watch event would bring it back.
         let retry = (!mirrored).then(|| ctx.started.elapsed() + MIRROR_RETRY);
         return Ok(ctx.mono_to_action(plan.wake_at.into_iter().chain(retry).min()));
@@ -325,11 +339,13 @@ async fn mirror(ctx: &Arc<Context>, ns: &str, by_uid: &HashMap<String, Arc<LockR
                     ctx.metrics.write("request_status", "ok");
                     true
                 }
-                Err(Error::Kube(e)) if is_status(&e, 409) || is_status(&e, 404) => {
-                    // The request changed (or went): its watch event reconciles the Lock again.
+                Err(Error::Kube(e)) if is_status(&e, 404) => true, // gone: nothing to tell
+                Err(Error::Kube(e)) if is_status(&e, 409) => {
+                    // The request changed under us; a change of its status alone brings no
+                    // reconcile, so retry soon.
                     ctx.metrics.write("request_status", "conflict");
                     debug!(request = %name, "request changed before its status was written");
-                    true
+                    false
                 }
                 Err(e) => {
                     ctx.metrics.write("request_status", "error");

@@ -1,0 +1,40 @@
+# kubelock: see README.md. Everything cached lives outside the checkout
+# (~/.cache/kubelock for kube-apiserver, ~/.cargo for Rust and crates, target/ for builds).
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+# rustup installs cargo here; make it visible even if the shell profile was not re-read.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO ?= cargo
+# Extra flags for `kubelock dev` (make demo DEV_ARGS=--etcd-on-disk) and for the test binaries
+# (make test TEST_ARGS='smoke::').
+DEV_ARGS ?=
+TEST_ARGS ?=
+
+.PHONY: help deps demo test crds lint fmt
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+
+deps: ## Install what is missing: C toolchain, Rust, etcd, kube-apiserver (first time ~7 min).
+	@hack/deps.sh
+
+demo: deps ## Build and run `kubelock dev`: local control plane + CRDs + controller, until Ctrl-C.
+	$(CARGO) build --release --bin kubelock
+	./target/release/kubelock dev $(DEV_ARGS)
+
+test: deps ## Run every test, including the end-to-end tests against a real kube-apiserver.
+	$(CARGO) test --all-targets -- $(TEST_ARGS)
+
+crds: ## Regenerate crds/ from the API types.
+	$(CARGO) run --quiet --bin kubelock -- crd > crds/kubelock.dev.yaml.tmp
+	mv crds/kubelock.dev.yaml.tmp crds/kubelock.dev.yaml
+
+lint: ## clippy (warnings are errors) and the rustfmt check.
+	@command -v rustup >/dev/null && rustup component add clippy rustfmt 2>/dev/null || true
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt: ## Format the code.
+	$(CARGO) fmt
