@@ -116,7 +116,8 @@ impl RequestFlags {
         o.wait_timeout = self.wait_timeout;
         o.margin = self.margin;
         o.pod_ref = pod.as_ref().map(PodIdentity::pod_ref);
-        o.holder_identity = self.holder.clone().or_else(|| pod.map(|p| p.holder_identity(namespace))).unwrap_or_default();
+        o.holder_identity =
+            self.holder.clone().or_else(|| pod.map(|p| p.holder_identity(namespace))).unwrap_or_default();
         o
     }
 }
@@ -430,10 +431,12 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
             }
         }
     };
-    let lost = lost.or_else(|| (!guard.is_holding()).then(|| guard.current()).and_then(|s| match s {
-        crate::client::LockState::Lost { reason, .. } => Some(reason),
-        _ => None,
-    }));
+    let lost = lost.or_else(|| {
+        (!guard.is_holding()).then(|| guard.current()).and_then(|s| match s {
+            crate::client::LockState::Lost { reason, .. } => Some(reason),
+            _ => None,
+        })
+    });
     let token = guard.token();
     if let Err(e) = guard.release().await {
         eprintln!("kubelock: releasing lock {}: {e} (the lease will expire)", args.lock);
@@ -626,7 +629,12 @@ pub async fn release(args: ReleaseArgs, client_args: &ClientArgs) -> Result<Exit
     };
     if let (Some(lock), Some(holder)) = (&args.lock, &args.holder) {
         let api: Api<LockRequest> = Api::namespaced(kube, &namespace);
-        let list = timed(client_args.request_timeout, "listing lock requests", api.list(&ListParams::default().labels(&format!("{LOCK_LABEL}={lock}")))).await?;
+        let list = timed(
+            client_args.request_timeout,
+            "listing lock requests",
+            api.list(&ListParams::default().labels(&format!("{LOCK_LABEL}={lock}"))),
+        )
+        .await?;
         let before = names.len();
         names.extend(
             list.items
@@ -665,16 +673,23 @@ pub async fn status(args: StatusArgs, client_args: &ClientArgs) -> Result<ExitCo
     let t = client_args.request_timeout;
     let locks: Api<Lock> = Api::namespaced(kube.clone(), &namespace);
     let requests: Api<LockRequest> = Api::namespaced(kube, &namespace);
-    let lock = timed(t, "reading the lock", locks.get_opt(&args.lock))
-        .await?
-        .ok_or_else(|| CliError::NotFound { what: "lock", name: args.lock.clone(), namespace: namespace.clone() })?;
+    let lock = timed(t, "reading the lock", locks.get_opt(&args.lock)).await?.ok_or_else(|| CliError::NotFound {
+        what: "lock",
+        name: args.lock.clone(),
+        namespace: namespace.clone(),
+    })?;
     if args.output != Output::Table {
         print_output(&lock, args.output, String::new)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let list = timed(t, "listing lock requests", requests.list(&ListParams::default().labels(&format!("{LOCK_LABEL}={}", args.lock)))).await?;
+    let list = timed(
+        t,
+        "listing lock requests",
+        requests.list(&ListParams::default().labels(&format!("{LOCK_LABEL}={}", args.lock))),
+    )
+    .await?;
     let mut reqs: Vec<LockRequest> = list.items.into_iter().filter(|r| r.spec.lock_name == args.lock).collect();
-    reqs.sort_by(|a, b| (a.creation_timestamp(), a.name_any()).cmp(&(b.creation_timestamp(), b.name_any())));
+    reqs.sort_by_key(|r| (r.creation_timestamp(), r.name_any()));
     print!("{}", render_status(&lock, &reqs, jiff::Timestamp::now()));
     Ok(ExitCode::SUCCESS)
 }
@@ -871,9 +886,11 @@ pub async fn break_lock(args: BreakArgs, client_args: &ClientArgs) -> Result<Exi
     let t = client_args.request_timeout;
     let locks: Api<Lock> = Api::namespaced(kube.clone(), &namespace);
     let requests: Api<LockRequest> = Api::namespaced(kube, &namespace);
-    let lock = timed(t, "reading the lock", locks.get_opt(&args.lock))
-        .await?
-        .ok_or_else(|| CliError::NotFound { what: "lock", name: args.lock.clone(), namespace: namespace.clone() })?;
+    let lock = timed(t, "reading the lock", locks.get_opt(&args.lock)).await?.ok_or_else(|| CliError::NotFound {
+        what: "lock",
+        name: args.lock.clone(),
+        namespace: namespace.clone(),
+    })?;
     let holders = lock.status.clone().unwrap_or_default().holders;
     let holder = match &args.request {
         Some(r) => match holders.iter().find(|h| h.request == *r) {
@@ -907,7 +924,9 @@ pub async fn break_lock(args: BreakArgs, client_args: &ClientArgs) -> Result<Exi
         }
     });
     let params = PatchParams { field_manager: Some(CLIENT_MANAGER.into()), ..Default::default() };
-    match timed(t, "annotating the holder's request", requests.patch(&holder.request, &params, &Patch::Merge(&patch))).await {
+    match timed(t, "annotating the holder's request", requests.patch(&holder.request, &params, &Patch::Merge(&patch)))
+        .await
+    {
         Ok(_) => {}
         Err(ClientError::Api { source: kube::Error::Api(s), .. }) if s.code == 404 || s.code == 409 => {
             return Err(CliError::Usage(format!(
@@ -932,7 +951,11 @@ fn names_of(holders: &[crate::api::Holder]) -> String {
 }
 
 /// One API call bounded by the request timeout.
-async fn timed<T>(timeout: Duration, op: &'static str, fut: impl Future<Output = Result<T, kube::Error>>) -> Result<T, ClientError> {
+async fn timed<T>(
+    timeout: Duration,
+    op: &'static str,
+    fut: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, ClientError> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(source)) => Err(ClientError::Api { op, source }),
@@ -997,7 +1020,6 @@ fn age(now: jiff::Timestamp, then: jiff::Timestamp) -> String {
         s => format!("{}d", s / 86_400),
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -1072,7 +1094,13 @@ mod tests {
         assert!(s.contains("Token:      12 (last issued)\n"), "{s}");
         assert!(s.contains("  db-abcde   pod/prod/web-0   1         12      30s     10s\n"), "{s}");
         let l = render_list(&[sample_lock()], true, now);
-        assert!(l.starts_with("NAMESPACE   NAME   PERMITS   HELD   HOLDERS          TOKEN   WAITING   LEASE   AGE\n"), "{l}");
-        assert!(l.contains("prod        db     3         1      pod/prod/web-0   12      1         30s     -\n"), "{l}");
+        assert!(
+            l.starts_with("NAMESPACE   NAME   PERMITS   HELD   HOLDERS          TOKEN   WAITING   LEASE   AGE\n"),
+            "{l}"
+        );
+        assert!(
+            l.contains("prod        db     3         1      pod/prod/web-0   12      1         30s     -\n"),
+            "{l}"
+        );
     }
 }

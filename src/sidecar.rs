@@ -325,7 +325,12 @@ pub async fn run(args: SidecarArgs, client_args: &ClientArgs) -> Result<ExitCode
             message: format!("{:?} is not an address like 127.0.0.1:8081", args.listen),
         })?)
     };
-    let probe = AcquireOptions { permits: args.permits, lease: args.lease, margin: args.margin, ..AcquireOptions::new(&args.lock) };
+    let probe = AcquireOptions {
+        permits: args.permits,
+        lease: args.lease,
+        margin: args.margin,
+        ..AcquireOptions::new(&args.lock)
+    };
     if let Err(AcquireError::Invalid { field, message }) = probe.validate() {
         return Err(SidecarError::Invalid { flag: flag_of(field), message });
     }
@@ -339,17 +344,15 @@ pub async fn run(args: SidecarArgs, client_args: &ClientArgs) -> Result<ExitCode
     opts.lease = args.lease;
     opts.margin = args.margin;
     opts.pod_ref = pod.as_ref().map(PodIdentity::pod_ref);
-    opts.holder_identity = args
-        .holder
-        .clone()
-        .or_else(|| pod.as_ref().map(|p| p.holder_identity(&namespace)))
-        .unwrap_or_default();
+    opts.holder_identity =
+        args.holder.clone().or_else(|| pod.as_ref().map(|p| p.holder_identity(&namespace))).unwrap_or_default();
     opts.validate().map_err(|e| match e {
         AcquireError::Invalid { field, message } => SidecarError::Invalid { flag: flag_of(field), message },
         other => SidecarError::Invalid { flag: "--lock", message: other.to_string() },
     })?;
 
-    let view: SharedView = Arc::new(Mutex::new(View { lock: args.lock.clone(), namespace: namespace.clone(), ..Default::default() }));
+    let view: SharedView =
+        Arc::new(Mutex::new(View { lock: args.lock.clone(), namespace: namespace.clone(), ..Default::default() }));
     let shutdown = CancellationToken::new();
     if let Some(addr) = listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -511,7 +514,7 @@ mod tests {
             token: 3,
             lock_uid: "u".into(),
             lease: Duration::from_secs(10),
-            deadline: BootInstant::now().sub(Duration::from_millis(1)),
+            deadline: BootInstant::now().saturating_sub(Duration::from_millis(1)),
         });
         let view = View { lock: "db".into(), namespace: "ns".into(), state: Some(rx), ..Default::default() };
         let s = status_of(&view);
@@ -523,7 +526,7 @@ mod tests {
             token: 3,
             lock_uid: "u".into(),
             lease: Duration::from_secs(10),
-            deadline: BootInstant::now().add(Duration::from_secs(5)),
+            deadline: BootInstant::now().saturating_add(Duration::from_secs(5)),
         });
         let view = View { lock: "db".into(), namespace: "ns".into(), state: Some(rx), ..Default::default() };
         let s = status_of(&view);

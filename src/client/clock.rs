@@ -3,14 +3,10 @@
 //! timer on that clock (a `timerfd`) that wakes the task the moment a deadline passes, also
 //! right after the process is thawed from SIGSTOP or the machine resumes.
 
-use std::{
-    io,
-    os::fd::OwnedFd,
-    time::Duration,
-};
+use std::{io, os::fd::OwnedFd, time::Duration};
 
 use rustix::time::{
-    ClockId, Itimerspec, Timespec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, clock_gettime, timerfd_create,
+    ClockId, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, clock_gettime, timerfd_create,
     timerfd_settime,
 };
 use tokio::io::{Interest, unix::AsyncFd};
@@ -39,12 +35,12 @@ impl BootInstant {
     }
 
     /// `self + d`, saturating.
-    pub fn add(self, d: Duration) -> Self {
+    pub fn saturating_add(self, d: Duration) -> Self {
         Self(self.0.saturating_add(d))
     }
 
     /// `self - d`, saturating at boot.
-    pub fn sub(self, d: Duration) -> Self {
+    pub fn saturating_sub(self, d: Duration) -> Self {
         Self(self.0.saturating_sub(d))
     }
 
@@ -134,16 +130,16 @@ mod tests {
     #[test]
     fn arithmetic_saturates() {
         let t = BootInstant::from_since_boot(Duration::from_secs(5));
-        assert_eq!(t.sub(Duration::from_secs(10)).since_boot(), Duration::ZERO);
-        assert_eq!(t.add(Duration::from_secs(1)).saturating_since(t), Duration::from_secs(1));
-        assert_eq!(t.saturating_since(t.add(Duration::from_secs(1))), Duration::ZERO);
+        assert_eq!(t.saturating_sub(Duration::from_secs(10)).since_boot(), Duration::ZERO);
+        assert_eq!(t.saturating_add(Duration::from_secs(1)).saturating_since(t), Duration::from_secs(1));
+        assert_eq!(t.saturating_since(t.saturating_add(Duration::from_secs(1))), Duration::ZERO);
     }
 
     #[tokio::test]
     async fn timer_fires_at_the_boottime_deadline_and_not_before() {
         let mut timer = BootTimer::new().unwrap();
         let start = BootInstant::now();
-        let at = start.add(Duration::from_millis(80));
+        let at = start.saturating_add(Duration::from_millis(80));
         timer.set(Some(at)).unwrap();
         tokio::time::timeout(Duration::from_secs(5), timer.fired()).await.expect("timer fired").unwrap();
         assert!(BootInstant::now() >= at, "fired early");
@@ -152,9 +148,9 @@ mod tests {
     #[tokio::test]
     async fn past_deadline_fires_at_once_and_rearming_works() {
         let mut timer = BootTimer::new().unwrap();
-        timer.set(Some(BootInstant::now().sub(Duration::from_secs(1)))).unwrap();
+        timer.set(Some(BootInstant::now().saturating_sub(Duration::from_secs(1)))).unwrap();
         tokio::time::timeout(Duration::from_secs(1), timer.fired()).await.expect("fired at once").unwrap();
-        timer.set(Some(BootInstant::now().add(Duration::from_secs(3600)))).unwrap();
+        timer.set(Some(BootInstant::now().saturating_add(Duration::from_secs(3600)))).unwrap();
         assert!(tokio::time::timeout(Duration::from_millis(50), timer.fired()).await.is_err(), "fired early");
         timer.set(Some(BootInstant::now())).unwrap();
         tokio::time::timeout(Duration::from_secs(1), timer.fired()).await.expect("fired after re-arm").unwrap();

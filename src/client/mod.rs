@@ -39,7 +39,9 @@ pub use leader::{LeaderElector, Leadership};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
-pub use tracker::{DEFAULT_RENEW_INTERVAL, Grant, LockState, LostReason, MIN_MARGIN, Tracker, deadline, default_margin};
+pub use tracker::{
+    DEFAULT_RENEW_INTERVAL, Grant, LockState, LostReason, MIN_MARGIN, Tracker, deadline, default_margin,
+};
 
 use crate::api::{LOCK_LABEL, Lock, LockRequest, LockRequestSpec, NAME_PATTERN, PodRef, duration};
 
@@ -157,7 +159,10 @@ impl AcquireOptions {
         if self.lock.len() > 253 || !is_dns_subdomain(&self.lock) {
             return invalid(
                 "lock",
-                format!("{:?} is not a valid object name (lower-case letters, digits, '-' and '.'; pattern {NAME_PATTERN})", self.lock),
+                format!(
+                    "{:?} is not a valid object name (lower-case letters, digits, '-' and '.'; pattern {NAME_PATTERN})",
+                    self.lock
+                ),
             );
         }
         if self.permits < 1 {
@@ -173,7 +178,10 @@ impl AcquireOptions {
             if let Some(m) = self.margin
                 && m >= lease
             {
-                return invalid("margin", format!("{} is not shorter than the lease {}", duration::format(m), duration::format(lease)));
+                return invalid(
+                    "margin",
+                    format!("{} is not shorter than the lease {}", duration::format(m), duration::format(lease)),
+                );
             }
         }
         if self.holder_identity.len() > 256 {
@@ -249,7 +257,11 @@ impl LockClient {
     }
 
     /// Runs one API call with the request timeout.
-    async fn call<T>(&self, op: &'static str, fut: impl Future<Output = Result<T, kube::Error>>) -> Result<T, ClientError> {
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, ClientError> {
         match tokio::time::timeout(self.request_timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(source)) => Err(ClientError::Api { op, source }),
@@ -350,18 +362,7 @@ impl LockClient {
         let uid = tracker.uid().to_string();
         let tx = Arc::new(tx);
         let task = tokio::spawn(session::run(ctx, tracker, Arc::clone(&tx), cancel.clone()));
-        Pending {
-            inner: Some(Inner {
-                client: self.clone(),
-                lock,
-                name,
-                uid,
-                rx,
-                tx,
-                cancel,
-                task: Some(task),
-            }),
-        }
+        Pending { inner: Some(Inner { client: self.clone(), lock, name, uid, rx, tx, cancel, task: Some(task) }) }
     }
 
     /// Creates a LockRequest and waits until it is granted (or `wait_timeout`, or `cancel`).
@@ -508,7 +509,11 @@ impl Pending {
 
     /// Waits until granted, `timeout` passes or `cancel` fires. On failure the request is
     /// deleted (unless the controller already finished it).
-    pub async fn granted(mut self, timeout: Option<Duration>, cancel: Option<CancellationToken>) -> Result<Guard, AcquireError> {
+    pub async fn granted(
+        mut self,
+        timeout: Option<Duration>,
+        cancel: Option<CancellationToken>,
+    ) -> Result<Guard, AcquireError> {
         let mut inner = self.inner.take().expect("present until consumed");
         let mut rx = inner.rx.clone();
         let wait = rx.wait_for(|s| !matches!(s, LockState::Waiting { .. }));

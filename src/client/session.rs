@@ -46,7 +46,8 @@ pub(crate) fn next_renew_time(last: jiff::Timestamp) -> jiff::Timestamp {
     now.max(floor)
 }
 
-type Renewal = Pin<Box<dyn Future<Output = (BootInstant, tokio::time::Instant, Result<LockRequest, RenewError>)> + Send>>;
+type Renewal =
+    Pin<Box<dyn Future<Output = (BootInstant, tokio::time::Instant, Result<LockRequest, RenewError>)> + Send>>;
 
 #[derive(Debug)]
 enum RenewError {
@@ -57,7 +58,12 @@ enum RenewError {
 
 /// Runs until the state is lost or `cancel` fires. Always leaves a final state behind:
 /// lost, or (when cancelled) whatever it was — the owner then marks it released.
-pub(crate) async fn run(mut ctx: SessionCtx, mut tracker: Tracker, tx: std::sync::Arc<watch::Sender<LockState>>, cancel: CancellationToken) {
+pub(crate) async fn run(
+    mut ctx: SessionCtx,
+    mut tracker: Tracker,
+    tx: std::sync::Arc<watch::Sender<LockState>>,
+    cancel: CancellationToken,
+) {
     let name = tracker.name().to_string();
     let uid = tracker.uid().to_string();
     let mut timer = match BootTimer::new() {
@@ -69,10 +75,12 @@ pub(crate) async fn run(mut ctx: SessionCtx, mut tracker: Tracker, tx: std::sync
             None
         }
     };
-    let request_events = watcher(ctx.requests.clone(), watcher::Config::default().fields(&format!("metadata.name={name}")))
-        .default_backoff();
-    let lock_events = watcher(ctx.locks.clone(), watcher::Config::default().fields(&format!("metadata.name={}", ctx.lock)))
-        .default_backoff();
+    let request_events =
+        watcher(ctx.requests.clone(), watcher::Config::default().fields(&format!("metadata.name={name}")))
+            .default_backoff();
+    let lock_events =
+        watcher(ctx.locks.clone(), watcher::Config::default().fields(&format!("metadata.name={}", ctx.lock)))
+            .default_backoff();
     tokio::pin!(request_events, lock_events);
     let mut request_listed = false;
     let mut lock_listed = false;
@@ -173,10 +181,10 @@ pub(crate) async fn run(mut ctx: SessionCtx, mut tracker: Tracker, tx: std::sync
             }
         }
     }
-    if let LockState::Lost { reason, token } = tracker.state() {
-        if *reason != LostReason::Released {
-            info!(request = %name, lock = %ctx.lock, token = ?token, %reason, "lock lost");
-        }
+    if let LockState::Lost { reason, token } = tracker.state()
+        && *reason != LostReason::Released
+    {
+        info!(request = %name, lock = %ctx.lock, token = ?token, %reason, "lock lost");
     }
 }
 
@@ -213,7 +221,9 @@ async fn renew(
         // 404: deleted. 409, or 422 "metadata.uid: field is immutable": the name now belongs
         // to another request (the UID in the patch acts as a precondition).
         Ok(Err(kube::Error::Api(status)))
-            if status.code == 404 || status.code == 409 || (status.code == 422 && status.message.contains("metadata.uid")) =>
+            if status.code == 404
+                || status.code == 409
+                || (status.code == 422 && status.message.contains("metadata.uid")) =>
         {
             Err(RenewError::Gone)
         }

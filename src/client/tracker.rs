@@ -36,7 +36,7 @@ pub fn default_margin(lease: Duration) -> Duration {
 /// The local deadline: `base + lease − margin`. A margin not smaller than the lease leaves
 /// no time at all (the deadline is `base`).
 pub fn deadline(base: BootInstant, lease: Duration, margin: Duration) -> BootInstant {
-    base.add(lease.saturating_sub(margin))
+    base.saturating_add(lease.saturating_sub(margin))
 }
 
 /// Why a holder no longer holds (or a waiter will never hold).
@@ -73,8 +73,12 @@ impl std::fmt::Display for LostReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LostReason::DeadlinePassed => write!(f, "the local lease deadline passed without a successful renewal"),
-            LostReason::Expired { cause, message } if message.is_empty() => write!(f, "the controller expired the grant ({cause})"),
-            LostReason::Expired { cause, message } => write!(f, "the controller expired the grant ({cause}: {message})"),
+            LostReason::Expired { cause, message } if message.is_empty() => {
+                write!(f, "the controller expired the grant ({cause})")
+            }
+            LostReason::Expired { cause, message } => {
+                write!(f, "the controller expired the grant ({cause}: {message})")
+            }
             LostReason::Rejected { message } => write!(f, "the controller rejected the request: {message}"),
             LostReason::RequestDeleted => write!(f, "the lock request was deleted by someone else"),
             LostReason::RemovedFromLock => write!(f, "the lock's status no longer lists this holder"),
@@ -156,7 +160,12 @@ pub struct Tracker {
 impl Tracker {
     /// A tracker for the request `name`/`uid`. `requested_lease` is `spec.leaseDuration` if
     /// set; `margin` overrides the default safety margin.
-    pub fn new(name: impl Into<String>, uid: impl Into<String>, requested_lease: Option<Duration>, margin: Option<Duration>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        uid: impl Into<String>,
+        requested_lease: Option<Duration>,
+        margin: Option<Duration>,
+    ) -> Self {
         Self {
             name: name.into(),
             uid: uid.into(),
@@ -281,7 +290,8 @@ impl Tracker {
             }
             Phase::Expired => {
                 let cond = status.conditions.iter().find(|c| c.type_ == "Granted");
-                let cause = cond.map(|c| c.reason.clone()).filter(|r| !r.is_empty()).unwrap_or_else(|| "Expired".into());
+                let cause =
+                    cond.map(|c| c.reason.clone()).filter(|r| !r.is_empty()).unwrap_or_else(|| "Expired".into());
                 let message = status.message.clone().or_else(|| cond.map(|c| c.message.clone())).unwrap_or_default();
                 self.lose(LostReason::Expired { cause, message });
             }
@@ -419,14 +429,17 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     fn request(name: &str, uid: &str, status: Option<LockRequestStatus>) -> LockRequest {
-        let mut r = LockRequest::new(name, LockRequestSpec {
-            lock_name: "db".into(),
-            holder_identity: "me".into(),
-            permits: 1,
-            lease_duration: None,
-            renew_time: None,
-            pod_ref: None,
-        });
+        let mut r = LockRequest::new(
+            name,
+            LockRequestSpec {
+                lock_name: "db".into(),
+                holder_identity: "me".into(),
+                permits: 1,
+                lease_duration: None,
+                renew_time: None,
+                pod_ref: None,
+            },
+        );
         r.metadata.uid = Some(uid.into());
         r.status = status;
         r
@@ -497,7 +510,9 @@ mod tests {
     fn grant_via_lock_status_first() {
         let mut t = new_tracker();
         t.on_lock(&lock("L", 4, &[("db-abcde", "u1", 4)]), at(1500));
-        assert!(matches!(t.state(), LockState::Holding { token: 4, lock_uid, deadline, .. } if lock_uid == "L" && *deadline == at(10_000)));
+        assert!(
+            matches!(t.state(), LockState::Holding { token: 4, lock_uid, deadline, .. } if lock_uid == "L" && *deadline == at(10_000))
+        );
         // The mirror arrives later and changes nothing.
         let before = t.state().clone();
         t.on_request(&request("db-abcde", "u1", granted(4, "10s")), at(1600));
@@ -586,9 +601,13 @@ mod tests {
     #[test]
     fn rejected_while_waiting() {
         let mut t = new_tracker();
-        let st = LockRequestStatus { phase: Some(Phase::Rejected), message: Some("too many".into()), ..Default::default() };
+        let st =
+            LockRequestStatus { phase: Some(Phase::Rejected), message: Some("too many".into()), ..Default::default() };
         t.on_request(&request("db-abcde", "u1", Some(st)), at(1100));
-        assert_eq!(t.state(), &LockState::Lost { reason: LostReason::Rejected { message: "too many".into() }, token: None });
+        assert_eq!(
+            t.state(),
+            &LockState::Lost { reason: LostReason::Rejected { message: "too many".into() }, token: None }
+        );
     }
 
     #[test]

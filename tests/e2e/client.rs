@@ -89,7 +89,9 @@ impl World {
 fn code(status: Option<ExitStatus>, what: &str, proc: &Proc) -> i32 {
     let status = status.unwrap_or_else(|| panic!("{what}: did not exit in time; stderr:\n{}", proc.stderr_tail(30)));
     use std::os::unix::process::ExitStatusExt as _;
-    status.code().unwrap_or_else(|| panic!("{what}: killed by signal {:?}; stderr:\n{}", status.signal(), proc.stderr_tail(30)))
+    status
+        .code()
+        .unwrap_or_else(|| panic!("{what}: killed by signal {:?}; stderr:\n{}", status.signal(), proc.stderr_tail(30)))
 }
 
 /// One ledger line: `start|end TOKEN NANOS`.
@@ -290,10 +292,15 @@ async fn a_frozen_holder_loses_at_its_deadline_and_its_late_write_is_fenced_off(
     // A's last renewal left at most lease/3 before the freeze; the controller waits a full
     // lease from its observation of it, then the lock delay.
     let earliest = lease - lease / 3 + lock_delay - Duration::from_millis(100);
-    assert!(waited >= earliest, "B was granted {waited:?} after A froze: earlier than lease + lockDelay allow ({earliest:?})");
-    eventually("B to write", TIMEOUT, || async { if b_ready.exists() { Ok(()) } else { Err("no B write yet".to_string()) } })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        waited >= earliest,
+        "B was granted {waited:?} after A froze: earlier than lease + lockDelay allow ({earliest:?})"
+    );
+    eventually("B to write", TIMEOUT, || async {
+        if b_ready.exists() { Ok(()) } else { Err("no B write yet".to_string()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 
     // Thaw A.
     let thawed_at = Instant::now();
@@ -306,7 +313,10 @@ async fn a_frozen_holder_loses_at_its_deadline_and_its_late_write_is_fenced_off(
         a_err.contains("lost (the local lease deadline passed without a successful renewal)"),
         "A must say its deadline passed; stderr:\n{a_err}"
     );
-    assert!(stopped_after < Duration::from_secs(2), "A took {stopped_after:?} after SIGCONT to stop its command and exit");
+    assert!(
+        stopped_after < Duration::from_secs(2),
+        "A took {stopped_after:?} after SIGCONT to stop its command and exit"
+    );
 
     let status = b.wait(TIMEOUT).await;
     assert_eq!(code(status, "waiter B", &b), 0);
@@ -374,7 +384,10 @@ async fn run_propagates_exit_codes_times_out_and_forwards_signals() {
     assert_eq!(out.status.and_then(|s| s.code()), Some(7), "stderr:\n{}", out.stderr);
     let out = w.run("killed", "exit", &[], "kill -KILL $$").output(TIMEOUT).await;
     assert_eq!(out.status.and_then(|s| s.code()), Some(137), "stderr:\n{}", out.stderr);
-    let out = w.run("env", "exit", &[], "echo $KUBELOCK_LOCK $KUBELOCK_TOKEN $KUBELOCK_LOCK_UID $KUBELOCK_REQUEST").output(TIMEOUT).await;
+    let out = w
+        .run("env", "exit", &[], "echo $KUBELOCK_LOCK $KUBELOCK_TOKEN $KUBELOCK_LOCK_UID $KUBELOCK_REQUEST")
+        .output(TIMEOUT)
+        .await;
     let lock = w.locks().await.get("exit").await.expect("lock");
     let fields: Vec<&str> = out.stdout.split_whitespace().collect();
     assert_eq!(fields.len(), 4, "env of the command: {:?}", out.stdout);
@@ -383,7 +396,12 @@ async fn run_propagates_exit_codes_times_out_and_forwards_signals() {
     assert_eq!(Some(fields[2].to_string()), lock.uid());
     assert!(fields[3].starts_with("exit-"), "{:?}", out.stdout);
 
-    let out = w.env.kubelock(Identity::Requester1, "missing").args(["run", "--lock", "exit", "--", "no-such-command-here"]).output(TIMEOUT).await;
+    let out = w
+        .env
+        .kubelock(Identity::Requester1, "missing")
+        .args(["run", "--lock", "exit", "--", "no-such-command-here"])
+        .output(TIMEOUT)
+        .await;
     assert_eq!(out.status.and_then(|s| s.code()), Some(127), "stderr:\n{}", out.stderr);
     assert!(out.stderr.contains("no-such-command-here: command not found"), "{}", out.stderr);
     let out = w.run("rejected", "exit", &["--permits", "2"], "true").output(TIMEOUT).await;
@@ -393,9 +411,11 @@ async fn run_propagates_exit_codes_times_out_and_forwards_signals() {
     // A holder, then a waiter that gives up.
     let ready = w.path("holder.ready");
     let mut holder = w.run("holder", "exit", &[], &format!("touch {}; sleep 60", ready.display())).spawn();
-    eventually("the holder to run", TIMEOUT, || async { if ready.exists() { Ok(()) } else { Err(holder.stderr_tail(5)) } })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("the holder to run", TIMEOUT, || async {
+        if ready.exists() { Ok(()) } else { Err(holder.stderr_tail(5)) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
     let out = w.run("impatient", "exit", &["--wait-timeout", "1s"], "echo should-not-run").output(TIMEOUT).await;
     let took = started.elapsed();
@@ -406,7 +426,8 @@ async fn run_propagates_exit_codes_times_out_and_forwards_signals() {
     // Its request was withdrawn: only the holder's remains.
     let requests = w.requests().await;
     let left = requests.list(&ListParams::default()).await.expect("listing requests");
-    let pending: Vec<String> = left.items.iter().filter(|r| r.phase() == Phase::Pending).map(|r| r.name_any()).collect();
+    let pending: Vec<String> =
+        left.items.iter().filter(|r| r.phase() == Phase::Pending).map(|r| r.name_any()).collect();
     assert!(pending.is_empty(), "the timed-out request was not withdrawn: {pending:?}");
 
     // SIGTERM to the wrapper: forwarded, the command dies of it (143), the lock is released.
@@ -431,7 +452,9 @@ fn free_port() -> u16 {
 /// GET on 127.0.0.1:port; `(status, body)`.
 async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.map_err(|e| e.to_string())?;
     let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(format!("bad response {buf:?}"))?;
@@ -466,13 +489,21 @@ async fn create_pod(env: &TestEnv, name: &str) -> String {
     let pod = Pod {
         metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
         spec: Some(PodSpec {
-            containers: vec![Container { name: "app".into(), image: Some("example.invalid/app:1".into()), ..Default::default() }],
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("example.invalid/app:1".into()),
+                ..Default::default()
+            }],
             automount_service_account_token: Some(false),
             ..Default::default()
         }),
         ..Default::default()
     };
-    pods.create(&PostParams::default(), &pod).await.unwrap_or_else(|e| panic!("creating pod {name}: {e}")).uid().expect("uid")
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("creating pod {name}: {e}"))
+        .uid()
+        .expect("uid")
 }
 
 impl World {
@@ -545,7 +576,11 @@ async fn sidecar_readiness_follows_the_lock_and_sigterm_hands_over() {
     // A stands by again with a new request.
     eventually("A waiting again", TIMEOUT, || async {
         let s = status_json(pa).await?;
-        if s["state"] == "waiting" && s["request"].as_str().is_some_and(|r| r != a_request) { Ok(()) } else { Err(s.to_string()) }
+        if s["state"] == "waiting" && s["request"].as_str().is_some_and(|r| r != a_request) {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
@@ -560,7 +595,10 @@ async fn sidecar_readiness_follows_the_lock_and_sigterm_hands_over() {
     assert!(requests.get_opt(&b_request).await.expect("get").is_none(), "B's request must be deleted");
     assert_eq!(read_file(&db, "token"), None);
     assert!(handover < Duration::from_secs(3), "handover after SIGTERM took {handover:?}");
-    eprintln!("sidecar: SIGTERM of the holder -> next sidecar's /readyz 200 in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    eprintln!(
+        "sidecar: SIGTERM of the holder -> next sidecar's /readyz 200 in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
 }
 
 /// `kubelock acquire --wait --dir` (an init container) leaves a granted request that the
@@ -602,11 +640,10 @@ async fn sidecar_adopts_the_request_of_an_init_container() {
     // The sidecar renews the adopted request (it renews at once on adoption).
     let requests = w.requests().await;
     let written_by_init = requests.get(&request).await.expect("request").spec.renew_time;
-    let renewed = wait_until(&requests, &request, "a renewal by the sidecar", TIMEOUT, |r| {
-        r.spec.renew_time != written_by_init
-    })
-    .await
-    .expect("renewed");
+    let renewed =
+        wait_until(&requests, &request, "a renewal by the sidecar", TIMEOUT, |r| r.spec.renew_time != written_by_init)
+            .await
+            .expect("renewed");
     assert_eq!(renewed.phase(), Phase::Granted);
     assert_eq!(http_get(port, "/readyz").await.expect("readyz").0, 200);
 }
@@ -620,30 +657,36 @@ async fn kubectl_plugin_status_and_list() {
     let plugin = bin.join("kubectl-lock");
     std::os::unix::fs::symlink(KUBELOCK, &plugin).expect("symlink kubectl-lock");
     let kubeconfig = w.env.kubeconfig(Identity::Requester1);
-    let plug = |name: &str| {
-        w.env.command(name, &plugin).arg("--kubeconfig").arg(&kubeconfig).env_remove("KUBECONFIG")
-    };
+    let plug = |name: &str| w.env.command(name, &plugin).arg("--kubeconfig").arg(&kubeconfig).env_remove("KUBECONFIG");
 
     let ready = w.path("ready");
     let mut holder = w.run("holder", "plug", &[], &format!("touch {}; sleep 60", ready.display())).spawn();
-    eventually("the holder to run", TIMEOUT, || async { if ready.exists() { Ok(()) } else { Err(holder.stderr_tail(5)) } })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("the holder to run", TIMEOUT, || async {
+        if ready.exists() { Ok(()) } else { Err(holder.stderr_tail(5)) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 
     let help = w.env.command("help", &plugin).arg("--help").output(TIMEOUT).await.success("kubectl-lock --help");
     assert!(help.stdout.contains("Usage: kubectl lock"), "{}", help.stdout);
 
-    let out = plug("status").args(["-n", w.env.ns(), "status", "plug"]).output(TIMEOUT).await.success("kubectl lock status");
+    let out =
+        plug("status").args(["-n", w.env.ns(), "status", "plug"]).output(TIMEOUT).await.success("kubectl lock status");
     assert!(out.stdout.contains(&format!("Lock:       {}/plug", w.env.ns())), "{}", out.stdout);
     assert!(out.stdout.contains("Permits:    2 (1 held)"), "{}", out.stdout);
     assert!(out.stdout.contains("REQUEST") && out.stdout.contains("plug-"), "{}", out.stdout);
 
-    let out = plug("list").args(["list", "-n", w.env.ns(), "-o", "json"]).output(TIMEOUT).await.success("kubectl lock list");
+    let out =
+        plug("list").args(["list", "-n", w.env.ns(), "-o", "json"]).output(TIMEOUT).await.success("kubectl lock list");
     let list: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     assert_eq!(list["items"][0]["metadata"]["name"], "plug", "{list}");
     assert_eq!(list["items"][0]["status"]["holders"].as_array().map(Vec::len), Some(1), "{list}");
 
-    let out = plug("yaml").args(["status", "plug", "-o", "yaml", "--namespace", w.env.ns()]).output(TIMEOUT).await.success("status -o yaml");
+    let out = plug("yaml")
+        .args(["status", "plug", "-o", "yaml", "--namespace", w.env.ns()])
+        .output(TIMEOUT)
+        .await
+        .success("status -o yaml");
     let lock: Lock = serde_yaml::from_str(&out.stdout).expect("a Lock in YAML");
     assert_eq!(lock.spec.permits, 2);
 
@@ -676,18 +719,30 @@ async fn leader_election_hands_over_with_a_larger_token() {
     let (mut r1, mut r2) = (e1.subscribe(), e2.subscribe());
     let (s1, s2) = (CancellationToken::new(), CancellationToken::new());
     let t1 = tokio::spawn(e1.run(s1.clone()));
-    let first = tokio::time::timeout(TIMEOUT, r1.wait_for(Leadership::is_leading)).await.expect("one leads").expect("open").clone();
+    let first = tokio::time::timeout(TIMEOUT, r1.wait_for(Leadership::is_leading))
+        .await
+        .expect("one leads")
+        .expect("open")
+        .clone();
     let t2 = tokio::spawn(e2.run(s2.clone()));
     let locks = w.locks().await;
-    wait_until(&locks, "leader", "two queued", TIMEOUT, |l| l.status.as_ref().is_some_and(|s| s.waiting == 1)).await.expect("queued");
+    wait_until(&locks, "leader", "two queued", TIMEOUT, |l| l.status.as_ref().is_some_and(|s| s.waiting == 1))
+        .await
+        .expect("queued");
     assert!(!r2.borrow().is_leading(), "two leads while one does");
 
     let t = Instant::now();
     s1.cancel();
-    let second = tokio::time::timeout(TIMEOUT, r2.wait_for(Leadership::is_leading)).await.expect("two leads").expect("open").clone();
+    let second = tokio::time::timeout(TIMEOUT, r2.wait_for(Leadership::is_leading))
+        .await
+        .expect("two leads")
+        .expect("open")
+        .clone();
     let handover = t.elapsed();
     assert!(!r1.borrow().is_leading());
-    let (Leadership::Leading { token: a, .. }, Leadership::Leading { token: b, .. }) = (first, second) else { unreachable!() };
+    let (Leadership::Leading { token: a, .. }, Leadership::Leading { token: b, .. }) = (first, second) else {
+        unreachable!()
+    };
     assert!(b > a, "tokens {a} then {b}");
     t1.await.expect("join").expect("one stepped down");
     s2.cancel();
@@ -719,11 +774,15 @@ async fn library_acquire_times_out_and_cancels_cleanly() {
         async move { locks.acquire(opts).await }
     });
     let api = w.locks().await;
-    wait_until(&api, "lib", "a waiter", TIMEOUT, |l| l.status.as_ref().is_some_and(|s| s.waiting == 1)).await.expect("waiting");
+    wait_until(&api, "lib", "a waiter", TIMEOUT, |l| l.status.as_ref().is_some_and(|s| s.waiting == 1))
+        .await
+        .expect("waiting");
     cancel.cancel();
     let err = waiter.await.expect("join").expect_err("cancelled");
     assert!(matches!(err, kubelock::client::AcquireError::Cancelled { .. }), "{err}");
-    wait_until(&api, "lib", "no waiter", TIMEOUT, |l| l.status.as_ref().is_some_and(|s| s.waiting == 0)).await.expect("withdrawn");
+    wait_until(&api, "lib", "no waiter", TIMEOUT, |l| l.status.as_ref().is_some_and(|s| s.waiting == 0))
+        .await
+        .expect("withdrawn");
 
     let token = held.token();
     held.release().await.expect("release");
