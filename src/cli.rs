@@ -647,8 +647,11 @@ pub async fn release(args: ReleaseArgs, client_args: &ClientArgs) -> Result<Exit
         }
     }
     for name in &names {
-        locks.delete_request(name, None).await?;
-        println!("lockrequest {name} deleted");
+        if locks.delete_request(name, None).await? {
+            println!("lockrequest {name} deleted");
+        } else {
+            println!("lockrequest {name} not found (already released)");
+        }
     }
     if let Some(d) = dir {
         d.clear().map_err(|source| CliError::File { path: d.path().to_path_buf(), source })?;

@@ -379,18 +379,18 @@ impl LockClient {
     }
 
     /// Deletes a LockRequest by name (with its UID as precondition when given). A request
-    /// already gone is not an error.
-    pub async fn delete_request(&self, name: &str, uid: Option<&str>) -> Result<(), ClientError> {
+    /// already gone is not an error: `Ok(false)`.
+    pub async fn delete_request(&self, name: &str, uid: Option<&str>) -> Result<bool, ClientError> {
         let params = DeleteParams {
             preconditions: uid.map(|u| Preconditions { uid: Some(u.into()), resource_version: None }),
             ..Default::default()
         };
         let requests = self.requests();
         match self.call("deleting the lock request", requests.delete(name, &params)).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_not_found() => Ok(()),
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
             // 409 on the UID precondition: another request has that name now; ours is gone.
-            Err(ClientError::Api { source: kube::Error::Api(s), .. }) if s.code == 409 => Ok(()),
+            Err(ClientError::Api { source: kube::Error::Api(s), .. }) if s.code == 409 => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -460,10 +460,14 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Dropped without release() or detach(): stop renewing and delete in the background.
+        // Dropped without release() or detach(): stop renewing and delete in the background
+        // (unless the lock was lost: then the controller finishes the request, as in release()).
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
             task.abort();
+            if self.current().is_lost() {
+                return;
+            }
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 let client = self.client.clone();
                 let (name, uid) = (self.name.clone(), self.uid.clone());

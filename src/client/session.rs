@@ -14,7 +14,7 @@ use kube::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
     clock::{BootInstant, BootTimer},
@@ -157,7 +157,7 @@ pub(crate) async fn run(
                             tracker.on_request_gone(now);
                         }
                     }
-                    Err(e) => debug!(request = %name, error = %e, "request watch error (retrying)"),
+                    Err(e) => warn!(request = %name, error = %e, "request watch error (retrying)"),
                 }
             }
             Some(event) = lock_events.next() => {
@@ -176,7 +176,7 @@ pub(crate) async fn run(
                             tracker.on_lock_gone(None, now);
                         }
                     }
-                    Err(e) => debug!(lock = %ctx.lock, error = %e, "lock watch error (retrying)"),
+                    Err(e) => warn!(lock = %ctx.lock, error = %e, "lock watch error (retrying)"),
                 }
             }
         }

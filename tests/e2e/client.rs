@@ -790,3 +790,34 @@ async fn library_acquire_times_out_and_cancels_cleanly() {
     assert!(next.token() > token);
     next.release().await.expect("release");
 }
+
+/// `kubelock acquire` without --wait queues a request and leaves it; `release` finds it by
+/// holder (or by name) and deletes it; `break` refuses a lock without holder.
+#[tokio::test]
+async fn cli_acquire_release_and_break_edge_cases() {
+    let w = world(&[("cli", 1, "10s", "0s")]).await;
+    let kubelock = |name: &str| w.env.kubelock(Identity::Requester1, name);
+    let out = kubelock("acquire").args(["acquire", "cli", "--holder", "batch-7", "-o", "json"]).output(TIMEOUT).await;
+    let out = out.success("acquire");
+    let created: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let name = created["request"].as_str().expect("request").to_string();
+    let requests = w.requests().await;
+    // Nobody renews it; it is granted all the same (the lease then runs out).
+    let granted =
+        wait_until(&requests, &name, "granted", TIMEOUT, |r| r.phase() == Phase::Granted).await.expect("granted");
+    assert_eq!(granted.spec.holder_identity, "batch-7");
+
+    let out = kubelock("release").args(["release", "--lock", "cli", "--holder", "batch-7"]).output(TIMEOUT).await;
+    let out = out.success("release by holder");
+    assert!(out.stdout.contains(&format!("lockrequest {name} deleted")), "{}", out.stdout);
+    let locks = w.locks().await;
+    wait_until(&locks, "cli", "free", TIMEOUT, |l| l.granted_permits() == 0).await.expect("released");
+    let out = kubelock("release-again").args(["release", &name]).output(TIMEOUT).await.success("release again");
+    assert!(out.stdout.contains("not found"), "{}", out.stdout);
+
+    let out = kubelock("break").args(["break", "cli", "--reason", "x"]).output(TIMEOUT).await;
+    assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("lock cli has no holder"), "{}", out.stderr);
+    let out = kubelock("break-missing").args(["break", "no-such-lock", "--reason", "x"]).output(TIMEOUT).await;
+    assert!(out.stderr.contains("lock no-such-lock not found in namespace"), "{}", out.stderr);
+}
