@@ -15,7 +15,7 @@ TEST_ARGS ?=
 .PHONY: help deps demo test crds lint fmt
 
 help: ## List the targets.
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
 
 deps: ## Install what is missing: C toolchain, Rust, etcd, kube-apiserver (first time ~7 min).
 	@hack/deps.sh
@@ -38,3 +38,6 @@ lint: ## clippy (warnings are errors) and the rustfmt check.
 
 fmt: ## Format the code.
 	$(CARGO) fmt
+
+# --- Helm chart, container image and kind: targets in hack/chart.mk (owned with charts/kubelock).
+include hack/chart.mk

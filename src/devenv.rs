@@ -561,7 +561,7 @@ impl ControlPlane {
 
     /// A client acting as `identity`. Bound to the current tokio runtime: make one per runtime.
     pub async fn client(&self, identity: Identity) -> Result<kube::Client, DevError> {
-        kube::Client::try_from(self.config(identity).await?).map_err(DevError::Client)
+        crate::connect::client_from_config(self.config(identity).await?).map_err(DevError::from)
     }
 
     /// PID of a server, if this process runs it and it is running.
@@ -907,7 +907,8 @@ pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut controller = tokio::spawn(controller::run_controller(client, args.controller, client_args.request_timeout, async move {
+    let timeout = client_args.request_timeout;
+    let mut controller = tokio::spawn(controller::run_controller(client, args.controller, timeout, async move {
         let _ = stop_rx.await;
     }));
 

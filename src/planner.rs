@@ -22,7 +22,7 @@
 
 use std::{
     cmp::Ordering,
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -125,6 +125,9 @@ pub struct Inputs<'a> {
     pub pods: &'a BTreeMap<String, PodInfo>,
     /// Names of pods known not to exist (a watched deletion, or a quorum read's 404).
     pub gone_pods: &'a HashSet<String>,
+    /// Per request UID: the order in which the controller's watch first delivered it (etcd
+    /// commit order). Breaks ties between requests created in the same second.
+    pub arrival: &'a HashMap<String, u64>,
     /// What this controller observed in earlier plans.
     pub observations: &'a Observations,
     /// Settings.
@@ -386,11 +389,13 @@ fn renewal_key(req: &LockRequest) -> (Option<i64>, Option<Timestamp>) {
     (req.metadata.generation, req.spec.renew_time.as_ref().map(|t| t.0))
 }
 
-/// FIFO order: creationTimestamp, then name.
-pub fn fifo(a: &LockRequest, b: &LockRequest) -> Ordering {
+/// FIFO order: `creationTimestamp`, then (it has one-second resolution) the order in which
+/// the watch delivered the requests, then name.
+pub fn fifo(a: &LockRequest, b: &LockRequest, arrival: &HashMap<String, u64>) -> Ordering {
     let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    ta.cmp(&tb).then_with(|| a.name_any().cmp(&b.name_any()))
+    let seq = |r: &LockRequest| arrival.get(uid_of(r)).copied().unwrap_or(u64::MAX);
+    ta.cmp(&tb).then_with(|| seq(a).cmp(&seq(b))).then_with(|| a.name_any().cmp(&b.name_any()))
 }
 
 fn break_message(req: &LockRequest) -> Option<String> {
@@ -496,6 +501,14 @@ fn desired_status(req: &LockRequest, fate: Fate<'_>, now: Now) -> LockRequestSta
                 conditions: vec![condition(previous, "Granted", false, reason.as_str(), message, None, now.wall)],
             }
         }
+    }
+}
+
+/// Requests this plan finishes are deleted after their retention: plan again then (the
+/// status write itself brings no reconcile).
+fn wake_for_retention(plan: &mut Plan, settings: &Settings, now: Now) {
+    if plan.requests.iter().any(|u| u.status.phase.is_some_and(Phase::is_final)) {
+        plan.wake(now.mono + settings.finished_retention);
     }
 }
 
@@ -686,7 +699,7 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
         obs.first_seen.insert(uid.into(), inputs.observations.first_seen.get(uid).copied().unwrap_or(now.mono));
         queue.push(r);
     }
-    queue.sort_by(|a, b| fifo(a, b));
+    queue.sort_by(|a, b| fifo(a, b, inputs.arrival));
 
     // Grants, strictly in queue order.
     let mut holders = pass.kept;
@@ -754,6 +767,7 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
         plan.update(r, desired_status(r, fate, now), false);
     }
     plan.requests.sort_by_key(|u| !u.granted);
+    wake_for_retention(&mut plan, inputs.settings, now);
 
     let status = LockStatus {
         conditions: lock_conditions(&old, params.as_ref().map(|p| p.permits), &holders, delayed_until.is_some(), lock.metadata.generation, now),
@@ -859,6 +873,7 @@ pub fn plan_orphans(lock_name: &str, requests: &[Arc<LockRequest>], lock_gone_ui
         }
         plan.update(r, desired, false);
     }
+    wake_for_retention(&mut plan, settings, now);
     plan
 }
 

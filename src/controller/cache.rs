@@ -77,6 +77,9 @@ struct Index {
     filed: HashMap<ObjectRef<LockRequest>, (LockKey, Option<PodKey>, Fingerprint)>,
     /// Locks with a request naming this pod.
     by_pod: HashMap<PodKey, HashSet<LockKey>>,
+    /// Per request UID, the order in which the watch first delivered it.
+    arrival: HashMap<String, u64>,
+    next_arrival: u64,
 }
 
 impl Index {
@@ -100,6 +103,13 @@ impl Index {
     }
 
     fn insert(&mut self, req: &LockRequest) -> LockKey {
+        if let Some(uid) = req.uid() {
+            let next = &mut self.next_arrival;
+            self.arrival.entry(uid).or_insert_with(|| {
+                *next += 1;
+                *next
+            });
+        }
         let key = ObjectRef::from_obj(req);
         self.remove(&key);
         let lock = lock_key_of(req);
@@ -228,6 +238,9 @@ impl Cache {
                 if let Some(uid) = req.uid() {
                     self.tombstones.lock().expect("tombstones lock poisoned").requests.insert(uid, Instant::now());
                 }
+                if let Some(uid) = req.uid() {
+                    index.arrival.remove(&uid);
+                }
                 index.remove(&ObjectRef::from_obj(req)).into_iter().collect()
             }
             watcher::Event::InitDone => {
@@ -241,8 +254,16 @@ impl Cache {
                         vanished.push(uid.clone());
                     }
                 }
-                let mut fresh = Index::default();
-                for req in &state {
+                // Keep the arrival order of requests still present; number the others in
+                // (creationTimestamp, name) order, after them.
+                let mut fresh = Index {
+                    arrival: index.arrival.iter().filter(|(uid, _)| present.contains(*uid)).map(|(u, n)| (u.clone(), *n)).collect(),
+                    next_arrival: index.next_arrival,
+                    ..Index::default()
+                };
+                let mut sorted = state.clone();
+                sorted.sort_by(|a, b| (&a.metadata.creation_timestamp, a.name_any()).cmp(&(&b.metadata.creation_timestamp, b.name_any())));
+                for req in &sorted {
                     fresh.insert(req);
                 }
                 let mut locks: HashSet<LockKey> = index.by_lock.keys().cloned().collect();
@@ -258,6 +279,19 @@ impl Cache {
             }
             watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
         }
+    }
+
+    /// The arrival order of these requests (see `planner::Inputs::arrival`).
+    pub fn arrivals(&self, requests: &[Arc<LockRequest>]) -> HashMap<String, u64> {
+        let index = self.index.lock().expect("index lock poisoned");
+        requests
+            .iter()
+            .filter_map(|r| {
+                let uid = r.uid()?;
+                let n = *index.arrival.get(&uid)?;
+                Some((uid, n))
+            })
+            .collect()
     }
 
     /// Records a Lock deletion; returns the requests that named it (for the orphan controller).

@@ -239,6 +239,7 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         }
         let fresh: HashSet<String> = reads.requests.keys().cloned().collect();
         let observations = ctx.observations.lock().expect("observations lock poisoned").get(&uid).cloned().unwrap_or_default();
+        let arrival = ctx.cache.arrivals(&requests);
         // Plan: pure.
         let plan = planner::plan(Inputs {
             lock: &lock,
@@ -248,6 +249,7 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
             gone: &gone,
             pods: &pods,
             gone_pods: &gone_pods,
+            arrival: &arrival,
             observations: &observations,
             settings: &ctx.settings,
             now: ctx.now(),

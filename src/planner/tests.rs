@@ -1,6 +1,6 @@
 //! Unit tests for each planner rule, and property tests over random histories.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ObjectMeta;
@@ -54,6 +54,7 @@ struct World {
     fresh: HashSet<String>,
     pods: BTreeMap<String, PodInfo>,
     gone_pods: HashSet<String>,
+    arrival: HashMap<String, u64>,
     settings: Settings,
     mono: Duration,
 }
@@ -68,6 +69,7 @@ impl World {
             fresh: HashSet::new(),
             pods: BTreeMap::new(),
             gone_pods: HashSet::new(),
+            arrival: HashMap::new(),
             settings: Settings::default(),
             mono: secs(1000),
         }
@@ -78,6 +80,7 @@ impl World {
     }
 
     fn add(&mut self, r: LockRequest) {
+        self.arrival.insert(uid_of(&r).to_string(), self.arrival.len() as u64);
         self.requests.push(Arc::new(r));
     }
 
@@ -90,6 +93,7 @@ impl World {
             gone: &self.gone,
             pods: &self.pods,
             gone_pods: &self.gone_pods,
+            arrival: &self.arrival,
             observations: &self.obs,
             settings: &self.settings,
             now: self.now(),
@@ -188,14 +192,27 @@ fn mutex_grants_the_first_request_and_queues_the_rest() {
 }
 
 #[test]
-fn fifo_is_by_creation_time_then_name() {
+fn fifo_is_by_creation_time_first() {
     let mut w = World::new(lock(1, "30s", "0s"));
-    w.add(request("z-late", 1, 5));
+    w.add(request("z-late", 1, 5)); // seen first, created last
     w.add(request("b", 1, 1));
     w.add(request("a", 1, 1));
     w.step();
-    assert_eq!(w.holders(), ["a"]);
-    assert_eq!(w.status().queue, ["b", "z-late"]);
+    assert_eq!(w.holders(), ["b"]);
+    assert_eq!(w.status().queue, ["a", "z-late"]);
+}
+
+#[test]
+fn within_one_second_the_watch_order_decides_not_the_name() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("holder", 1, 1));
+    w.add(request("zulu", 1, 2)); // arrived first
+    w.add(request("alpha", 1, 2));
+    w.step();
+    assert_eq!(w.status().queue, ["zulu", "alpha"]);
+    w.arrival.clear(); // unknown arrival (after a restart): by name
+    w.step();
+    assert_eq!(w.status().queue, ["alpha", "zulu"]);
 }
 
 #[test]

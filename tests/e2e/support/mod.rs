@@ -25,6 +25,7 @@
 
 #![allow(dead_code)] // Not every test module uses every helper.
 
+pub mod history;
 pub mod process;
 pub mod wait;
 
@@ -149,7 +150,7 @@ impl Cluster {
 
     /// A client of an identity (bound to the calling test's runtime).
     pub async fn client(&self, id: Identity) -> kube::Client {
-        kube::Client::try_from(self.config(id).await).expect("creating a client")
+        kubelock::connect::client_from_config(self.config(id).await).expect("creating a client")
     }
 }
 
@@ -231,7 +232,7 @@ impl TestEnv {
     pub async fn on(cluster: Arc<Cluster>) -> TestEnv {
         let ns = namespace_name();
         let admin = cluster.config(Identity::Admin).await;
-        let client = kube::Client::try_from(admin.clone()).expect("creating a client");
+        let client = kubelock::connect::client_from_config(admin.clone()).expect("creating a client");
         let namespace = Namespace {
             metadata: ObjectMeta {
                 name: Some(ns.clone()),
@@ -271,7 +272,7 @@ impl TestEnv {
 
     /// A client of an identity, with this test's namespace as default.
     pub async fn client(&self, id: Identity) -> kube::Client {
-        kube::Client::try_from(self.config(id).await).expect("creating a client")
+        kubelock::connect::client_from_config(self.config(id).await).expect("creating a client")
     }
 
     /// The admin client.
@@ -441,7 +442,7 @@ impl Drop for TestEnv {
             let _ = std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
                 runtime.block_on(async {
-                    let client = kube::Client::try_from(admin).ok()?;
+                    let client = kubelock::connect::client_from_config(admin).ok()?;
                     Api::<Namespace>::all(client).delete(&ns, &Default::default()).await.ok()
                 })
             })
@@ -452,7 +453,7 @@ impl Drop for TestEnv {
 
 /// Prints every object of the kinds a kubelock test involves, as YAML, and the events.
 async fn dump_namespace(admin: kube::Config, ns: &str) {
-    let Ok(client) = kube::Client::try_from(admin) else { return };
+    let Ok(client) = kubelock::connect::client_from_config(admin) else { return };
     let kinds = [
         ApiResource::erase::<kubelock::api::Lock>(&()),
         ApiResource::erase::<kubelock::api::LockRequest>(&()),

@@ -1,0 +1,512 @@
+//! The lock service against a real API server: the controller binary grants, queues,
+//! expires and fences; two controllers at once stay safe; a killed controller's successor
+//! finishes its work.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use futures::future::join_all;
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::core::v1::{Pod, PodSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
+use kube::{
+    Api, ResourceExt as _,
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+use kubelock::api::{Lock, LockRequest, LockRequestSpec, LockSpec, Phase, PodRef};
+use rand::{RngExt as _, SeedableRng as _};
+
+use crate::support::{
+    Identity, TIMEOUT, TestEnv, eventually, history::LockHistory, process::Proc, rule, wait_for, wait_until,
+};
+
+/// What the controller needs in a namespace it watches (the chart grants the same).
+pub fn controller_rules() -> Vec<k8s_openapi::api::rbac::v1::PolicyRule> {
+    vec![
+        rule(&["kubelock.dev"], &["locks"], &["get", "list", "watch"]),
+        rule(&["kubelock.dev"], &["locks/status"], &["update"]),
+        rule(&["kubelock.dev"], &["lockrequests"], &["get", "list", "watch", "delete"]),
+        rule(&["kubelock.dev"], &["lockrequests/status"], &["update"]),
+        rule(&[""], &["pods"], &["get", "list", "watch"]),
+        rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
+        rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "update"]),
+    ]
+}
+
+/// What a requester needs (the chart's `kubelock-requester` role).
+pub fn requester_rules() -> Vec<k8s_openapi::api::rbac::v1::PolicyRule> {
+    vec![
+        rule(&["kubelock.dev"], &["lockrequests"], &["create", "get", "list", "watch", "delete", "patch"]),
+        rule(&["kubelock.dev"], &["locks"], &["get", "list", "watch"]),
+    ]
+}
+
+/// A test namespace with the controller running in it, as its own least-privileged identity.
+pub struct Fixture {
+    pub env: TestEnv,
+    pub locks: Api<Lock>,
+    pub requests: Api<LockRequest>,
+    pub controllers: Vec<Proc>,
+}
+
+impl Fixture {
+    pub async fn new() -> Fixture {
+        Fixture::with(&[]).await
+    }
+
+    /// With extra controller flags.
+    pub async fn with(flags: &[&str]) -> Fixture {
+        let mut f = Fixture::without_controller().await;
+        f.start_controller(flags);
+        f
+    }
+
+    /// The namespace and identities, no controller yet.
+    pub async fn without_controller() -> Fixture {
+        let env = TestEnv::new().await;
+        env.grant(Identity::Controller, controller_rules()).await;
+        env.grant(Identity::Requester1, requester_rules()).await;
+        let locks = env.api(Identity::Admin).await;
+        let requests = env.api(Identity::Requester1).await;
+        Fixture { env, locks, requests, controllers: Vec::new() }
+    }
+
+    /// Starts one more controller process on this namespace (its identity, POD_NAME, is
+    /// `controller-N`).
+    pub fn start_controller(&mut self, flags: &[&str]) {
+        let name = format!("controller-{}", self.controllers.len());
+        let proc = self
+            .env
+            .kubelock(Identity::Controller, &name)
+            .env("POD_NAME", &name)
+            .args(["controller", "--watch-namespace", self.env.ns(), "--admin-addr", "", "--log", "info,kubelock=debug"])
+            .args(flags)
+            .spawn();
+        self.controllers.push(proc);
+    }
+
+    pub async fn lock(&self, name: &str, permits: i32, lease: &str, delay: &str) -> Lock {
+        let lock = Lock::new(name, LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into() });
+        self.locks.create(&PostParams::default(), &lock).await.unwrap_or_else(|e| panic!("creating lock {name}: {e}"))
+    }
+
+    pub async fn request(&self, name: &str, lock: &str, permits: i32) -> LockRequest {
+        create_request(&self.requests, name, lock, permits, None).await
+    }
+
+    pub async fn wait_phase(&self, name: &str, phase: Phase) -> LockRequest {
+        let what = format!("{name} to be {phase}");
+        wait_until(&self.requests, name, &what, TIMEOUT, |r| r.phase() == phase).await.unwrap_or_else(|e| {
+            self.env.dump();
+            panic!("{e}")
+        })
+    }
+
+    pub async fn release(&self, name: &str) {
+        self.requests.delete(name, &DeleteParams::default()).await.unwrap_or_else(|e| panic!("deleting {name}: {e}"));
+    }
+
+    pub async fn holders(&self, lock: &str) -> Vec<String> {
+        let lock = self.locks.get(lock).await.expect("reading the lock");
+        lock.status.unwrap_or_default().holders.into_iter().map(|h| h.request).collect()
+    }
+}
+
+pub async fn create_request(api: &Api<LockRequest>, name: &str, lock: &str, permits: i32, lease: Option<&str>) -> LockRequest {
+    let request = LockRequest {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: LockRequestSpec {
+            lock_name: lock.into(),
+            holder_identity: format!("test/{name}"),
+            permits,
+            lease_duration: lease.map(str::to_string),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            pod_ref: None,
+        },
+        status: None,
+    };
+    api.create(&PostParams::default(), &request).await.unwrap_or_else(|e| panic!("creating request {name}: {e}"))
+}
+
+async fn renew(api: &Api<LockRequest>, name: &str) {
+    let patch = serde_json::json!({"spec": {"renewTime": MicroTime(Timestamp::now())}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap_or_else(|e| panic!("renewing {name}: {e}"));
+}
+
+fn status(r: &LockRequest) -> kubelock::api::LockRequestStatus {
+    r.status.clone().unwrap_or_default()
+}
+
+fn reason(r: &LockRequest) -> String {
+    status(r).conditions.first().map(|c| c.reason.clone()).unwrap_or_default()
+}
+
+fn seconds_between(a: &MicroTime, b: &MicroTime) -> f64 {
+    b.0.duration_since(a.0).as_secs_f64()
+}
+
+#[tokio::test]
+async fn mutex_hands_over_between_two_requesters() {
+    let f = Fixture::new().await;
+    f.lock("db", 1, "30s", "0s").await;
+    let history = LockHistory::record(f.locks.clone(), "db").await;
+    f.request("first", "db", 1).await;
+    let first = f.wait_phase("first", Phase::Granted).await;
+    assert_eq!(status(&first).token, Some(1));
+    f.request("second", "db", 1).await;
+    let second = wait_until(&f.requests, "second", "second queued", TIMEOUT, |r| status(r).position == Some(0))
+        .await
+        .expect("second queued at position 0");
+    assert_eq!(second.phase(), Phase::Pending);
+    f.release("first").await;
+    let second = f.wait_phase("second", Phase::Granted).await;
+    assert_eq!(status(&second).token, Some(2));
+    assert_eq!(status(&second).lock_uid, f.locks.get("db").await.unwrap().uid());
+    assert_eq!(f.holders("db").await, ["second"]);
+    let summary = history.check().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(summary.max_held, 1);
+}
+
+#[tokio::test]
+async fn semaphore_of_three_serves_five_requesters() {
+    let f = Fixture::new().await;
+    f.lock("api", 3, "30s", "0s").await;
+    let history = LockHistory::record(f.locks.clone(), "api").await;
+    for i in 0..5 {
+        f.request(&format!("r{i}"), "api", 1).await;
+    }
+    let lock = wait_until(&f.locks, "api", "3 holders, 2 waiting", TIMEOUT, |l| {
+        l.status.as_ref().is_some_and(|s| s.holders.len() == 3 && s.waiting == 2)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let holders: BTreeSet<String> = lock.status.unwrap().holders.into_iter().map(|h| h.request).collect();
+    assert_eq!(holders, ["r0", "r1", "r2"].into_iter().map(String::from).collect());
+    f.release("r1").await;
+    f.wait_phase("r3", Phase::Granted).await;
+    assert_eq!(f.requests.get("r4").await.unwrap().phase(), Phase::Pending);
+    f.release("r0").await;
+    f.wait_phase("r4", Phase::Granted).await;
+    let summary = history.check().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(summary.max_held, 3, "{summary:?}");
+    assert_eq!(summary.grants, 5);
+}
+
+#[tokio::test]
+async fn a_waiting_writer_is_not_starved_by_readers() {
+    let f = Fixture::new().await;
+    f.lock("rw", 3, "30s", "0s").await;
+    let history = LockHistory::record(f.locks.clone(), "rw").await;
+    f.request("reader-1", "rw", 1).await;
+    f.request("reader-2", "rw", 1).await;
+    f.wait_phase("reader-1", Phase::Granted).await;
+    f.wait_phase("reader-2", Phase::Granted).await;
+    f.request("writer", "rw", 3).await;
+    wait_until(&f.requests, "writer", "writer queued first", TIMEOUT, |r| status(r).position == Some(0)).await.unwrap();
+    // A stream of readers after the writer: each would fit, none may overtake it.
+    for i in 3..6 {
+        f.request(&format!("reader-{i}"), "rw", 1).await;
+    }
+    wait_until(&f.locks, "rw", "three readers queued behind the writer", TIMEOUT, |l| {
+        l.status.as_ref().is_some_and(|s| s.waiting == 4)
+    })
+    .await
+    .unwrap();
+    assert_eq!(f.holders("rw").await, ["reader-1", "reader-2"]);
+    f.release("reader-1").await;
+    f.release("reader-2").await;
+    let writer = f.wait_phase("writer", Phase::Granted).await;
+    assert_eq!(f.holders("rw").await, ["writer"]);
+    f.release("writer").await;
+    for i in 3..6 {
+        let reader = f.wait_phase(&format!("reader-{i}"), Phase::Granted).await;
+        assert!(status(&reader).token > status(&writer).token);
+    }
+    history.check().unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_silent_holder_expires_after_its_lease_and_not_before() {
+    let f = Fixture::new().await;
+    f.lock("db", 1, "3s", "0s").await;
+    f.request("silent", "db", 1).await;
+    f.request("renewing", "db", 1).await;
+    let granted = f.wait_phase("silent", Phase::Granted).await;
+    let expired = f.wait_phase("silent", Phase::Expired).await;
+    assert_eq!(reason(&expired), "LeaseExpired");
+    let held = seconds_between(status(&granted).granted_at.as_ref().unwrap(), status(&expired).finished_at.as_ref().unwrap());
+    assert!(held >= 3.0, "expired {held:.3}s after the grant, before its 3s lease");
+    // A holder that renews every third of its lease keeps the lock for several leases.
+    let renewing = f.wait_phase("renewing", Phase::Granted).await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(9);
+    while tokio::time::Instant::now() < until {
+        renew(&f.requests, "renewing").await;
+        tokio::time::sleep(Duration::from_secs(1)).await; // the holder's renewal cadence, not a wait
+    }
+    let still = f.requests.get("renewing").await.unwrap();
+    assert_eq!(still.phase(), Phase::Granted, "{:?}", still.status);
+    assert_eq!(status(&still).token, status(&renewing).token);
+}
+
+#[tokio::test]
+async fn lock_delay_holds_back_grants_after_an_expiry() {
+    let f = Fixture::new().await;
+    f.lock("db", 1, "2s", "3s").await;
+    f.request("paused", "db", 1).await;
+    f.wait_phase("paused", Phase::Granted).await;
+    f.request("next", "db", 1).await;
+    let expired = f.wait_phase("paused", Phase::Expired).await;
+    let delayed = wait_until(&f.locks, "db", "delayedUntil set", TIMEOUT, |l| {
+        l.status.as_ref().is_some_and(|s| s.delayed_until.is_some() || !s.holders.is_empty())
+    })
+    .await
+    .unwrap();
+    assert!(delayed.status.unwrap().holders.is_empty(), "granted during the lock delay");
+    let next = f.wait_phase("next", Phase::Granted).await;
+    let gap = seconds_between(status(&expired).finished_at.as_ref().unwrap(), status(&next).granted_at.as_ref().unwrap());
+    assert!(gap >= 3.0, "granted {gap:.3}s after the expiry, inside the 3s lock delay");
+}
+
+#[tokio::test]
+async fn a_clean_release_skips_the_lock_delay() {
+    let f = Fixture::new().await;
+    // A lock delay far longer than the test's timeout: a grant proves it was skipped.
+    f.lock("db", 1, "30s", "10m").await;
+    f.request("first", "db", 1).await;
+    f.wait_phase("first", Phase::Granted).await;
+    f.request("second", "db", 1).await;
+    f.release("first").await;
+    f.wait_phase("second", Phase::Granted).await;
+    let lock = f.locks.get("db").await.unwrap();
+    assert!(lock.status.unwrap().delayed_until.is_none());
+}
+
+#[tokio::test]
+async fn deleting_the_holder_pod_releases_it() {
+    let f = Fixture::new().await;
+    f.lock("db", 1, "10m", "0s").await;
+    let pods: Api<Pod> = f.env.api(Identity::Admin).await;
+    let pod = Pod {
+        metadata: ObjectMeta { name: Some("holder".into()), ..Default::default() },
+        spec: Some(PodSpec {
+            containers: vec![k8s_openapi::api::core::v1::Container { name: "app".into(), image: Some("busybox".into()), ..Default::default() }],
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let pod = pods.create(&PostParams::default(), &pod).await.expect("creating the pod");
+    let mut request = LockRequest::new("pod-holder", LockRequestSpec {
+        lock_name: "db".into(),
+        holder_identity: "pod/holder".into(),
+        permits: 1,
+        lease_duration: None,
+        renew_time: Some(MicroTime(Timestamp::now())),
+        pod_ref: Some(PodRef { name: "holder".into(), uid: pod.uid() }),
+    });
+    request.metadata.namespace = None;
+    f.requests.create(&PostParams::default(), &request).await.expect("creating the request");
+    f.wait_phase("pod-holder", Phase::Granted).await;
+    f.request("next", "db", 1).await;
+    pods.delete("holder", &DeleteParams::default()).await.expect("deleting the pod");
+    let gone = f.wait_phase("pod-holder", Phase::Expired).await;
+    assert_eq!(reason(&gone), "PodGone");
+    // The 10 minute lease did not have to run out.
+    f.wait_phase("next", Phase::Granted).await;
+}
+
+#[tokio::test]
+async fn deleting_a_held_lock_expires_its_holders_and_requests_wait_for_a_new_one() {
+    let f = Fixture::new().await;
+    let old = f.lock("db", 1, "30s", "0s").await;
+    f.request("holder", "db", 1).await;
+    f.wait_phase("holder", Phase::Granted).await;
+    f.request("waiter", "db", 1).await;
+    wait_until(&f.requests, "waiter", "queued", TIMEOUT, |r| status(r).position == Some(0)).await.unwrap();
+    f.locks.delete("db", &DeleteParams::default()).await.expect("deleting the lock");
+    let holder = f.wait_phase("holder", Phase::Expired).await;
+    assert_eq!(reason(&holder), "LockDeleted");
+    wait_until(&f.requests, "waiter", "told the lock is gone", TIMEOUT, |r| reason(r) == "LockNotFound").await.unwrap();
+    let new = f.lock("db", 1, "30s", "0s").await;
+    let waiter = f.wait_phase("waiter", Phase::Granted).await;
+    assert_eq!(status(&waiter).token, Some(1), "a new Lock starts its tokens again");
+    assert_eq!(status(&waiter).lock_uid, new.uid());
+    assert_ne!(new.uid(), old.uid(), "tokens are unique per Lock UID");
+}
+
+#[tokio::test]
+async fn a_request_for_a_lock_that_does_not_exist_yet_waits_for_it() {
+    let f = Fixture::new().await;
+    f.request("early", "later", 1).await;
+    let waiting = wait_until(&f.requests, "early", "LockNotFound", TIMEOUT, |r| reason(r) == "LockNotFound").await.unwrap();
+    assert_eq!(waiting.phase(), Phase::Pending);
+    assert!(status(&waiting).message.unwrap().contains("does not exist"));
+    f.lock("later", 1, "30s", "0s").await;
+    f.wait_phase("early", Phase::Granted).await;
+}
+
+#[tokio::test]
+async fn a_request_for_too_many_permits_is_rejected_and_deleted_after_retention() {
+    let f = Fixture::with(&["--finished-retention", "2s"]).await;
+    f.lock("small", 2, "30s", "0s").await;
+    f.request("greedy", "small", 3).await;
+    let rejected = f.wait_phase("greedy", Phase::Rejected).await;
+    assert_eq!(reason(&rejected), "TooManyPermits");
+    assert!(status(&rejected).message.unwrap().contains("spec.permits 3"));
+    wait_for(&f.requests, "greedy", "deletion after the retention", TIMEOUT, |r| r.is_none()).await.unwrap();
+}
+
+/// One contender: acquire, hold a moment, release; `rounds` times.
+async fn contend(requests: Api<LockRequest>, lock: String, who: usize, rounds: usize, seed: u64) -> Vec<i64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tokens = Vec::new();
+    for round in 0..rounds {
+        let name = format!("c{who}-{round}");
+        create_request(&requests, &name, &lock, 1, None).await;
+        let granted = wait_until(&requests, &name, "granted", Duration::from_secs(120), |r| r.phase() == Phase::Granted)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokens.push(status(&granted).token.unwrap());
+        // The work done while holding: a random, short hold.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..30u64))).await;
+        requests.delete(&name, &DeleteParams::default()).await.unwrap_or_else(|e| panic!("releasing {name}: {e}"));
+    }
+    tokens
+}
+
+#[tokio::test]
+async fn two_controllers_at_once_never_over_grant() {
+    let mut f = Fixture::new().await;
+    f.start_controller(&[]); // split brain: no leader election, both act
+    f.lock("hot", 1, "30s", "0s").await;
+    f.lock("pool", 2, "30s", "0s").await;
+    let hot = LockHistory::record(f.locks.clone(), "hot").await;
+    let pool = LockHistory::record(f.locks.clone(), "pool").await;
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let contenders = (0..8).map(|who| {
+        let lock = if who % 2 == 0 { "hot" } else { "pool" };
+        contend(f.requests.clone(), lock.to_string(), who, 6, seed + who as u64)
+    });
+    let tokens: Vec<Vec<i64>> = join_all(contenders).await;
+    let all: BTreeSet<i64> = tokens.iter().step_by(2).flatten().copied().collect();
+    assert_eq!(all.len(), 24, "hot lock tokens unique: {tokens:?}");
+    let hot = hot.check().unwrap_or_else(|e| panic!("hot lock: {e}"));
+    let pool = pool.check().unwrap_or_else(|e| panic!("pool lock: {e}"));
+    assert_eq!((hot.max_held, hot.grants), (1, 24), "{hot:?}");
+    assert!(pool.max_held <= 2 && pool.grants == 24, "{pool:?}");
+}
+
+#[tokio::test]
+async fn a_controller_killed_mid_queue_is_succeeded_without_double_grants() {
+    let mut f = Fixture::new().await;
+    f.lock("q", 1, "30s", "0s").await;
+    let history = LockHistory::record(f.locks.clone(), "q").await;
+    for i in 0..6 {
+        f.request(&format!("w{i}"), "q", 1).await;
+    }
+    f.wait_phase("w0", Phase::Granted).await;
+    for i in 0..6 {
+        let name = format!("w{i}");
+        f.wait_phase(&name, Phase::Granted).await;
+        // Kill the controller right as the holder releases: the grant to the next one is
+        // left to its successor (mid-handover, or before it even saw the release).
+        f.release(&name).await;
+        if i % 2 == 0 {
+            f.controllers[0].kill();
+            f.controllers.clear();
+            f.start_controller(&[]);
+        }
+    }
+    wait_until(&f.locks, "q", "the queue drained", TIMEOUT, |l| {
+        l.status.as_ref().is_some_and(|s| s.holders.is_empty() && s.waiting == 0 && s.fencing_token == 6)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let summary = history.check().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(summary.grants, 6);
+}
+
+#[tokio::test]
+async fn with_leader_election_one_replica_grants_and_a_standby_takes_over() {
+    let mut f = Fixture::without_controller().await;
+    let ns = f.env.ns().to_string();
+    f.start_controller(&["--leader-elect", "--leader-elect-namespace", &ns]);
+    f.start_controller(&["--leader-elect", "--leader-elect-namespace", &ns]);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = f.env.api(Identity::Admin).await;
+    let lease = wait_until(&leases, "kubelock-controller", "a leader", TIMEOUT, |l| {
+        l.spec.as_ref().and_then(|s| s.holder_identity.as_ref()).is_some_and(|h| !h.is_empty())
+    })
+    .await
+    .unwrap();
+    f.lock("db", 1, "30s", "0s").await;
+    f.request("a", "db", 1).await;
+    f.wait_phase("a", Phase::Granted).await;
+    // Stop the leader cleanly: it empties the Lease, and the standby takes over at once.
+    let leader = lease.spec.unwrap().holder_identity.unwrap();
+    let index: usize = leader.trim_start_matches("controller-").parse().expect("a controller-N identity");
+    f.controllers[index].signal(rustix::process::Signal::TERM);
+    f.controllers[index].wait(TIMEOUT).await;
+    f.request("b", "db", 1).await;
+    f.release("a").await;
+    f.wait_phase("b", Phase::Granted).await;
+    let lease = leases.get("kubelock-controller").await.unwrap();
+    assert_ne!(lease.spec.unwrap().holder_identity, Some(leader), "the standby leads now");
+}
+
+#[tokio::test]
+async fn metrics_health_and_events_are_served() {
+    let env = TestEnv::new().await;
+    env.grant(Identity::Controller, controller_rules()).await;
+    let port = portpicker();
+    let addr = format!("127.0.0.1:{port}");
+    let _controller = env
+        .kubelock(Identity::Controller, "controller")
+        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", &addr])
+        .spawn();
+    let locks: Api<Lock> = env.api(Identity::Admin).await;
+    let requests: Api<LockRequest> = env.api(Identity::Admin).await;
+    locks.create(&PostParams::default(), &Lock::new("m", LockSpec::default())).await.unwrap();
+    create_request(&requests, "r", "m", 1, None).await;
+    wait_until(&requests, "r", "granted", TIMEOUT, |r| r.phase() == Phase::Granted).await.unwrap();
+    let http = |path: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+            let mut body = String::new();
+            stream.read_to_string(&mut body).await.map_err(|e| e.to_string())?;
+            Ok::<String, String>(body)
+        }
+    };
+    let metrics = eventually("metrics to count the grant", TIMEOUT, || async {
+        let body = http("/metrics").await?;
+        if body.contains("kubelock_grants_total 1") { Ok(body) } else { Err(body) }
+    })
+    .await
+    .unwrap();
+    for name in ["kubelock_reconcile_duration_seconds", "kubelock_queue_depth", "kubelock_grant_latency_seconds", "kubelock_holders 1"] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    assert!(http("/healthz").await.unwrap().starts_with("HTTP/1.0 200"));
+    assert!(http("/readyz").await.unwrap().starts_with("HTTP/1.0 200"));
+    let events: Api<k8s_openapi::api::events::v1::Event> = env.api(Identity::Admin).await;
+    let granted = eventually("a Granted event", TIMEOUT, || async {
+        let list = events.list(&Default::default()).await.map_err(|e| e.to_string())?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("Granted"))
+            .ok_or_else(|| "no Granted event yet".to_string())
+    })
+    .await
+    .unwrap();
+    assert_eq!(granted.regarding.and_then(|r| r.name).as_deref(), Some("m"));
+    assert!(granted.note.unwrap().contains("token 1"));
+}
+
+/// A free loopback port.
+fn portpicker() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
