@@ -371,6 +371,10 @@ async fn a_holder_cut_off_from_the_api_server_stops_at_its_deadline() {
     assert!(after <= Duration::from_millis(2700 + 1000 + 500), "stopped {after:?} after the API server went away");
     assert!(after >= Duration::from_millis(2700 - 1000 - 100), "stopped too early: {after:?}");
     assert!(holder.stderr_tail(20).contains("deadline passed"), "{}", holder.stderr_tail(20));
+    eprintln!(
+        "API server paused: the holder stopped its command and exited {:.2}s later (lease 3s)",
+        after.as_secs_f64()
+    );
     drop(controller);
 }
 
