@@ -10,10 +10,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod planner;
 pub mod cli;
+pub mod client;
 pub mod connect;
 pub mod controller;
 pub mod devenv;
+pub mod planner;
 pub mod sidecar;
 pub mod telemetry;

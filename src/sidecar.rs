@@ -1,21 +1,544 @@
-//! The pod sidecar. (Placeholder: filled in by the client-side work.)
+//! The pod sidecar (`kubelock sidecar`): holds a lock for the pod it runs in, tells the app
+//! through files in a shared directory and through `/readyz` (so a Service routes only to
+//! the holder: active/passive with no app changes), and stands by again after a loss.
+//!
+//! Files in `--dir` (each replaced atomically: written to a temporary file, then renamed):
+//! - `request`: the LockRequest this pod owns (waiting or holding); adopted on restart and
+//!   from `kubelock acquire --wait --dir` in an init container;
+//! - `token`, `lock-uid`: only while holding, removed the moment the lock is lost;
+//! - `state`: `waiting` or `holding`.
+//!
+//! HTTP on `--listen` (default 127.0.0.1:8081): `/healthz` (200 while the sidecar runs),
+//! `/readyz` (200 only while holding, the deadline checked on every call), `/status` (JSON).
+//! SIGTERM/SIGINT: deletes the request (releasing at once), removes the files, exits 0.
 
-use std::process::ExitCode;
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use crate::connect::ClientArgs;
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use serde::Serialize;
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    api::PodRef,
+    client::{AcquireError, AcquireOptions, BootInstant, Guard, LockClient, LockState, LostReason, Pending},
+    connect::{ClientArgs, parse_duration},
+};
+
+/// Exit code when the controller rejects the request (it can never be granted).
+pub const EXIT_REJECTED: u8 = 77;
 
 /// Sidecar flags.
-#[derive(clap::Args, Debug)]
-pub struct SidecarArgs {}
+#[derive(clap::Args, Debug, Clone)]
+pub struct SidecarArgs {
+    /// Lock to hold (in the pod's namespace unless -n is given).
+    #[arg(long, env = "KUBELOCK_LOCK", value_name = "NAME")]
+    pub lock: String,
+    /// Permits to ask for.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
+    pub permits: i32,
+    /// Lease to ask for (default: the Lock's leaseDuration).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub lease: Option<Duration>,
+    /// Safety margin taken off the lease for the local deadline (default max(lease/10, 200ms)).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub margin: Option<Duration>,
+    /// Directory shared with the app (an emptyDir): request, token, lock-uid, state.
+    #[arg(long, env = "KUBELOCK_DIR", default_value = "/var/run/kubelock", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Address of the HTTP endpoints (/healthz, /readyz, /status). Empty to disable.
+    #[arg(long, env = "KUBELOCK_LISTEN", default_value = "127.0.0.1:8081", value_name = "ADDR")]
+    pub listen: String,
+    /// Adopt this LockRequest (default: the one named in DIR/request, if any).
+    #[arg(long, value_name = "REQUEST")]
+    pub adopt: Option<String>,
+    /// Holder identity (default `pod/NAMESPACE/NAME` from the downward API).
+    #[arg(long, value_name = "TEXT")]
+    pub holder: Option<String>,
+}
 
 /// Sidecar errors.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
-    #[error("not implemented yet")]
-    NotImplemented,
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
+    #[error("invalid {flag}: {message}")]
+    Invalid { flag: &'static str, message: String },
+    #[error("state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] io::Error),
 }
 
-/// Runs the sidecar.
-pub async fn run(_args: SidecarArgs, _client: &ClientArgs) -> Result<ExitCode, SidecarError> {
-    Err(SidecarError::NotImplemented)
+/// The pod this process runs in, from the downward API (`POD_NAME`, `POD_NAMESPACE`, `POD_UID`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIdentity {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace, if given.
+    pub namespace: Option<String>,
+    /// Pod UID, if given.
+    pub uid: Option<String>,
+}
+
+impl PodIdentity {
+    /// Reads the downward-API variables; `None` without `POD_NAME`.
+    pub fn from_env() -> Option<Self> {
+        let var = |k| std::env::var(k).ok().filter(|v: &String| !v.is_empty());
+        Some(Self { name: var("POD_NAME")?, namespace: var("POD_NAMESPACE"), uid: var("POD_UID") })
+    }
+
+    /// `spec.podRef` for this pod.
+    pub fn pod_ref(&self) -> PodRef {
+        PodRef { name: self.name.clone(), uid: self.uid.clone() }
+    }
+
+    /// `pod/NS/NAME`.
+    pub fn holder_identity(&self, namespace: &str) -> String {
+        format!("pod/{}/{}", self.namespace.as_deref().unwrap_or(namespace), self.name)
+    }
+}
+
+/// The directory shared with the app. Every file is replaced atomically.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+/// File names in the state directory.
+pub mod files {
+    /// Name of the LockRequest owned by this pod.
+    pub const REQUEST: &str = "request";
+    /// Fencing token, only while holding.
+    pub const TOKEN: &str = "token";
+    /// The Lock's UID, only while holding.
+    pub const LOCK_UID: &str = "lock-uid";
+    /// `waiting` or `holding`.
+    pub const STATE: &str = "state";
+}
+
+impl StateDir {
+    /// Uses (and creates) `path`.
+    pub fn create(path: impl Into<PathBuf>) -> io::Result<Self> {
+        let path = path.into();
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `name` atomically (temporary file in the same directory, fsync, rename).
+    pub fn write(&self, name: &str, contents: &str) -> io::Result<()> {
+        use std::io::Write as _;
+        let tmp = self.path.join(format!(".{name}.tmp.{}", std::process::id()));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, self.path.join(name))
+    }
+
+    /// Reads `name`, trimmed; `None` if absent or empty.
+    pub fn read(&self, name: &str) -> io::Result<Option<String>> {
+        match std::fs::read_to_string(self.path.join(name)) {
+            Ok(s) if s.trim().is_empty() => Ok(None),
+            Ok(s) => Ok(Some(s.trim().to_string())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes `name` (absent is fine).
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.path.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Holding: token and lock UID first, then the state.
+    pub fn write_holding(&self, request: &str, token: i64, lock_uid: &str) -> io::Result<()> {
+        self.write(files::REQUEST, &format!("{request}\n"))?;
+        self.write(files::TOKEN, &format!("{token}\n"))?;
+        self.write(files::LOCK_UID, &format!("{lock_uid}\n"))?;
+        self.write(files::STATE, "holding\n")
+    }
+
+    /// Not holding: the token goes first.
+    pub fn write_not_holding(&self, request: Option<&str>) -> io::Result<()> {
+        self.remove(files::TOKEN)?;
+        self.remove(files::LOCK_UID)?;
+        self.write(files::STATE, "waiting\n")?;
+        match request {
+            Some(r) => self.write(files::REQUEST, &format!("{r}\n")),
+            None => self.remove(files::REQUEST),
+        }
+    }
+
+    /// Removes every file (on exit).
+    pub fn clear(&self) -> io::Result<()> {
+        self.remove(files::TOKEN)?;
+        self.remove(files::LOCK_UID)?;
+        self.remove(files::STATE)?;
+        self.remove(files::REQUEST)
+    }
+}
+
+/// What the HTTP endpoints show.
+#[derive(Debug, Default)]
+struct View {
+    lock: String,
+    namespace: String,
+    request: Option<String>,
+    state: Option<watch::Receiver<LockState>>,
+    last_loss: Option<String>,
+}
+
+type SharedView = Arc<Mutex<View>>;
+
+/// `/status` body.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusBody {
+    /// Lock name.
+    pub lock: String,
+    /// Namespace.
+    pub namespace: String,
+    /// `waiting`, `holding` or `lost`.
+    pub state: &'static str,
+    /// Holding now (deadline checked).
+    pub held: bool,
+    /// Fencing token while holding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<i64>,
+    /// The Lock's UID while holding.
+    #[serde(rename = "lockUID", skip_serializing_if = "Option::is_none")]
+    pub lock_uid: Option<String>,
+    /// The LockRequest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// Seconds left before the local deadline (while holding).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_left_seconds: Option<f64>,
+    /// Place in the queue while waiting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<i32>,
+    /// Why the last grant was lost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_loss: Option<String>,
+}
+
+fn status_of(view: &View) -> StatusBody {
+    let now = BootInstant::now();
+    let state = view.state.as_ref().map(|rx| rx.borrow().clone());
+    let mut body = StatusBody {
+        lock: view.lock.clone(),
+        namespace: view.namespace.clone(),
+        state: "waiting",
+        held: false,
+        token: None,
+        lock_uid: None,
+        request: view.request.clone(),
+        time_left_seconds: None,
+        position: None,
+        last_loss: view.last_loss.clone(),
+    };
+    match state {
+        Some(LockState::Holding { token, lock_uid, deadline, .. }) if now < deadline => {
+            body.state = "holding";
+            body.held = true;
+            body.token = Some(token);
+            body.lock_uid = Some(lock_uid);
+            body.time_left_seconds = Some(deadline.saturating_since(now).as_secs_f64());
+        }
+        Some(LockState::Holding { .. }) | Some(LockState::Lost { .. }) => body.state = "lost",
+        Some(LockState::Waiting { position }) => body.position = position,
+        None => {}
+    }
+    body
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(view): State<SharedView>) -> (StatusCode, &'static str) {
+    let held = view.lock().map(|v| status_of(&v).held).unwrap_or(false);
+    if held { (StatusCode::OK, "holding\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not holding\n") }
+}
+
+async fn status(State(view): State<SharedView>) -> (StatusCode, Json<Option<StatusBody>>) {
+    match view.lock() {
+        Ok(v) => (StatusCode::OK, Json(Some(status_of(&v)))),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, Json(None)),
+    }
+}
+
+/// The admin router.
+fn router(view: SharedView) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(view)
+}
+
+fn set_view(view: &SharedView, f: impl FnOnce(&mut View)) {
+    if let Ok(mut v) = view.lock() {
+        f(&mut v);
+    }
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT.
+pub async fn run(args: SidecarArgs, client_args: &ClientArgs) -> Result<ExitCode, SidecarError> {
+    let pod = PodIdentity::from_env();
+    let mut client_args = client_args.clone();
+    if client_args.namespace.is_none() {
+        client_args.namespace = pod.as_ref().and_then(|p| p.namespace.clone());
+    }
+    let listen: Option<SocketAddr> = if args.listen.is_empty() {
+        None
+    } else {
+        Some(args.listen.parse().map_err(|_| SidecarError::Invalid {
+            flag: "--listen",
+            message: format!("{:?} is not an address like 127.0.0.1:8081", args.listen),
+        })?)
+    };
+    let probe = AcquireOptions {
+        permits: args.permits,
+        lease: args.lease,
+        margin: args.margin,
+        ..AcquireOptions::new(&args.lock)
+    };
+    if let Err(AcquireError::Invalid { field, message }) = probe.validate() {
+        return Err(SidecarError::Invalid { flag: flag_of(field), message });
+    }
+    let (kube, namespace) = client_args.client().await?;
+    let locks = LockClient::new(kube, &namespace).with_request_timeout(client_args.request_timeout);
+    let dir = StateDir::create(&args.dir).map_err(|source| SidecarError::Dir { path: args.dir.clone(), source })?;
+    let dir_err = |source| SidecarError::Dir { path: args.dir.clone(), source };
+
+    let mut opts = AcquireOptions::new(&args.lock);
+    opts.permits = args.permits;
+    opts.lease = args.lease;
+    opts.margin = args.margin;
+    opts.pod_ref = pod.as_ref().map(PodIdentity::pod_ref);
+    opts.holder_identity =
+        args.holder.clone().or_else(|| pod.as_ref().map(|p| p.holder_identity(&namespace))).unwrap_or_default();
+    opts.validate().map_err(|e| match e {
+        AcquireError::Invalid { field, message } => SidecarError::Invalid { flag: flag_of(field), message },
+        other => SidecarError::Invalid { flag: "--lock", message: other.to_string() },
+    })?;
+
+    let view: SharedView =
+        Arc::new(Mutex::new(View { lock: args.lock.clone(), namespace: namespace.clone(), ..Default::default() }));
+    let shutdown = CancellationToken::new();
+    if let Some(addr) = listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| SidecarError::Listen { addr: args.listen.clone(), source })?;
+        let app = router(Arc::clone(&view));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+            if let Err(e) = served {
+                warn!(error = %e, "admin server stopped");
+            }
+        });
+        info!(%addr, "serving /healthz, /readyz, /status");
+    }
+    {
+        let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(SidecarError::Signals)?;
+        let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(SidecarError::Signals)?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: releasing"),
+                _ = int.recv() => info!("SIGINT: releasing"),
+            }
+            stop.cancel();
+        });
+    }
+
+    let mut adopt = match &args.adopt {
+        Some(r) => Some(r.clone()),
+        None => dir.read(files::REQUEST).map_err(dir_err)?,
+    };
+    let mut backoff = Duration::from_millis(500);
+    let code = 'campaign: loop {
+        if shutdown.is_cancelled() {
+            break 'campaign ExitCode::SUCCESS;
+        }
+        // 1. A request: adopted (init container, restart) or new.
+        let pending: Result<Pending, AcquireError> = match adopt.take() {
+            Some(name) => {
+                info!(request = %name, "adopting lock request");
+                let r = locks.adopt_pending(&name, &opts).await;
+                if let Err(e) = &r {
+                    warn!(request = %name, error = %e, "cannot adopt; creating a new request");
+                    dir.write_not_holding(None).map_err(dir_err)?;
+                    continue 'campaign;
+                }
+                r
+            }
+            None => locks.request(&opts).await,
+        };
+        let pending = match pending {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "creating the lock request failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue 'campaign;
+            }
+        };
+        backoff = Duration::from_millis(500);
+        let request = pending.request_name().to_string();
+        dir.write_not_holding(Some(&request)).map_err(dir_err)?;
+        set_view(&view, |v| {
+            v.request = Some(request.clone());
+            v.state = Some(pending.state());
+        });
+        info!(lock = %args.lock, %request, "waiting for the lock");
+
+        // 2. Wait for the grant (SIGTERM cancels and deletes the request).
+        let guard: Guard = match pending.granted(None, Some(shutdown.clone())).await {
+            Ok(g) => g,
+            Err(AcquireError::Cancelled { .. }) => {
+                dir.clear().map_err(dir_err)?;
+                break 'campaign ExitCode::SUCCESS;
+            }
+            Err(e @ AcquireError::NotGranted { reason: LostReason::Rejected { .. }, .. }) => {
+                dir.clear().map_err(dir_err)?;
+                eprintln!("kubelock sidecar: {e}");
+                break 'campaign ExitCode::from(EXIT_REJECTED);
+            }
+            Err(e) => {
+                warn!(error = %e, "not granted; requesting again");
+                set_view(&view, |v| v.last_loss = Some(e.to_string()));
+                dir.write_not_holding(None).map_err(dir_err)?;
+                continue 'campaign;
+            }
+        };
+        set_view(&view, |v| v.state = Some(guard.state()));
+        dir.write_holding(&request, guard.token(), guard.lock_uid()).map_err(dir_err)?;
+        info!(lock = %args.lock, %request, token = guard.token(), "holding");
+
+        // 3. Hold until lost or told to stop.
+        tokio::select! {
+            reason = guard.lost() => {
+                // Files first: the app must stop seeing a token it no longer holds.
+                dir.write_not_holding(None).map_err(dir_err)?;
+                warn!(lock = %args.lock, %request, token = guard.token(), %reason, "lock lost; standing by again");
+                set_view(&view, |v| { v.last_loss = Some(reason.to_string()); v.request = None; });
+                if let Err(e) = guard.release().await {
+                    warn!(%request, error = %e, "cleaning up the lost request failed");
+                }
+            }
+            _ = shutdown.cancelled() => {
+                dir.clear().map_err(dir_err)?;
+                set_view(&view, |v| v.state = None);
+                if let Err(e) = guard.release().await {
+                    warn!(%request, error = %e, "releasing failed; the lease will expire");
+                }
+                break 'campaign ExitCode::SUCCESS;
+            }
+        }
+    };
+    shutdown.cancel();
+    Ok(code)
+}
+
+/// The flag (or variable) behind an [`AcquireOptions`] field named in a validation error.
+pub(crate) fn flag_of(field: &str) -> &'static str {
+    match field {
+        "lock" => "--lock (the lock name)",
+        "permits" => "--permits",
+        "lease" => "--lease",
+        "margin" => "--margin",
+        "holder identity" => "--holder",
+        "pod name" => "POD_NAME",
+        _ => "flags",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_dir_writes_and_removes_atomically() {
+        let tmp = std::env::temp_dir().join(format!("kubelock-statedir-{}", std::process::id()));
+        let dir = StateDir::create(&tmp).unwrap();
+        dir.write_holding("db-x", 7, "uid-1").unwrap();
+        assert_eq!(dir.read(files::TOKEN).unwrap().as_deref(), Some("7"));
+        assert_eq!(dir.read(files::STATE).unwrap().as_deref(), Some("holding"));
+        dir.write_not_holding(Some("db-y")).unwrap();
+        assert_eq!(dir.read(files::TOKEN).unwrap(), None);
+        assert_eq!(dir.read(files::LOCK_UID).unwrap(), None);
+        assert_eq!(dir.read(files::REQUEST).unwrap().as_deref(), Some("db-y"));
+        assert_eq!(dir.read(files::STATE).unwrap().as_deref(), Some("waiting"));
+        dir.clear().unwrap();
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+        assert!(left.is_empty(), "no temporary files left behind: {left:?}");
+        std::fs::remove_dir(&tmp).unwrap();
+    }
+
+    #[test]
+    fn status_checks_the_deadline() {
+        let (_tx, rx) = watch::channel(LockState::Holding {
+            token: 3,
+            lock_uid: "u".into(),
+            lease: Duration::from_secs(10),
+            deadline: BootInstant::now().saturating_sub(Duration::from_millis(1)),
+        });
+        let view = View { lock: "db".into(), namespace: "ns".into(), state: Some(rx), ..Default::default() };
+        let s = status_of(&view);
+        assert!(!s.held);
+        assert_eq!(s.state, "lost");
+        assert_eq!(s.token, None);
+
+        let (_tx, rx) = watch::channel(LockState::Holding {
+            token: 3,
+            lock_uid: "u".into(),
+            lease: Duration::from_secs(10),
+            deadline: BootInstant::now().saturating_add(Duration::from_secs(5)),
+        });
+        let view = View { lock: "db".into(), namespace: "ns".into(), state: Some(rx), ..Default::default() };
+        let s = status_of(&view);
+        assert!(s.held);
+        assert_eq!(s.token, Some(3));
+        assert!(s.time_left_seconds.unwrap() > 4.0);
+    }
+
+    #[test]
+    fn pod_identity() {
+        let p = PodIdentity { name: "web-0".into(), namespace: None, uid: Some("u".into()) };
+        assert_eq!(p.holder_identity("prod"), "pod/prod/web-0");
+        assert_eq!(p.pod_ref(), PodRef { name: "web-0".into(), uid: Some("u".into()) });
+    }
 }

@@ -1,10 +1,12 @@
 //! End-to-end tests against a real Kubernetes API server: one test binary, so that one
 //! control plane (started on first use, see `support`) serves every test of a run.
 //!
-//! Modules: `smoke` (the harness itself), `chart` (the Helm chart, RBAC and examples). Add one module per area.
+//! Modules: `smoke` (the harness itself), `chart` (the Helm chart, RBAC and examples), `lock`
+//! (the controller), `client` (run, sidecar, CLI, plugin, library). Add one module per area.
 
 mod support;
 
 mod chart;
-mod smoke;
+mod client;
 mod lock;
+mod smoke;
