@@ -20,9 +20,9 @@ help: ## List the targets.
 deps: ## Install what is missing: C toolchain, Rust, etcd, kube-apiserver (first time ~7 min).
 	@hack/deps.sh
 
-demo: deps ## Build and run `kubelock dev`: local control plane + CRDs + controller, until Ctrl-C.
+demo: deps ## Live demo on a local control plane: contention, handovers, fencing; then runs until Ctrl-C.
 	$(CARGO) build --release --bin kubelock
-	./target/release/kubelock dev $(DEV_ARGS)
+	KUBELOCK=target/release/kubelock DEV_ARGS="$(DEV_ARGS)" hack/demo.sh
 
 test: deps ## Run every test, including the end-to-end tests against a real kube-apiserver.
 	$(CARGO) test --all-targets -- $(TEST_ARGS)

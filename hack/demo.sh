@@ -34,7 +34,9 @@ export T0
 stamp='ms=$(( ($(date +%s%N) - T0) / 1000000 )); printf "+%3d.%03ds " $((ms / 1000)) $((ms % 1000))'
 
 say "starting a local control plane and the controller (kubelock dev, ~10 s)"
-"$KUBELOCK" dev --admin-addr "" --log warn >"$WORK/dev.out" 2>"$WORK/dev.err" &
+ADMIN=${DEMO_ADMIN_ADDR:-127.0.0.1:9090}
+# shellcheck disable=SC2086
+"$KUBELOCK" dev --admin-addr "$ADMIN" --log warn ${DEV_ARGS:-} >"$WORK/dev.out" 2>"$WORK/dev.err" &
 DEV_PID=$!
 for _ in $(seq 1 600); do
   grep -q '^export KUBECONFIG=' "$WORK/dev.out" 2>/dev/null && break
@@ -119,3 +121,13 @@ PIDS=()
 
 say "kubelock list"
 "$KUBELOCK" list
+
+if [ -n "${DEMO_EXIT:-}" ]; then exit 0; fi
+say "the control plane and the controller keep running: try it yourself"
+echo "    export KUBECONFIG=$KUBECONFIG"
+echo "    kubectl get locks,lockrequests            # or: $KUBELOCK list"
+echo "    curl -s http://$ADMIN/metrics | grep ^kubelock_   # the controller's metrics"
+echo "    $KUBELOCK run --lock demo-mutex -- sh -c 'echo token \$KUBELOCK_TOKEN; sleep 5'"
+echo "Ctrl-C stops everything this demo started."
+trap 'exit 0' INT TERM
+wait "$DEV_PID"

@@ -50,7 +50,9 @@ impl ClientArgs {
                     .map_err(|source| ConnectError::Kubeconfig { path: path.clone(), source })?;
                 kube::Config::from_custom_kubeconfig(kc, &options).await.map_err(ConnectError::Config)?
             }
-            _ if self.context.is_some() => kube::Config::from_kubeconfig(&options).await.map_err(ConnectError::Config)?,
+            _ if self.context.is_some() => {
+                kube::Config::from_kubeconfig(&options).await.map_err(ConnectError::Config)?
+            }
             _ => kube::Config::infer().await.map_err(ConnectError::Infer)?,
         };
         if let Some(ns) = &self.namespace {

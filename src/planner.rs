@@ -32,8 +32,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time}
 use kube::ResourceExt;
 
 use crate::api::{
-    BREAK_ANNOTATION, BROKEN_BY_ANNOTATION, Holder, Lock, LockRequest, LockRequestStatus, LockStatus, Phase,
-    duration,
+    BREAK_ANNOTATION, BROKEN_BY_ANNOTATION, Holder, Lock, LockRequest, LockRequestStatus, LockStatus, Phase, duration,
 };
 
 /// How many queued request names `Lock.status.queue` lists, and how far back
@@ -322,7 +321,16 @@ impl Plan {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn event(&mut self, kind: EventKind, reason: Reason, request: &str, uid: &str, holder: &str, token: Option<i64>, message: String) -> &mut PlanEvent {
+    fn event(
+        &mut self,
+        kind: EventKind,
+        reason: Reason,
+        request: &str,
+        uid: &str,
+        holder: &str,
+        token: Option<i64>,
+        message: String,
+    ) -> &mut PlanEvent {
         self.events.push(PlanEvent {
             kind,
             reason,
@@ -450,13 +458,28 @@ fn signed(d: Duration) -> SignedDuration {
 }
 
 /// Builds a condition, keeping `lastTransitionTime` from the previous one unless the status flips.
-fn condition(previous: &[Condition], type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>, now: Timestamp) -> Condition {
+fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
     let status = if status { "True" } else { "False" }.to_string();
     let last_transition_time = previous
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)
         .map_or(Time(now), |c| c.last_transition_time.clone());
-    Condition { type_: type_.into(), status, reason: reason.into(), message, observed_generation: generation, last_transition_time }
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
 }
 
 /// The status a request should have.
@@ -479,7 +502,15 @@ fn desired_status(req: &LockRequest, fate: Fate<'_>, now: Now) -> LockRequestSta
             position: None,
             finished_at: None,
             message: Some(format!("holding {} permit(s) with fencing token {}", holder.permits, holder.token)),
-            conditions: vec![condition(previous, "Granted", true, "Granted", format!("token {}", holder.token), None, now.wall)],
+            conditions: vec![condition(
+                previous,
+                "Granted",
+                true,
+                "Granted",
+                format!("token {}", holder.token),
+                None,
+                now.wall,
+            )],
         },
         Fate::Waiting { position, reason, message } => {
             let exact = position < QUEUE_WINDOW;
@@ -543,9 +574,16 @@ struct HolderPass {
     delay_starts: bool,
 }
 
-fn plan_holders(inputs: &Inputs<'_>, old: &LockStatus, lock_uid: &str, plan: &mut Plan, obs: &mut Observations) -> HolderPass {
+fn plan_holders(
+    inputs: &Inputs<'_>,
+    old: &LockStatus,
+    lock_uid: &str,
+    plan: &mut Plan,
+    obs: &mut Observations,
+) -> HolderPass {
     let now = inputs.now;
-    let by_uid: std::collections::HashMap<&str, &LockRequest> = inputs.requests.iter().map(|r| (uid_of(r), r.as_ref())).collect();
+    let by_uid: std::collections::HashMap<&str, &LockRequest> =
+        inputs.requests.iter().map(|r| (uid_of(r), r.as_ref())).collect();
     let mut pass = HolderPass { kept: Vec::new(), handled: HashSet::new(), delay_starts: false };
     for h in &old.holders {
         if !pass.handled.insert(h.request_uid.clone()) {
@@ -555,7 +593,15 @@ fn plan_holders(inputs: &Inputs<'_>, old: &LockStatus, lock_uid: &str, plan: &mu
         let Some(req) = by_uid.get(h.request_uid.as_str()).copied() else {
             if inputs.gone.contains(&h.request_uid) {
                 let message = format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token);
-                let e = plan.event(EventKind::Released, Reason::Released, &h.request, &h.request_uid, &h.holder, Some(h.token), message);
+                let e = plan.event(
+                    EventKind::Released,
+                    Reason::Released,
+                    &h.request,
+                    &h.request_uid,
+                    &h.holder,
+                    Some(h.token),
+                    message,
+                );
                 e.held = held;
                 e.of_lock = true;
             } else {
@@ -569,7 +615,15 @@ fn plan_holders(inputs: &Inputs<'_>, old: &LockStatus, lock_uid: &str, plan: &mu
             // Being deleted, or finalized by another controller's plan: freed without a word.
             if req.metadata.deletion_timestamp.is_some() {
                 let message = format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token);
-                let e = plan.event(EventKind::Released, Reason::Released, &h.request, &h.request_uid, &h.holder, Some(h.token), message);
+                let e = plan.event(
+                    EventKind::Released,
+                    Reason::Released,
+                    &h.request,
+                    &h.request_uid,
+                    &h.holder,
+                    Some(h.token),
+                    message,
+                );
                 e.held = held;
                 e.of_lock = true;
             }
@@ -612,7 +666,13 @@ fn plan_holders(inputs: &Inputs<'_>, old: &LockStatus, lock_uid: &str, plan: &mu
             Some((kind, reason, message)) => {
                 pass.delay_starts |= reason.starts_lock_delay();
                 let note = format!("{} lost token {}: {message}", h.holder, h.token);
-                let fate = Fate::Finished { phase: Phase::Expired, reason, message, holder: Some(h), lock_uid: Some(lock_uid) };
+                let fate = Fate::Finished {
+                    phase: Phase::Expired,
+                    reason,
+                    message,
+                    holder: Some(h),
+                    lock_uid: Some(lock_uid),
+                };
                 plan.update(req, desired_status(req, fate, now), false);
                 let e = plan.event(kind, reason, &h.request, &h.request_uid, &h.holder, Some(h.token), note);
                 e.held = held;
@@ -625,7 +685,14 @@ fn plan_holders(inputs: &Inputs<'_>, old: &LockStatus, lock_uid: &str, plan: &mu
 
 /// The lock delay after an expiry: returns whether it holds back grants now, and the
 /// `delayedUntil` value to publish.
-fn plan_delay(inputs: &Inputs<'_>, old: &LockStatus, lock_delay: Duration, starts: bool, plan: &mut Plan, obs: &mut Observations) -> Option<MicroTime> {
+fn plan_delay(
+    inputs: &Inputs<'_>,
+    old: &LockStatus,
+    lock_delay: Duration,
+    starts: bool,
+    plan: &mut Plan,
+    obs: &mut Observations,
+) -> Option<MicroTime> {
     let now = inputs.now;
     if starts && !lock_delay.is_zero() {
         let until = now.wall.saturating_add(signed(lock_delay)).unwrap_or(Timestamp::MAX);
@@ -696,7 +763,10 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
             match (parse_request_spec(r), &params) {
                 (Err(message), _) => Some((EventKind::Rejected, Phase::Rejected, Reason::InvalidSpec, message)),
                 (Ok(rp), Ok(p)) if rp.permits > p.permits => {
-                    let message = format!("spec.permits {} is more than the {} permit(s) of lock {lock_name}", rp.permits, p.permits);
+                    let message = format!(
+                        "spec.permits {} is more than the {} permit(s) of lock {lock_name}",
+                        rp.permits, p.permits
+                    );
                     Some((EventKind::Rejected, Phase::Rejected, Reason::TooManyPermits, message))
                 }
                 _ => match pod_state(r, &inputs) {
@@ -765,14 +835,23 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
         plan.wake(now.mono + lease);
         let wait = obs.first_seen.remove(&uid).map(|seen| now.mono.saturating_sub(seen));
         let message = format!("granted {} permit(s) to {} with token {token}", holder.permits, holder.holder);
-        let e = plan.event(EventKind::Granted, Reason::Granted, &holder.request, &uid, &holder.holder, Some(token), message);
+        let e = plan.event(
+            EventKind::Granted,
+            Reason::Granted,
+            &holder.request,
+            &uid,
+            &holder.holder,
+            Some(token),
+            message,
+        );
         e.wait = wait;
         e.of_lock = true;
         holders.push(holder);
     }
 
     // Request statuses: holders (new grants first), then the queue.
-    let by_uid: std::collections::HashMap<&str, &LockRequest> = requests.iter().map(|r| (uid_of(r), r.as_ref())).collect();
+    let by_uid: std::collections::HashMap<&str, &LockRequest> =
+        requests.iter().map(|r| (uid_of(r), r.as_ref())).collect();
     for h in &holders {
         if let Some(req) = by_uid.get(h.request_uid.as_str()) {
             let newly = old.holders.iter().all(|o| o.request_uid != h.request_uid);
@@ -787,7 +866,14 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
     wake_for_retention(&mut plan, inputs.settings, now);
 
     let status = LockStatus {
-        conditions: lock_conditions(&old, params.as_ref().map(|p| p.permits), &holders, delayed_until.is_some(), lock.metadata.generation, now),
+        conditions: lock_conditions(
+            &old,
+            params.as_ref().map(|p| p.permits),
+            &holders,
+            delayed_until.is_some(),
+            lock.metadata.generation,
+            now,
+        ),
         holders,
         fencing_token: token,
         waiting: i32::try_from(waiting.len()).unwrap_or(i32::MAX),
@@ -828,7 +914,14 @@ fn finish_stale_grant(r: &LockRequest, inputs: &Inputs<'_>, lock_uid: &str, lock
     plan.update(r, desired_status(r, fate, inputs.now), false);
 }
 
-fn lock_conditions(old: &LockStatus, permits: Result<i64, &String>, holders: &[Holder], delayed: bool, generation: Option<i64>, now: Now) -> Vec<Condition> {
+fn lock_conditions(
+    old: &LockStatus,
+    permits: Result<i64, &String>,
+    holders: &[Holder],
+    delayed: bool,
+    generation: Option<i64>,
+    now: Now,
+) -> Vec<Condition> {
     let previous = old.conditions.as_slice();
     let ready = match permits {
         Ok(_) => condition(previous, "Ready", true, "Reconciled", String::new(), generation, now.wall),
@@ -839,7 +932,15 @@ fn lock_conditions(old: &LockStatus, permits: Result<i64, &String>, holders: &[H
         let of = permits.map_or(String::new(), |p| format!(" of {p}"));
         condition(previous, "Held", true, "Granted", format!("{held}{of} permit(s) held"), generation, now.wall)
     } else if delayed {
-        condition(previous, "Held", false, "LockDelay", "no grant until the lock delay after an expiry passes".into(), generation, now.wall)
+        condition(
+            previous,
+            "Held",
+            false,
+            "LockDelay",
+            "no grant until the lock delay after an expiry passes".into(),
+            generation,
+            now.wall,
+        )
     } else {
         condition(previous, "Held", false, "Free", "no permit is held".into(), generation, now.wall)
     };
@@ -848,7 +949,13 @@ fn lock_conditions(old: &LockStatus, permits: Result<i64, &String>, holders: &[H
 
 /// Plans the requests of a Lock that does not exist (never created, or deleted).
 /// `lock_gone_uids` are the UIDs of Locks of this name known to be deleted.
-pub fn plan_orphans(lock_name: &str, requests: &[Arc<LockRequest>], lock_gone_uids: &HashSet<String>, settings: &Settings, now: Now) -> Plan {
+pub fn plan_orphans(
+    lock_name: &str,
+    requests: &[Arc<LockRequest>],
+    lock_gone_uids: &HashSet<String>,
+    settings: &Settings,
+    now: Now,
+) -> Plan {
     let mut plan = Plan::default();
     for r in requests.iter().map(Arc::as_ref) {
         if r.metadata.deletion_timestamp.is_some() || uid_of(r).is_empty() {
@@ -869,19 +976,65 @@ pub fn plan_orphans(lock_name: &str, requests: &[Arc<LockRequest>], lock_gone_ui
                 }
                 let message = format!("lock {lock_name} was deleted while held");
                 let note = format!("{} lost token {}: {message}", holder_identity(r), status.token.unwrap_or_default());
-                plan.event(EventKind::Expired, Reason::LockDeleted, &r.name_any(), uid_of(r), &holder_identity(r), status.token, note);
-                Fate::Finished { phase: Phase::Expired, reason: Reason::LockDeleted, message, holder: None, lock_uid: None }
+                plan.event(
+                    EventKind::Expired,
+                    Reason::LockDeleted,
+                    &r.name_any(),
+                    uid_of(r),
+                    &holder_identity(r),
+                    status.token,
+                    note,
+                );
+                Fate::Finished {
+                    phase: Phase::Expired,
+                    reason: Reason::LockDeleted,
+                    message,
+                    holder: None,
+                    lock_uid: None,
+                }
             }
             Phase::Pending => match (break_message(r), parse_request_spec(r)) {
                 (Some(message), _) => {
-                    plan.event(EventKind::Broken, Reason::Broken, &r.name_any(), uid_of(r), &holder_identity(r), None, message.clone());
-                    Fate::Finished { phase: Phase::Expired, reason: Reason::Broken, message, holder: None, lock_uid: None }
+                    plan.event(
+                        EventKind::Broken,
+                        Reason::Broken,
+                        &r.name_any(),
+                        uid_of(r),
+                        &holder_identity(r),
+                        None,
+                        message.clone(),
+                    );
+                    Fate::Finished {
+                        phase: Phase::Expired,
+                        reason: Reason::Broken,
+                        message,
+                        holder: None,
+                        lock_uid: None,
+                    }
                 }
                 (None, Err(message)) => {
-                    plan.event(EventKind::Rejected, Reason::InvalidSpec, &r.name_any(), uid_of(r), &holder_identity(r), None, message.clone());
-                    Fate::Finished { phase: Phase::Rejected, reason: Reason::InvalidSpec, message, holder: None, lock_uid: None }
+                    plan.event(
+                        EventKind::Rejected,
+                        Reason::InvalidSpec,
+                        &r.name_any(),
+                        uid_of(r),
+                        &holder_identity(r),
+                        None,
+                        message.clone(),
+                    );
+                    Fate::Finished {
+                        phase: Phase::Rejected,
+                        reason: Reason::InvalidSpec,
+                        message,
+                        holder: None,
+                        lock_uid: None,
+                    }
                 }
-                (None, Ok(_)) => Fate::Waiting { position: 0, reason: Reason::LockNotFound, message: format!("waiting: lock {lock_name} does not exist") },
+                (None, Ok(_)) => Fate::Waiting {
+                    position: 0,
+                    reason: Reason::LockNotFound,
+                    message: format!("waiting: lock {lock_name} does not exist"),
+                },
             },
         };
         let mut desired = desired_status(r, fate, now);

@@ -24,8 +24,8 @@ pub struct LogFilterError {
 
 /// Installs the global subscriber: logs go to stderr, so that stdout stays for command output.
 pub fn init_tracing(filter: &str, format: LogFormat) -> Result<(), LogFilterError> {
-    let env_filter = EnvFilter::try_new(filter)
-        .map_err(|source| LogFilterError { filter: filter.to_string(), source })?;
+    let env_filter =
+        EnvFilter::try_new(filter).map_err(|source| LogFilterError { filter: filter.to_string(), source })?;
     let registry = tracing_subscriber::registry().with(env_filter);
     let _ = match format {
         LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr).with_target(false)).try_init(),
@@ -144,7 +144,11 @@ impl Metrics {
         registry.register("cas_conflicts", "Lock status writes refused with 409 Conflict", m.cas_conflicts.clone());
         registry.register("confirm_reads", "Quorum reads made to confirm a release or expiry", m.confirm_reads.clone());
         registry.register("api_writes", "API writes by kind and outcome", m.writes.clone());
-        registry.register("grant_latency_seconds", "From a request first seen waiting to its grant", m.grant_latency.clone());
+        registry.register(
+            "grant_latency_seconds",
+            "From a request first seen waiting to its grant",
+            m.grant_latency.clone(),
+        );
         registry.register("hold_time_seconds", "How long grants were held", m.hold_time.clone());
         registry.register("queue_depth", "Requests waiting, over all locks", m.queue_depth.clone());
         registry.register("holders", "Grants held, over all locks", m.holders.clone());
@@ -223,7 +227,11 @@ pub async fn serve_admin(
         async move {
             let mut body = String::new();
             match encode(&mut body, &registry) {
-                Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body),
+                Ok(()) => (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    body,
+                ),
                 Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e.to_string()),
             }
         }

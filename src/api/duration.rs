@@ -6,12 +6,8 @@
 use std::time::Duration;
 
 /// Units accepted, longest suffix first so that `ms` is not read as `m`.
-const UNITS: [(&str, u128); 4] = [
-    ("ms", 1_000_000),
-    ("h", 3_600_000_000_000),
-    ("m", 60_000_000_000),
-    ("s", 1_000_000_000),
-];
+const UNITS: [(&str, u128); 4] =
+    [("ms", 1_000_000), ("h", 3_600_000_000_000), ("m", 60_000_000_000), ("s", 1_000_000_000)];
 
 /// The longest duration accepted anywhere in the API (one year).
 pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);

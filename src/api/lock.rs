@@ -12,6 +12,8 @@ use super::duration;
 ///
 /// Users write the spec; the kubelock controller alone writes the status, and the status is
 /// the single source of truth for who holds the lock.
+// clippy reads the repeated `type_ = ...` of printcolumn(...) as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "kubelock.dev",
@@ -65,11 +67,7 @@ fn default_lock_delay() -> String {
 
 impl Default for LockSpec {
     fn default() -> Self {
-        Self {
-            permits: default_permits(),
-            lease_duration: default_lease_duration(),
-            lock_delay: default_lock_delay(),
-        }
+        Self { permits: default_permits(), lease_duration: default_lease_duration(), lock_delay: default_lock_delay() }
     }
 }
 

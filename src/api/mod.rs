@@ -54,7 +54,9 @@ where
         Ok(obj) if status.is_some() => (obj, format!("status does not match the schema: {full}")),
         _ => (placeholder(&value), format!("spec does not match the schema: {full}")),
     };
-    if let Ok(meta) = serde_json::from_value::<kube::api::ObjectMeta>(value.get("metadata").cloned().unwrap_or_default()) {
+    if let Ok(meta) =
+        serde_json::from_value::<kube::api::ObjectMeta>(value.get("metadata").cloned().unwrap_or_default())
+    {
         *obj.meta_mut() = meta;
     }
     obj.meta_mut().annotations.get_or_insert_with(Default::default).insert(MALFORMED_ANNOTATION.into(), problem);
@@ -94,9 +96,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 
 /// The CRDs as one multi-document YAML stream: what `kubelock crd` prints and `crds/` holds.
 pub fn crds_yaml() -> String {
-    let docs: Vec<String> = crds()
-        .iter()
-        .map(|crd| serde_yaml::to_string(crd).expect("a CRD always serializes to YAML"))
-        .collect();
+    let docs: Vec<String> =
+        crds().iter().map(|crd| serde_yaml::to_string(crd).expect("a CRD always serializes to YAML")).collect();
     docs.join("---\n")
 }

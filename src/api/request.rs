@@ -13,6 +13,8 @@ pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 /// A request for permits of one Lock in the same namespace. The requester writes the spec
 /// (and renews `spec.renewTime`); the controller writes the status. Deleting the request
 /// releases whatever it holds at once.
+// clippy reads the repeated `type_ = ...` of printcolumn(...) as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "kubelock.dev",

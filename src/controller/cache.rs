@@ -17,7 +17,10 @@ use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::{
     Resource, ResourceExt,
     api::ObjectMeta,
-    runtime::{reflector::{ObjectRef, Store}, watcher},
+    runtime::{
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
 };
 
 use crate::{
@@ -211,7 +214,11 @@ impl Cache {
     pub fn request_refs_for(&self, lock: &LockKey) -> Vec<ObjectRef<LockRequest>> {
         let ns = lock.namespace.clone().unwrap_or_default();
         let index = self.index.lock().expect("index lock poisoned");
-        index.by_lock.get(lock).map(|n| n.iter().map(|name| ObjectRef::new(name).within(&ns)).collect()).unwrap_or_default()
+        index
+            .by_lock
+            .get(lock)
+            .map(|n| n.iter().map(|name| ObjectRef::new(name).within(&ns)).collect())
+            .unwrap_or_default()
     }
 
     /// Files a request change (after the reflector stored it); returns the Locks to reconcile.
@@ -224,7 +231,9 @@ impl Cache {
                     && *lock == lock_key_of(req)
                     && *fingerprint == Fingerprint::of(req)
                     && index.filed.get(&ObjectRef::from_obj(req)).map(|(_, p, _)| p.clone())
-                        == Some(req.spec.pod_ref.as_ref().map(|p| (req.namespace().unwrap_or_default(), p.name.clone())))
+                        == Some(
+                            req.spec.pod_ref.as_ref().map(|p| (req.namespace().unwrap_or_default(), p.name.clone())),
+                        )
                 {
                     return Vec::new(); // only its status changed
                 }
@@ -257,12 +266,19 @@ impl Cache {
                 // Keep the arrival order of requests still present; number the others in
                 // (creationTimestamp, name) order, after them.
                 let mut fresh = Index {
-                    arrival: index.arrival.iter().filter(|(uid, _)| present.contains(*uid)).map(|(u, n)| (u.clone(), *n)).collect(),
+                    arrival: index
+                        .arrival
+                        .iter()
+                        .filter(|(uid, _)| present.contains(*uid))
+                        .map(|(u, n)| (u.clone(), *n))
+                        .collect(),
                     next_arrival: index.next_arrival,
                     ..Index::default()
                 };
                 let mut sorted = state.clone();
-                sorted.sort_by(|a, b| (&a.metadata.creation_timestamp, a.name_any()).cmp(&(&b.metadata.creation_timestamp, b.name_any())));
+                sorted.sort_by(|a, b| {
+                    (&a.metadata.creation_timestamp, a.name_any()).cmp(&(&b.metadata.creation_timestamp, b.name_any()))
+                });
                 for req in &sorted {
                     fresh.insert(req);
                 }
@@ -349,7 +365,11 @@ impl Cache {
     }
 
     /// What the caches know about the pods named by these requests.
-    pub fn pods_for(&self, ns: &str, requests: &[Arc<LockRequest>]) -> (std::collections::BTreeMap<String, PodInfo>, HashSet<String>) {
+    pub fn pods_for(
+        &self,
+        ns: &str,
+        requests: &[Arc<LockRequest>],
+    ) -> (std::collections::BTreeMap<String, PodInfo>, HashSet<String>) {
         let mut pods = std::collections::BTreeMap::new();
         let mut gone = HashSet::new();
         let Some(store) = &self.pods else { return (pods, gone) };
@@ -391,5 +411,8 @@ impl Cache {
 /// The planner's view of a pod.
 pub fn pod_info(pod: &Pod) -> PodInfo {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    PodInfo { uid: pod.meta().uid.clone().unwrap_or_default(), terminated: matches!(phase, Some("Succeeded" | "Failed")) }
+    PodInfo {
+        uid: pod.meta().uid.clone().unwrap_or_default(),
+        terminated: matches!(phase, Some("Succeeded" | "Failed")),
+    }
 }

@@ -179,7 +179,8 @@ impl Elector {
 
     /// Empties the Lease if this replica holds it, so a standby takes over at once.
     pub async fn release(&self) {
-        let Ok(Ok(Some(mut lease))) = tokio::time::timeout(self.timings.retry, self.api.get_opt(&self.name)).await else {
+        let Ok(Ok(Some(mut lease))) = tokio::time::timeout(self.timings.retry, self.api.get_opt(&self.name)).await
+        else {
             return;
         };
         let Some(spec) = lease.spec.as_mut() else { return };

@@ -86,10 +86,9 @@ impl ControllerArgs {
         if self.admin_addr.is_empty() {
             return Ok(None);
         }
-        self.admin_addr
-            .parse()
-            .map(Some)
-            .map_err(|_| Error::Config(format!("--admin-addr {:?} is not an address like 0.0.0.0:8080", self.admin_addr)))
+        self.admin_addr.parse().map(Some).map_err(|_| {
+            Error::Config(format!("--admin-addr {:?} is not an address like 0.0.0.0:8080", self.admin_addr))
+        })
     }
 }
 
@@ -199,7 +198,9 @@ where
     })
 }
 
-fn channel_stream<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
+fn channel_stream<T: Send + 'static>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -239,9 +240,16 @@ pub async fn run_controller(
         });
     }
 
-    let identity = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| format!("kubelock-{}", std::process::id()));
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("kubelock-{}", std::process::id()));
     let elector = args.leader_elect.then(|| {
-        let ns = args.leader_elect_namespace.clone().or_else(|| std::env::var("POD_NAMESPACE").ok()).unwrap_or_else(|| "default".into());
+        let ns = args
+            .leader_elect_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
         leader::Elector::new(client.clone(), &ns, &args.leader_elect_lease, &identity, leader::Timings::default())
     });
     let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
@@ -385,9 +393,7 @@ async fn run_active(
         .with_config(config.clone())
         .reconcile_on(channel_stream(lock_rx))
         .graceful_shutdown_on(token.clone().cancelled_owned())
-        .run(reconcile::reconcile, reconcile::error_policy,
-            ctx.clone(),
-        )
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|result| async move {
             match result {
                 Ok(_) | Err(controller::Error::ObjectNotFound(_)) => {}
@@ -398,9 +404,7 @@ async fn run_active(
         .with_config(config)
         .reconcile_on(channel_stream(orphan_rx))
         .graceful_shutdown_on(token.clone().cancelled_owned())
-        .run(reconcile::reconcile_orphan, reconcile::error_policy,
-            ctx.clone(),
-        )
+        .run(reconcile::reconcile_orphan, reconcile::error_policy, ctx.clone())
         .for_each(|result| async move {
             match result {
                 Ok(_) | Err(controller::Error::ObjectNotFound(_)) => {}

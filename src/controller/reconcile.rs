@@ -67,7 +67,14 @@ pub struct Context {
 
 impl Context {
     /// A context around these caches.
-    pub fn new(client: kube::Client, cache: Cache, settings: Settings, metrics: Arc<Metrics>, events: Option<EventSink>, request_timeout: Duration) -> Self {
+    pub fn new(
+        client: kube::Client,
+        cache: Cache,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        events: Option<EventSink>,
+        request_timeout: Duration,
+    ) -> Self {
         Self {
             client,
             cache,
@@ -202,7 +209,13 @@ struct Reads {
 
 impl Reads {
     /// Makes the reads; returns the Lock if it was read (None inside when it is gone).
-    async fn run(&mut self, ctx: &Context, ns: &str, lock_name: &str, checks: &std::collections::BTreeSet<Check>) -> Result<Option<Option<Lock>>, Error> {
+    async fn run(
+        &mut self,
+        ctx: &Context,
+        ns: &str,
+        lock_name: &str,
+        checks: &std::collections::BTreeSet<Check>,
+    ) -> Result<Option<Option<Lock>>, Error> {
         self.done = true;
         let requests = Objects::new(ctx.client.clone(), ns, api::placeholder_request);
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
@@ -276,7 +289,8 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
             }
         }
         let fresh: HashSet<String> = reads.requests.keys().cloned().collect();
-        let observations = ctx.observations.lock().expect("observations lock poisoned").get(&uid).cloned().unwrap_or_default();
+        let observations =
+            ctx.observations.lock().expect("observations lock poisoned").get(&uid).cloned().unwrap_or_default();
         let arrival = ctx.cache.arrivals(&requests);
         // Plan: pure.
         let plan = planner::plan(Inputs {
@@ -342,7 +356,8 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         }
         // The decision is made: keep what was observed, then tell the requests.
         ctx.observations.lock().expect("observations lock poisoned").insert(uid.clone(), plan.observations.clone());
-        let by_uid: HashMap<String, Arc<LockRequest>> = requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
+        let by_uid: HashMap<String, Arc<LockRequest>> =
+            requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
         let mirrored = mirror(&ctx, &ns, &by_uid, &plan).await;
         delete_finished(&ctx, &ns, &plan).await;
         record(&ctx, &lock, &plan, &mirrored);
@@ -417,7 +432,10 @@ async fn delete_finished(ctx: &Arc<Context>, ns: &str, plan: &Plan) {
     let api: Api<LockRequest> = Api::namespaced(ctx.client.clone(), ns);
     let deletions: Vec<(String, String)> = plan.deletions.iter().map(|d| (d.name.clone(), d.uid.clone())).collect();
     for (name, uid) in deletions {
-        let dp = DeleteParams { preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }), ..Default::default() };
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
+            ..Default::default()
+        };
         match ctx.call(api.delete(&name, &dp)).await {
             Ok(_) => {
                 ctx.metrics.write("request_delete", "ok");
@@ -484,7 +502,9 @@ fn log_event(e: &PlanEvent) {
         EventKind::Expired | EventKind::Broken => {
             warn!(request = %e.request, holder = %e.holder, token, reason = e.reason.as_str(), message = %e.message, "grant ended")
         }
-        EventKind::Rejected => warn!(request = %e.request, reason = e.reason.as_str(), message = %e.message, "request rejected"),
+        EventKind::Rejected => {
+            warn!(request = %e.request, reason = e.reason.as_str(), message = %e.message, "request rejected")
+        }
     }
 }
 
@@ -518,13 +538,17 @@ pub async fn reconcile_orphan(req: Arc<LockRequest>, ctx: Arc<Context>) -> Resul
             }
         }
     }
-    let by_uid: HashMap<String, Arc<LockRequest>> = requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
+    let by_uid: HashMap<String, Arc<LockRequest>> =
+        requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
     let mirrored = mirror(&ctx, &ns, &by_uid, &plan).await;
     delete_finished(&ctx, &ns, &plan).await;
     for e in plan.events.iter().filter(|e| mirrored.happened(e)) {
         log_event(e);
         if e.kind == EventKind::Expired {
-            ctx.metrics.expirations.get_or_create(&crate::telemetry::ReasonLabel { reason: Reason::LockDeleted.as_str() }).inc();
+            ctx.metrics
+                .expirations
+                .get_or_create(&crate::telemetry::ReasonLabel { reason: Reason::LockDeleted.as_str() })
+                .inc();
         }
         if let Some(sink) = &ctx.events {
             sink.publish(object_reference(requests[0].as_ref()), None, e.clone());

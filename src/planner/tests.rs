@@ -583,7 +583,12 @@ fn orphans_wait_for_their_lock_and_lose_grants_of_a_deleted_one() {
     let now = Now { mono: secs(1), wall: Timestamp::from_second(T0).unwrap() };
     let pending = Arc::new(request("a", 1, 1));
     let mut granted = request("b", 1, 2);
-    granted.status = Some(LockRequestStatus { phase: Some(Phase::Granted), token: Some(3), lock_uid: Some("old".into()), ..Default::default() });
+    granted.status = Some(LockRequestStatus {
+        phase: Some(Phase::Granted),
+        token: Some(3),
+        lock_uid: Some("old".into()),
+        ..Default::default()
+    });
     let granted = Arc::new(granted);
     let reqs = [pending, granted];
     let p = plan_orphans("db", &reqs, &HashSet::new(), &Settings::default(), now);
@@ -602,7 +607,12 @@ fn orphans_wait_for_their_lock_and_lose_grants_of_a_deleted_one() {
 fn a_request_granted_by_an_earlier_lock_of_the_same_name_expires() {
     let mut w = World::new(lock(1, "30s", "0s"));
     let mut r = request("a", 1, 1);
-    r.status = Some(LockRequestStatus { phase: Some(Phase::Granted), token: Some(9), lock_uid: Some("previous".into()), ..Default::default() });
+    r.status = Some(LockRequestStatus {
+        phase: Some(Phase::Granted),
+        token: Some(9),
+        lock_uid: Some("previous".into()),
+        ..Default::default()
+    });
     w.add(r);
     w.add(request("b", 1, 2));
     w.step();

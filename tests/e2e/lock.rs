@@ -80,7 +80,15 @@ impl Fixture {
             .env
             .kubelock(Identity::Controller, &name)
             .env("POD_NAME", &name)
-            .args(["controller", "--watch-namespace", self.env.ns(), "--admin-addr", "", "--log", "info,kubelock=debug"])
+            .args([
+                "controller",
+                "--watch-namespace",
+                self.env.ns(),
+                "--admin-addr",
+                "",
+                "--log",
+                "info,kubelock=debug",
+            ])
             .args(flags)
             .spawn();
         self.controllers.push(proc);
@@ -113,7 +121,13 @@ impl Fixture {
     }
 }
 
-pub async fn create_request(api: &Api<LockRequest>, name: &str, lock: &str, permits: i32, lease: Option<&str>) -> LockRequest {
+pub async fn create_request(
+    api: &Api<LockRequest>,
+    name: &str,
+    lock: &str,
+    permits: i32,
+    lease: Option<&str>,
+) -> LockRequest {
     let request = LockRequest {
         metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
         spec: LockRequestSpec {
@@ -131,7 +145,9 @@ pub async fn create_request(api: &Api<LockRequest>, name: &str, lock: &str, perm
 
 async fn renew(api: &Api<LockRequest>, name: &str) {
     let patch = serde_json::json!({"spec": {"renewTime": MicroTime(Timestamp::now())}});
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap_or_else(|e| panic!("renewing {name}: {e}"));
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|e| panic!("renewing {name}: {e}"));
 }
 
 fn status(r: &LockRequest) -> kubelock::api::LockRequestStatus {
@@ -235,7 +251,8 @@ async fn a_silent_holder_expires_after_its_lease_and_not_before() {
     let granted = f.wait_phase("silent", Phase::Granted).await;
     let expired = f.wait_phase("silent", Phase::Expired).await;
     assert_eq!(reason(&expired), "LeaseExpired");
-    let held = seconds_between(status(&granted).granted_at.as_ref().unwrap(), status(&expired).finished_at.as_ref().unwrap());
+    let held =
+        seconds_between(status(&granted).granted_at.as_ref().unwrap(), status(&expired).finished_at.as_ref().unwrap());
     assert!(held >= 3.0, "expired {held:.3}s after the grant, before its 3s lease");
     // A holder that renews every third of its lease keeps the lock for several leases.
     let renewing = f.wait_phase("renewing", Phase::Granted).await;
@@ -264,7 +281,8 @@ async fn lock_delay_holds_back_grants_after_an_expiry() {
     .unwrap();
     assert!(delayed.status.unwrap().holders.is_empty(), "granted during the lock delay");
     let next = f.wait_phase("next", Phase::Granted).await;
-    let gap = seconds_between(status(&expired).finished_at.as_ref().unwrap(), status(&next).granted_at.as_ref().unwrap());
+    let gap =
+        seconds_between(status(&expired).finished_at.as_ref().unwrap(), status(&next).granted_at.as_ref().unwrap());
     assert!(gap >= 3.0, "granted {gap:.3}s after the expiry, inside the 3s lock delay");
 }
 
@@ -290,21 +308,28 @@ async fn deleting_the_holder_pod_releases_it() {
     let pod = Pod {
         metadata: ObjectMeta { name: Some("holder".into()), ..Default::default() },
         spec: Some(PodSpec {
-            containers: vec![k8s_openapi::api::core::v1::Container { name: "app".into(), image: Some("busybox".into()), ..Default::default() }],
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: "app".into(),
+                image: Some("busybox".into()),
+                ..Default::default()
+            }],
             automount_service_account_token: Some(false),
             ..Default::default()
         }),
         status: None,
     };
     let pod = pods.create(&PostParams::default(), &pod).await.expect("creating the pod");
-    let mut request = LockRequest::new("pod-holder", LockRequestSpec {
-        lock_name: "db".into(),
-        holder_identity: "pod/holder".into(),
-        permits: 1,
-        lease_duration: None,
-        renew_time: Some(MicroTime(Timestamp::now())),
-        pod_ref: Some(PodRef { name: "holder".into(), uid: pod.uid() }),
-    });
+    let mut request = LockRequest::new(
+        "pod-holder",
+        LockRequestSpec {
+            lock_name: "db".into(),
+            holder_identity: "pod/holder".into(),
+            permits: 1,
+            lease_duration: None,
+            renew_time: Some(MicroTime(Timestamp::now())),
+            pod_ref: Some(PodRef { name: "holder".into(), uid: pod.uid() }),
+        },
+    );
     request.metadata.namespace = None;
     f.requests.create(&PostParams::default(), &request).await.expect("creating the request");
     f.wait_phase("pod-holder", Phase::Granted).await;
@@ -339,7 +364,8 @@ async fn deleting_a_held_lock_expires_its_holders_and_requests_wait_for_a_new_on
 async fn a_request_for_a_lock_that_does_not_exist_yet_waits_for_it() {
     let f = Fixture::new().await;
     f.request("early", "later", 1).await;
-    let waiting = wait_until(&f.requests, "early", "LockNotFound", TIMEOUT, |r| reason(r) == "LockNotFound").await.unwrap();
+    let waiting =
+        wait_until(&f.requests, "early", "LockNotFound", TIMEOUT, |r| reason(r) == "LockNotFound").await.unwrap();
     assert_eq!(waiting.phase(), Phase::Pending);
     assert!(status(&waiting).message.unwrap().contains("does not exist"));
     f.lock("later", 1, "30s", "0s").await;
@@ -364,9 +390,10 @@ async fn contend(requests: Api<LockRequest>, lock: String, who: usize, rounds: u
     for round in 0..rounds {
         let name = format!("c{who}-{round}");
         create_request(&requests, &name, &lock, 1, None).await;
-        let granted = wait_until(&requests, &name, "granted", Duration::from_secs(120), |r| r.phase() == Phase::Granted)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let granted =
+            wait_until(&requests, &name, "granted", Duration::from_secs(120), |r| r.phase() == Phase::Granted)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         tokens.push(status(&granted).token.unwrap());
         // The work done while holding: a random, short hold.
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..30u64))).await;
@@ -475,7 +502,10 @@ async fn metrics_health_and_events_are_served() {
         async move {
             let mut stream = tokio::net::TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-            stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+            stream
+                .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
             let mut body = String::new();
             stream.read_to_string(&mut body).await.map_err(|e| e.to_string())?;
             Ok::<String, String>(body)
@@ -487,7 +517,12 @@ async fn metrics_health_and_events_are_served() {
     })
     .await
     .unwrap();
-    for name in ["kubelock_reconcile_duration_seconds", "kubelock_queue_depth", "kubelock_grant_latency_seconds", "kubelock_holders 1"] {
+    for name in [
+        "kubelock_reconcile_duration_seconds",
+        "kubelock_queue_depth",
+        "kubelock_grant_latency_seconds",
+        "kubelock_holders 1",
+    ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
     assert!(http("/healthz").await.unwrap().starts_with("HTTP/1.0 200"));

@@ -82,7 +82,11 @@ impl LockHistory {
                     resource_version: lock.resource_version().unwrap_or_default(),
                     permits: lock.spec.permits,
                     fencing_token: status.fencing_token,
-                    holders: status.holders.iter().map(|h| (h.request.clone(), h.request_uid.clone(), h.permits, h.token)).collect(),
+                    holders: status
+                        .holders
+                        .iter()
+                        .map(|h| (h.request.clone(), h.request_uid.clone(), h.permits, h.token))
+                        .collect(),
                     waiting: status.waiting,
                 });
             }
@@ -119,7 +123,8 @@ impl LockHistory {
             *last_fencing = s.fencing_token;
             for (request, request_uid, _, token) in &s.holders {
                 if *token > s.fencing_token {
-                    problems.push(format!("#{i}: {request} holds token {token} above fencingToken {}", s.fencing_token));
+                    problems
+                        .push(format!("#{i}: {request} holds token {token} above fencingToken {}", s.fencing_token));
                 }
                 match owner.get(&(s.uid.clone(), *token)) {
                     Some(other) if other != request_uid => {
@@ -131,16 +136,21 @@ impl LockHistory {
                     }
                 }
                 // A grant seen for the first time must carry a token above all earlier grants.
-                if !seen.contains_key(&(s.uid.clone(), request_uid.clone())) {
-                    let highest = granted.entry(s.uid.clone()).or_insert(0);
-                    if *token <= *highest {
-                        problems.push(format!("#{i}: new grant to {request} has token {token}, not above {highest}"));
+                match seen.entry((s.uid.clone(), request_uid.clone())) {
+                    std::collections::hash_map::Entry::Vacant(first) => {
+                        let highest = granted.entry(s.uid.clone()).or_insert(0);
+                        if *token <= *highest {
+                            problems
+                                .push(format!("#{i}: new grant to {request} has token {token}, not above {highest}"));
+                        }
+                        *highest = (*highest).max(*token);
+                        first.insert(*token);
+                        summary.grants += 1;
                     }
-                    *highest = (*highest).max(*token);
-                    seen.insert((s.uid.clone(), request_uid.clone()), *token);
-                    summary.grants += 1;
-                } else if seen[&(s.uid.clone(), request_uid.clone())] != *token {
-                    problems.push(format!("#{i}: {request}'s token changed while held"));
+                    std::collections::hash_map::Entry::Occupied(known) if *known.get() != *token => {
+                        problems.push(format!("#{i}: {request}'s token changed while held"));
+                    }
+                    std::collections::hash_map::Entry::Occupied(_) => {}
                 }
             }
         }
