@@ -444,8 +444,9 @@ pub async fn run(args: SidecarArgs, client_args: &ClientArgs) -> Result<ExitCode
                 continue 'campaign;
             }
         };
-        set_view(&view, |v| v.state = Some(guard.state()));
+        // Files first, then readiness: whoever sees /readyz 200 finds the token file.
         dir.write_holding(&request, guard.token(), guard.lock_uid()).map_err(dir_err)?;
+        set_view(&view, |v| v.state = Some(guard.state()));
         info!(lock = %args.lock, %request, token = guard.token(), "holding");
 
         // 3. Hold until lost or told to stop.

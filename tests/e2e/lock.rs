@@ -247,8 +247,8 @@ async fn a_silent_holder_expires_after_its_lease_and_not_before() {
     let f = Fixture::new().await;
     f.lock("db", 1, "3s", "0s").await;
     f.request("silent", "db", 1).await;
-    f.request("renewing", "db", 1).await;
     let granted = f.wait_phase("silent", Phase::Granted).await;
+    f.request("renewing", "db", 1).await;
     let expired = f.wait_phase("silent", Phase::Expired).await;
     assert_eq!(reason(&expired), "LeaseExpired");
     let held =
