@@ -212,6 +212,8 @@ struct View {
     namespace: String,
     request: Option<String>,
     state: Option<watch::Receiver<LockState>>,
+    /// The token whose files are written: not ready before the app can read its token.
+    published: Option<i64>,
     last_loss: Option<String>,
 }
 
@@ -265,13 +267,16 @@ fn status_of(view: &View) -> StatusBody {
         last_loss: view.last_loss.clone(),
     };
     match state {
-        Some(LockState::Holding { token, lock_uid, deadline, .. }) if now < deadline => {
+        Some(LockState::Holding { token, lock_uid, deadline, .. })
+            if now < deadline && view.published == Some(token) =>
+        {
             body.state = "holding";
             body.held = true;
             body.token = Some(token);
             body.lock_uid = Some(lock_uid);
             body.time_left_seconds = Some(deadline.saturating_since(now).as_secs_f64());
         }
+        Some(LockState::Holding { deadline, .. }) if now < deadline => {} // granted, files not written yet
         Some(LockState::Holding { .. }) | Some(LockState::Lost { .. }) => body.state = "lost",
         Some(LockState::Waiting { position }) => body.position = position,
         None => {}
@@ -446,13 +451,17 @@ pub async fn run(args: SidecarArgs, client_args: &ClientArgs) -> Result<ExitCode
         };
         // Files first, then readiness: whoever sees /readyz 200 finds the token file.
         dir.write_holding(&request, guard.token(), guard.lock_uid()).map_err(dir_err)?;
-        set_view(&view, |v| v.state = Some(guard.state()));
+        set_view(&view, |v| {
+            v.state = Some(guard.state());
+            v.published = Some(guard.token());
+        });
         info!(lock = %args.lock, %request, token = guard.token(), "holding");
 
         // 3. Hold until lost or told to stop.
         tokio::select! {
             reason = guard.lost() => {
                 // Files first: the app must stop seeing a token it no longer holds.
+                set_view(&view, |v| v.published = None);
                 dir.write_not_holding(None).map_err(dir_err)?;
                 warn!(lock = %args.lock, %request, token = guard.token(), %reason, "lock lost; standing by again");
                 set_view(&view, |v| { v.last_loss = Some(reason.to_string()); v.request = None; });
@@ -529,7 +538,11 @@ mod tests {
             lease: Duration::from_secs(10),
             deadline: BootInstant::now().saturating_add(Duration::from_secs(5)),
         });
-        let view = View { lock: "db".into(), namespace: "ns".into(), state: Some(rx), ..Default::default() };
+        let mut view = View { lock: "db".into(), namespace: "ns".into(), state: Some(rx), ..Default::default() };
+        let s = status_of(&view);
+        assert!(!s.held, "not ready before the token file is written");
+        assert_eq!(s.state, "waiting");
+        view.published = Some(3);
         let s = status_of(&view);
         assert!(s.held);
         assert_eq!(s.token, Some(3));
