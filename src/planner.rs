@@ -261,6 +261,12 @@ pub struct RequestUpdate {
     pub status: LockRequestStatus,
     /// A new grant: written first, since a waiter may be watching only its request.
     pub granted: bool,
+    /// The end of a grant, written *before* the Lock status (a fence): carrying the
+    /// resourceVersion the plan read, it fails if the holder renewed meanwhile, and a renewal
+    /// landing after it is answered with `Expired`. Without it a renewal racing the expiry
+    /// could hand the holder a fresh deadline while its successor is granted (found by the
+    /// model check, tests/model_check.rs).
+    pub fence: bool,
 }
 
 /// A finished request to delete, past its retention.
@@ -316,7 +322,15 @@ impl Plan {
 
     fn update(&mut self, req: &LockRequest, status: LockRequestStatus, granted: bool) {
         if req.status.as_ref() != Some(&status) {
-            self.requests.push(RequestUpdate { name: req.name_any(), uid: uid_of(req).into(), status, granted });
+            let (name, uid) = (req.name_any(), uid_of(req).into());
+            self.requests.push(RequestUpdate { name, uid, status, granted, fence: false });
+        }
+    }
+
+    fn fence(&mut self, req: &LockRequest, status: LockRequestStatus) {
+        self.update(req, status, false);
+        if let Some(last) = self.requests.last_mut().filter(|u| u.uid == uid_of(req)) {
+            last.fence = true;
         }
     }
 
@@ -611,22 +625,39 @@ fn plan_holders(
             }
             continue;
         };
-        if req.metadata.deletion_timestamp.is_some() || req.phase().is_final() {
-            // Being deleted, or finalized by another controller's plan: freed without a word.
-            if req.metadata.deletion_timestamp.is_some() {
-                let message = format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token);
-                let e = plan.event(
-                    EventKind::Released,
-                    Reason::Released,
-                    &h.request,
-                    &h.request_uid,
-                    &h.holder,
-                    Some(h.token),
-                    message,
-                );
-                e.held = held;
-                e.of_lock = true;
-            }
+        if req.metadata.deletion_timestamp.is_some() {
+            let message = format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token);
+            let e = plan.event(
+                EventKind::Released,
+                Reason::Released,
+                &h.request,
+                &h.request_uid,
+                &h.holder,
+                Some(h.token),
+                message,
+            );
+            e.held = held;
+            e.of_lock = true;
+            continue;
+        }
+        if req.phase().is_final() {
+            // Its end is already written on the request (a fence whose Lock write did not
+            // follow: a conflict, or a controller that stopped in between): finish it here.
+            let status = req.status.clone().unwrap_or_default();
+            let cause = status.conditions.iter().find(|c| c.type_ == "Granted").map(|c| c.reason.clone());
+            let reason = match cause.as_deref() {
+                Some("LeaseExpired") => Reason::LeaseExpired,
+                Some("PodGone") => Reason::PodGone,
+                Some("Broken") => Reason::Broken,
+                Some("LockDeleted") => Reason::LockDeleted,
+                _ => Reason::Lost,
+            };
+            pass.delay_starts |= reason.starts_lock_delay();
+            let kind = if reason == Reason::Broken { EventKind::Broken } else { EventKind::Expired };
+            let note = format!("{} lost token {}: {}", h.holder, h.token, status.message.unwrap_or_default());
+            let e = plan.event(kind, reason, &h.request, &h.request_uid, &h.holder, Some(h.token), note);
+            e.held = held;
+            e.of_lock = true;
             continue;
         }
         let lease = duration::parse(&h.lease_duration).ok().filter(|d| !d.is_zero()).unwrap_or(FALLBACK_LEASE);
@@ -673,7 +704,7 @@ fn plan_holders(
                     holder: Some(h),
                     lock_uid: Some(lock_uid),
                 };
-                plan.update(req, desired_status(req, fate, now), false);
+                plan.fence(req, desired_status(req, fate, now));
                 let e = plan.event(kind, reason, &h.request, &h.request_uid, &h.holder, Some(h.token), note);
                 e.held = held;
                 e.of_lock = true;

@@ -367,9 +367,28 @@ impl LockClient {
 
     /// Creates a LockRequest and waits until it is granted (or `wait_timeout`, or `cancel`).
     /// On any failure after the create, the request is deleted.
+    ///
+    /// A waiting request that loses its lease (it could not renew in time: the process was
+    /// frozen, the API server unreachable) is withdrawn and a new one is made, while
+    /// `wait_timeout` allows: see [`Tracker::waiting_deadline`].
     pub async fn acquire(&self, opts: AcquireOptions) -> Result<Guard, AcquireError> {
-        let pending = self.request(&opts).await?;
-        pending.granted(opts.wait_timeout, opts.cancel.clone()).await
+        let started = tokio::time::Instant::now();
+        loop {
+            let pending = self.request(&opts).await?;
+            let remaining = opts.wait_timeout.map(|t| t.saturating_sub(started.elapsed()));
+            match pending.granted(remaining, opts.cancel.clone()).await {
+                Err(AcquireError::NotGranted { reason: LostReason::DeadlinePassed, lock, request })
+                    if remaining.is_none_or(|r| !r.is_zero()) =>
+                {
+                    tracing::warn!(%lock, %request, "the waiting request could not renew within its lease; asking again");
+                }
+                Err(AcquireError::WaitTimeout { lock, request, position, .. }) => {
+                    let waited = opts.wait_timeout.unwrap_or_default();
+                    return Err(AcquireError::WaitTimeout { lock, request, waited, position });
+                }
+                other => return other,
+            }
+        }
     }
 
     /// [`LockClient::adopt_pending`], then waits like [`LockClient::acquire`].

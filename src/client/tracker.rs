@@ -195,12 +195,27 @@ impl Tracker {
         &self.uid
     }
 
-    /// The deadline to arm a timer for, while holding.
+    /// The deadline to arm a timer for: while holding, the grant's; while waiting, the
+    /// waiter's (see [`Tracker::waiting_deadline`]).
     pub fn deadline(&self) -> Option<BootInstant> {
         match &self.state {
             LockState::Holding { deadline, .. } => Some(*deadline),
-            _ => None,
+            LockState::Waiting { .. } => self.waiting_deadline(),
+            LockState::Lost { .. } => None,
         }
+    }
+
+    /// A waiter keeps a deadline too: base + the lease it would be granted − margin. Past
+    /// it the request is lost for good, like a grant: a waiter that could not renew for a
+    /// lease (frozen, cut off) may have been granted and expired meanwhile, and a renewal it
+    /// sends late must not give it a fresh deadline while its successor is granted (the
+    /// model check, tests/model_check.rs, found that interleaving). The caller asks again
+    /// with a new request. Unknown while neither the requested nor the Lock's lease is
+    /// known; the controller's fenced expiry covers that case.
+    pub fn waiting_deadline(&self) -> Option<BootInstant> {
+        let base = self.base?;
+        let lease = self.fallback_lease()?;
+        Some(deadline(base, lease, self.margin_for(lease)))
     }
 
     /// The base of the deadline: boot time before the last successful write.
@@ -233,11 +248,9 @@ impl Tracker {
         }
     }
 
-    /// Time passes: past the deadline, lost.
+    /// Time passes: past the deadline (holding or waiting), lost.
     pub fn on_tick(&mut self, now: BootInstant) {
-        if let LockState::Holding { deadline, .. } = self.state
-            && now >= deadline
-        {
+        if self.deadline().is_some_and(|deadline| now >= deadline) {
             self.lose(LostReason::DeadlinePassed);
         }
     }
@@ -562,6 +575,28 @@ mod tests {
         // Frozen while waiting: the grant is seen long after the last renewal.
         t.on_request(&request("db-abcde", "u1", granted(3, "10s")), at(60_000));
         assert!(matches!(t.state(), LockState::Lost { reason: LostReason::DeadlinePassed, token: Some(3) }));
+    }
+
+    #[test]
+    fn a_waiter_past_its_deadline_is_lost_and_a_late_renewal_does_not_revive_it() {
+        // The interleaving the model check found: frozen while waiting, granted and expired
+        // meanwhile, a renewal sent on waking lands and is answered before the expiry.
+        let mut t = new_tracker(); // created at 1000 ms
+        t.on_lock(&lock("lock-uid", 0, &[]), at(1100)); // the Lock's lease: 30s
+        assert_eq!(t.waiting_deadline(), Some(at(1000 + 27_000)));
+        t.on_tick(at(1000 + 27_000));
+        assert!(matches!(t.state(), LockState::Lost { reason: LostReason::DeadlinePassed, .. }));
+        t.on_write_ok(at(40_000), at(40_010), Some(&request("db-abcde", "u1", granted(1, "30s"))));
+        t.on_lock(&lock("lock-uid", 1, &[("db-abcde", "u1", 1)]), at(40_020));
+        assert!(t.state().is_lost(), "{:?}", t.state());
+        // A waiter that renews in time keeps waiting, and holds from its last renewal.
+        let mut t = new_tracker();
+        t.on_lock(&lock("lock-uid", 0, &[]), at(1100));
+        t.on_write_ok(at(20_000), at(20_010), None);
+        t.on_tick(at(40_000));
+        assert!(matches!(t.state(), LockState::Waiting { .. }));
+        t.on_request(&request("db-abcde", "u1", granted(1, "30s")), at(40_100));
+        assert_eq!(t.deadline(), Some(at(20_000 + 27_000)));
     }
 
     #[test]

@@ -322,6 +322,12 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         if let Some(invalid) = &plan.invalid_spec {
             debug!(%invalid, "lock spec is invalid");
         }
+        let by_uid: HashMap<String, Arc<LockRequest>> =
+            requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
+        // Fence the ends of grants on their requests before the Lock says so.
+        if plan.lock_status.is_some() && !fence(&ctx, &ns, &by_uid, &plan, &mut reads).await? {
+            continue; // a holder renewed (or went) meanwhile: plan again with what was read
+        }
         // Compare-and-swap the Lock status.
         if let Some(status) = &plan.lock_status {
             match locks.replace_status(&ctx, &lock, status).await {
@@ -356,8 +362,6 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         }
         // The decision is made: keep what was observed, then tell the requests.
         ctx.observations.lock().expect("observations lock poisoned").insert(uid.clone(), plan.observations.clone());
-        let by_uid: HashMap<String, Arc<LockRequest>> =
-            requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
         let mirrored = mirror(&ctx, &ns, &by_uid, &plan).await;
         delete_finished(&ctx, &ns, &plan).await;
         record(&ctx, &lock, &plan, &mirrored);
@@ -369,6 +373,48 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
     Err(Error::Contention(MAX_ROUNDS))
 }
 
+/// Writes the `Expired` status of each grant the plan ends, with the resourceVersion the
+/// plan read (see `planner::RequestUpdate::fence`). Returns false when one was refused (the
+/// holder renewed or went meanwhile): its fresh version is in `reads`, plan again.
+async fn fence(
+    ctx: &Arc<Context>,
+    ns: &str,
+    by_uid: &HashMap<String, Arc<LockRequest>>,
+    plan: &Plan,
+    reads: &mut Reads,
+) -> Result<bool, Error> {
+    let objects = Objects::new(ctx.client.clone(), ns, api::placeholder_request);
+    let mut all = true;
+    for update in plan.requests.iter().filter(|u| u.fence) {
+        let Some(current) = by_uid.get(&update.uid) else { continue };
+        match objects.replace_status(ctx, current, &update.status).await {
+            Ok(written) => {
+                ctx.metrics.write("request_fence", "ok");
+                reads.requests.insert(update.uid.clone(), Arc::new(written));
+            }
+            Err(Error::Kube(e)) if is_status(&e, 409) || is_status(&e, 404) => {
+                ctx.metrics.write("request_fence", "conflict");
+                debug!(request = %update.name, "the holder changed before its expiry was fenced; planning again");
+                all = false;
+                match objects.get_opt(ctx, &update.name).await? {
+                    Some(r) if r.uid().as_deref() == Some(update.uid.as_str()) => {
+                        reads.requests.insert(update.uid.clone(), Arc::new(r));
+                    }
+                    _ => {
+                        ctx.cache.mark_request_gone(&update.uid);
+                        reads.gone.insert(update.uid.clone());
+                    }
+                }
+            }
+            Err(e) => {
+                ctx.metrics.write("request_fence", "error");
+                return Err(e);
+            }
+        }
+    }
+    Ok(all)
+}
+
 /// Writes request statuses (after the Lock status is written). New grants go first. A
 /// conflict means the request changed: its watch event brings another reconcile.
 async fn mirror(ctx: &Arc<Context>, ns: &str, by_uid: &HashMap<String, Arc<LockRequest>>, plan: &Plan) -> Mirrored {
@@ -376,6 +422,7 @@ async fn mirror(ctx: &Arc<Context>, ns: &str, by_uid: &HashMap<String, Arc<LockR
     let writes: Vec<(String, String, Arc<LockRequest>, LockRequestStatus)> = plan
         .requests
         .iter()
+        .filter(|u| !u.fence) // written already, before the Lock status
         .filter_map(|u| Some((u.name.clone(), u.uid.clone(), by_uid.get(&u.uid)?.clone(), u.status.clone())))
         .collect();
     let writes = writes.into_iter().map(|(name, uid, current, status)| {

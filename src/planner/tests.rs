@@ -267,6 +267,32 @@ fn a_silent_holder_expires_after_its_lease_and_not_before() {
 }
 
 #[test]
+fn an_expiry_is_fenced_on_the_request_before_the_lock_says_so() {
+    let mut w = World::new(lock(1, "10s", "5s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    w.mono += secs(10);
+    w.fresh.insert("uid-a".into());
+    let p = w.plan();
+    let a = p.requests.iter().find(|u| u.name == "a").unwrap();
+    assert!(a.fence && a.status.phase == Some(Phase::Expired), "{a:?}");
+    assert!(p.requests.iter().filter(|u| u.name != "a").all(|u| !u.fence));
+    // The fence was written, the Lock write was not (a conflict, or a crash): the next plan
+    // finishes the grant from the request's status, lock delay and event included.
+    let r = w.requests.iter_mut().find(|r| r.name_any() == "a").unwrap();
+    Arc::make_mut(r).status = Some(a.status.clone());
+    w.fresh.clear();
+    let p = w.plan();
+    let status = p.lock_status.expect("the grant ends");
+    assert!(status.holders.is_empty());
+    assert!(status.delayed_until.is_some(), "the lock delay starts");
+    assert!(p.requests.iter().all(|u| u.name != "a"), "nothing more to write on a");
+    let e = p.events.iter().find(|e| e.request == "a").expect("an event");
+    assert_eq!((e.kind, e.reason, e.of_lock), (EventKind::Expired, Reason::LeaseExpired, true));
+}
+
+#[test]
 fn renewals_restart_the_countdown() {
     let mut w = World::new(lock(1, "30s", "0s"));
     w.add(request("a", 1, 1));

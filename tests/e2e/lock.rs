@@ -274,12 +274,15 @@ async fn lock_delay_holds_back_grants_after_an_expiry() {
     f.wait_phase("paused", Phase::Granted).await;
     f.request("next", "db", 1).await;
     let expired = f.wait_phase("paused", Phase::Expired).await;
-    let delayed = wait_until(&f.locks, "db", "delayedUntil set", TIMEOUT, |l| {
-        l.status.as_ref().is_some_and(|s| s.delayed_until.is_some() || !s.holders.is_empty())
+    // The expiry is written on the request first (a fence), then on the Lock.
+    let delayed = wait_until(&f.locks, "db", "the expired holder gone from the Lock", TIMEOUT, |l| {
+        l.status.as_ref().is_some_and(|s| s.holders.iter().all(|h| h.request != "paused"))
     })
     .await
     .unwrap();
-    assert!(delayed.status.unwrap().holders.is_empty(), "granted during the lock delay");
+    let delayed = delayed.status.unwrap();
+    assert!(delayed.holders.is_empty(), "granted during the lock delay: {:?}", delayed.holders);
+    assert!(delayed.delayed_until.is_some(), "no lock delay in force");
     let next = f.wait_phase("next", Phase::Granted).await;
     let gap =
         seconds_between(status(&expired).finished_at.as_ref().unwrap(), status(&next).granted_at.as_ref().unwrap());
