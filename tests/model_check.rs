@@ -1,62 +1,63 @@
-//! Model check of kubelock's grant protocol (DESIGN.md, "Grant protocol" and "Expiry
-//! without trusting clocks") with the `stateright` model checker.
+//! Model check of kubelock's grant protocol (DESIGN.md, "Grant protocol" and "Expiry without
+//! trusting clocks") with the `stateright` model checker.
 //!
 //! **What is modelled.** One Lock in a store with compare-and-swap: every write gives the
 //! object a new resourceVersion, and a write that carries an older one fails. The
 //! LockRequests: created, renewed (their generation changes), deleted, their status phase
 //! mirrored by the controller. Two controllers run at once (split brain) and may crash and
-//! restart with empty memory at any step. Each reconcile is four separate steps (read and
-//! plan; CAS `Lock.status`; mirror into the requests), so everything else can happen in
-//! between and a controller may write from a stale read. A controller expires a holder by
-//! its own observations only: per holder, the last generation it saw and how long ago it
-//! first saw it; the grant counts as one, a restart starts the countdown again. Three
-//! clients request, renew, release, pause (any party may take no step for any number of
-//! ticks) and lose their lease. A renewal is sent and lands in separate steps, ticks apart
-//! if the network is slow. A client's deadline is the clock reading taken before sending its
-//! last answered create or renewal plus lease minus margin; past it the client is lost for
-//! good. A client acts as holder only while its last read (of the Lock, or of its own
-//! request's status) says granted and its deadline has not passed. Time is a global tick;
-//! the lease is 2 ticks and the margin 1.
+//! restart with empty memory at any step. A reconcile is separate steps (read and plan; CAS
+//! `Lock.status`; mirror into the requests), so anything can happen in between and a
+//! controller may write from a stale read. A controller expires a holder by its own
+//! observations only: per holder, the last generation it saw and how long ago it first saw it;
+//! the grant counts as one, a restart starts the countdown again. Three clients request,
+//! renew, release, pause (any party may take no step for any number of ticks) and lose their
+//! lease. A renewal is sent and lands in separate steps, ticks apart if the network is slow. A
+//! client's deadline is the clock reading taken before sending its last answered create or
+//! renewal plus lease minus margin; past it the client is lost for good. A client acts as
+//! holder only while its last read (of the Lock, or of its own request's status) says granted
+//! and its deadline has not passed. Time is a global tick; the lease is 2 ticks and the margin
+//! 1.
 //!
-//! **What it proves.** Every reachable state is checked (the clock runs forever; a mutex
-//! with unbounded requests, renewals and controller crashes; a semaphore of 2 with one
-//! writer asking for both permits and two readers asking for one, each asking once, no
-//! crashes): the permits granted in `Lock.status` never exceed the Lock's; the permits of
-//! the clients that *act as holder* never exceed them either, and a client acts only while
-//! the Lock lists it, which is what expiry by observation plus the client deadline are for;
-//! a write never lowers `fencingToken` nor issues a token that is not above every earlier
-//! one. Under fairness stated in the model (controllers react before the clock moves on,
-//! renewals arrive within a tick, the other clients renew a bounded number of times and
-//! then release or die), a waiting request is eventually granted, a writer behind readers
-//! included. `stateright` has no fairness of its own and checks `eventually` only on runs
-//! that end; the liveness scenario is built so that every run ends. Variants with one rule
-//! broken each fail a property: controllers writing without CAS (a whole status, or a
-//! patch), a client ignoring its deadline, a client whose deadline is not final, comparing
-//! the client's renewTime with the controller's clock, a countdown that starts only at a
-//! renewal.
+//! **What it proves.** Every reachable state is checked (the clock runs forever; a mutex with
+//! unbounded requests, renewals and controller crashes; a semaphore of 2 with one writer
+//! asking for both permits and two readers asking for one, each asking once, no crashes): the
+//! permits granted in `Lock.status` never exceed the Lock's; the permits of the clients that
+//! *act as holder* never exceed them either, and a client acts only while the Lock lists it,
+//! which is what expiry by observation plus the client deadline are for; a write never lowers
+//! `fencingToken` nor issues a token that is not above every earlier one. Under fairness
+//! stated in the model (controllers react before the clock moves on, renewals arrive within a
+//! tick, the waiter renews at every tick, the two other clients ask once, renew at most once
+//! and then release or die, at most one controller crash), a waiting request is eventually
+//! granted, a writer behind readers included. `stateright` has no fairness of its own and
+//! checks `eventually` only on runs that end (a run that loops is not judged), so the liveness
+//! scenario is built so that every run ends, and "granted" is kept in the state so that runs
+//! that merge agree on it. Variants with one rule broken each fail a property: controllers
+//! writing without CAS (a whole status, or a patch), a client ignoring its deadline, a client
+//! whose deadline is not final, comparing the client's renewTime with the controller's clock,
+//! a countdown that starts only at a renewal.
 //!
-//! **What the check found.** The client rules as DESIGN.md and DECISIONS.md state them are
-//! not safe: a waiter whose deadline passed (paused, say) keeps its request; granted
-//! meanwhile, it sends a renewal which lands just after a controller read that expires the
-//! grant; the answer gives the waiter a fresh deadline, it reads the Lock before the expiry
-//! is written, and acts next to its successor. Either rule closes the hole, and both are
-//! checked: passing the deadline is final for a waiter too (it must ask again), which is
-//! what `Variant::Correct` models; or the controller fences an expiry by marking the request
-//! `Expired` with the resourceVersion it read before it writes the Lock, and a client that
-//! gets `Expired` in a renewal's answer is lost.
+//! **What the check found.** The client rules as DESIGN.md and DECISIONS.md state them are not
+//! safe: a waiter whose deadline passed (paused, say) keeps its request; granted meanwhile, it
+//! sends a renewal which lands just after a controller read that expires the grant; the answer
+//! gives the waiter a fresh deadline, it reads the Lock before the expiry is written, and acts
+//! next to its successor. Either rule closes the hole, and both are checked: passing the
+//! deadline is final for a waiter too (it must ask again), which is what `Variant::Correct`
+//! models; or the controller fences an expiry by marking the request `Expired` with the
+//! resourceVersion it read before it writes the Lock, and a client that gets `Expired` in a
+//! renewal's answer is lost.
 //!
 //! **What it does not prove.** Clocks are perfect in the model: a tick is as long for
 //! everybody, so clock-rate drift (what the margin is for), suspend and the choice of
-//! `CLOCK_BOOTTIME` are outside it, and the model is safe without the margin. API-server
-//! watch delays appear only as "a party reads later"; a read returns the store as it is, a
-//! whole object at once. How the real controller notices a renewal (watch events, requeue at
-//! the next expiry) is reduced to "the next read sees the new generation". Lock delay, pods,
-//! `kubelock break`, deleting a Lock, rejected requests, cleanup of finished requests and
-//! leader election are not modelled, and fencing tokens are tracked only as "is this write
-//! based on the current `fencingToken`". The model is a separate description of the
-//! protocol, not the Rust planner or client code. Its sizes are small (one Lock, three
-//! clients, two controllers, a two-tick lease, one request per client in the semaphore
-//! check): a bug that needs more would escape it.
+//! `CLOCK_BOOTTIME` are outside it; the model is safe even without the margin (checked with
+//! one request per client). API-server watch delays appear only as "a party reads later"; a
+//! read returns the store as it is, a whole object at once. How the real controller notices a
+//! renewal (watch events, requeue at the next expiry) is reduced to "the next read sees the
+//! new generation". Lock delay, pods, `kubelock break`, deleting a Lock, rejected requests,
+//! cleanup of finished requests and leader election are not modelled, and fencing tokens are
+//! tracked only as "is this write based on the current `fencingToken`". The model is a
+//! separate description of the protocol, not the Rust planner or client code. Its sizes are
+//! small (one Lock, three clients, two controllers, a two-tick lease, one request per client
+//! in the semaphore check): a bug that needs more would escape it.
 //!
 //! Run with `cargo test --test model_check -- --nocapture` to see the state counts and, for
 //! the broken variants, their counterexamples.
