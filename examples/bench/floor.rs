@@ -17,7 +17,9 @@ use kube::{
     runtime::watcher,
 };
 
-use crate::{Budget, stats::Samples};
+use kubelock::api::{Holder, Lock, LockRequest, LockStatus};
+
+use crate::{Budget, requester, stats::Samples};
 
 fn lease(name: &str, holder: &str) -> Lease {
     Lease {
@@ -51,13 +53,55 @@ pub async fn write_floor(leases: &Api<Lease>, budget: Budget) -> anyhow::Result<
     Ok(samples)
 }
 
+/// 1b. The same on a custom resource: CAS of a Lock's status subresource (what the
+/// controller's grant write is), with no controller watching its namespace.
+pub async fn cr_write_floor(locks: &Api<Lock>, budget: Budget) -> anyhow::Result<Samples> {
+    const NAME: &str = "bench-cr-write-floor";
+    let mut current = locks.create(&PostParams::default(), &requester::lock(NAME, 1, None)).await?;
+    let mut samples = Samples::default();
+    let start = Instant::now();
+    let mut token = 0i64;
+    while !budget.done(start, samples.len()) {
+        token += 1;
+        let mut next = current.clone();
+        next.status = Some(LockStatus {
+            holders: vec![Holder {
+                request: format!("{NAME}-{}", token % 2),
+                request_uid: format!("uid-{token}"),
+                holder: format!("holder-{}", token % 2),
+                permits: 1,
+                token,
+                granted_at: MicroTime(jiff::Timestamp::now()),
+                lease_duration: "30s".into(),
+            }],
+            fencing_token: token,
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        current = locks.replace_status(NAME, &PostParams::default(), &next).await?;
+        samples.push(t0.elapsed());
+    }
+    Ok(samples)
+}
+
 /// 2. Handover floor: DELETE marker → the waiter's watch event → CREATE marker (returned).
-pub async fn handover_floor(leases: &Api<Lease>, budget: Budget) -> anyhow::Result<Samples> {
-    const NAME: &str = "bench-floor-marker";
-    leases.create(&PostParams::default(), &lease(NAME, "holder")).await?;
+/// `make(holder)` builds the marker (named `bench-floor-marker`): a Lease for the floor of
+/// the issue, a LockRequest for the same on a custom resource (2b).
+pub async fn handover_floor<K>(api: &Api<K>, make: impl Fn(&str) -> K, budget: Budget) -> anyhow::Result<Samples>
+where
+    K: kube::Resource
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    api.create(&PostParams::default(), &make("holder")).await?;
     // The waiter's watch, open for the whole run.
     let mut events =
-        watcher(leases.clone(), watcher::Config::default().fields(&format!("metadata.name={NAME}"))).boxed();
+        watcher(api.clone(), watcher::Config::default().fields(&format!("metadata.name={MARKER}"))).boxed();
     // Until the initial list is done and shows the marker.
     let mut present = false;
     loop {
@@ -76,8 +120,8 @@ pub async fn handover_floor(leases: &Api<Lease>, budget: Budget) -> anyhow::Resu
         // The holder lets go...
         let t0 = Instant::now();
         let delete = tokio::spawn({
-            let leases = leases.clone();
-            async move { leases.delete(NAME, &DeleteParams::default()).await }
+            let api = api.clone();
+            async move { api.delete(MARKER, &DeleteParams::default()).await }
         });
         // ...the waiter sees it and takes over.
         loop {
@@ -87,10 +131,7 @@ pub async fn handover_floor(leases: &Api<Lease>, budget: Budget) -> anyhow::Resu
                 _ => {}
             }
         }
-        leases
-            .create(&PostParams::default(), &lease(NAME, &format!("waiter-{round}")))
-            .await
-            .context("waiter create")?;
+        api.create(&PostParams::default(), &make(&format!("waiter-{round}"))).await.context("waiter create")?;
         samples.push(t0.elapsed());
         delete.await??;
         // Quiet again: the waiter's watch has seen its own marker.
@@ -101,4 +142,17 @@ pub async fn handover_floor(leases: &Api<Lease>, budget: Budget) -> anyhow::Resu
         }
     }
     Ok(samples)
+}
+
+/// Name of the handover floor's marker object.
+pub const MARKER: &str = "bench-floor-marker";
+
+/// The Lease marker of item 2.
+pub fn lease_marker(holder: &str) -> Lease {
+    lease(MARKER, holder)
+}
+
+/// The LockRequest marker of item 2b (for a Lock that does not exist; nothing reconciles it).
+pub fn request_marker(holder: &str) -> LockRequest {
+    requester::request("bench-no-such-lock", Some(MARKER), holder)
 }

@@ -27,8 +27,8 @@ enum Cmd {
 
 enum Report {
     Queued,
-    Granted { at: Instant, via: Via },
-    Released { at: Instant },
+    Granted { at: Instant, wall: jiff::Timestamp, via: Via },
+    Released { at: Instant, wall: jiff::Timestamp, took: std::time::Duration },
 }
 
 /// The result of one handover configuration.
@@ -36,6 +36,9 @@ pub struct Handover {
     pub samples: Samples,
     pub via_lock: usize,
     pub via_request: usize,
+    /// Per sample, wall-clock (release sent, grant seen): to line up with controller logs.
+    /// and how long the releaser's DELETE took.
+    pub timeline: Vec<(jiff::Timestamp, jiff::Timestamp, std::time::Duration)>,
 }
 
 /// Runs `permits` holders and `waiters` waiters on a fresh Lock `name`.
@@ -80,7 +83,7 @@ pub async fn handover(
         if holders.len() != permits as usize {
             bail!("{} holders after filling a lock of {permits} permits", holders.len());
         }
-        let mut out = Handover { samples: Samples::default(), via_lock: 0, via_request: 0 };
+        let mut out = Handover { samples: Samples::default(), via_lock: 0, via_request: 0, timeline: Vec::new() };
         let start = Instant::now();
         while !budget.done(start, out.samples.len()) {
             let releaser = holders.pop_front().ok_or_else(|| anyhow!("no holder"))?;
@@ -88,13 +91,16 @@ pub async fn handover(
             let (mut t0, mut grant) = (None, None);
             while t0.is_none() || grant.is_none() {
                 match next_report(&mut reports).await? {
-                    (who, Report::Released { at }) if who == releaser => t0 = Some(at),
-                    (who, Report::Granted { at, via }) => grant = Some((who, at, via)),
+                    (who, Report::Released { at, wall, took }) if who == releaser => t0 = Some((at, wall, took)),
+                    (who, Report::Granted { at, wall, via }) => grant = Some((who, at, wall, via)),
                     _ => bail!("unexpected report during a handover"),
                 }
             }
-            let (t0, (granted, at, via)) =
-                (t0.unwrap_or_else(Instant::now), grant.unwrap_or((releaser, Instant::now(), Via::Lock)));
+            let ((t0, wall0, took), (granted, at, wall1, via)) = (
+                t0.unwrap_or_else(|| (Instant::now(), jiff::Timestamp::now(), std::time::Duration::ZERO)),
+                grant.unwrap_or_else(|| (releaser, Instant::now(), jiff::Timestamp::now(), Via::Lock)),
+            );
+            out.timeline.push((wall0, wall1, took));
             if at < t0 {
                 bail!("client {granted} saw a grant before the release");
             }
@@ -157,19 +163,22 @@ async fn client(
                         tokio::select! {
                             granted = watch.granted() => {
                                 let (at, via) = granted?;
-                                let _ = reports.send((id, Ok(Report::Granted { at, via })));
+                                let wall = jiff::Timestamp::now();
+                                let _ = reports.send((id, Ok(Report::Granted { at, wall, via })));
                             }
                             _ = stop.cancelled() => {}
                         }
                     } else {
-                        let _ = reports.send((id, Ok(Report::Granted { at: Instant::now(), via: Via::Lock })));
+                        let grant =
+                            Report::Granted { at: Instant::now(), wall: jiff::Timestamp::now(), via: Via::Lock };
+                        let _ = reports.send((id, Ok(grant)));
                     }
                 }
                 Cmd::Release => {
                     let req = current.take().ok_or_else(|| anyhow!("release without a request"))?;
-                    let at = Instant::now();
+                    let (at, wall) = (Instant::now(), jiff::Timestamp::now());
                     requester::release(&requests, &req).await?;
-                    let _ = reports.send((id, Ok(Report::Released { at })));
+                    let _ = reports.send((id, Ok(Report::Released { at, wall, took: at.elapsed() })));
                 }
             }
             Ok(())

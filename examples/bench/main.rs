@@ -124,7 +124,9 @@ impl Config {
 #[derive(Default)]
 struct Results {
     write_floor: Option<Samples>,
+    cr_write_floor: Option<Samples>,
     handover_floor: Option<Samples>,
+    cr_handover_floor: Option<Samples>,
     handovers: Vec<(String, handover::Handover)>,
     lease_polling: Option<Samples>,
     etcd_lock: Option<Samples>,
@@ -134,13 +136,37 @@ struct Results {
     controller_a: Option<Value>,
     errors: Vec<(String, String)>,
     load: Vec<(String, [f64; 3])>,
+    /// etcd's address (host:port) once it runs.
+    etcd: Option<String>,
+    fsync: Vec<(String, sys::Histogram)>,
 }
 
 impl Results {
-    fn note_load(&mut self, item: &str) {
+    /// Marks the start of a step: load average, and etcd's WAL fsync histogram (the step's
+    /// fsyncs are the difference to the next step's).
+    async fn step(&mut self, item: &str) {
         let load = sys::loadavg();
         eprintln!("== {item}   (load average {:.2} {:.2} {:.2})", load[0], load[1], load[2]);
         self.load.push((item.to_string(), load));
+        if let Some(addr) = &self.etcd {
+            match sys::http(addr, "GET", "/metrics", None, Duration::from_secs(10)).await {
+                Ok((200, text)) => self
+                    .fsync
+                    .push((item.to_string(), sys::Histogram::parse(&text, "etcd_disk_wal_fsync_duration_seconds"))),
+                _ => eprintln!("   (etcd /metrics unavailable)"),
+            }
+        }
+    }
+
+    /// Per step: (step, fsyncs, p50 ms, p99 ms).
+    fn fsync_steps(&self) -> Vec<(String, f64, Option<f64>, Option<f64>)> {
+        self.fsync
+            .windows(2)
+            .map(|w| {
+                let d = w[1].1.since(&w[0].1);
+                (w[0].0.clone(), d.count, d.quantile(0.5).map(|v| v * 1e3), d.quantile(0.99).map(|v| v * 1e3))
+            })
+            .collect()
     }
 
     fn failed(&mut self, item: &str, e: anyhow::Error) {
@@ -188,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
     let run_start = Instant::now();
     let machine = sys::machine_info();
     let mut r = Results::default();
-    r.note_load("start");
+    r.step("start").await;
     eprintln!(
         "kubelock bench: {} ({} CPUs), kernel {}; {}",
         machine["cpu_model"],
@@ -201,10 +227,11 @@ async fn main() -> anyhow::Result<()> {
     let cp = ControlPlane::start(ControlPlaneOptions { etcd_on_disk: true, ..Default::default() }).await?;
     let etcd_fs = filesystem_of(&cp.etcd_data_dir());
     eprintln!("control plane at {}; etcd {} (data: {etcd_fs})", cp.server(), cp.etcd_endpoint());
+    r.etcd = Some(cp.etcd_endpoint().trim_start_matches("http://").trim_end_matches('/').to_string());
     let client = cp.client(Identity::Admin).await?;
     kubelock::devenv::install_crds(&client, Duration::from_secs(60)).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    for ns in ["bench", "bench-scale"] {
+    for ns in ["bench", "bench-floor", "bench-scale"] {
         namespaces
             .create(
                 &PostParams::default(),
@@ -218,31 +245,46 @@ async fn main() -> anyhow::Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "bench");
     let locks: Api<Lock> = Api::namespaced(client.clone(), "bench");
     let requests: Api<LockRequest> = Api::namespaced(client.clone(), "bench");
+    // Custom-resource floors, where no controller ever watches.
+    let floor_locks: Api<Lock> = Api::namespaced(client.clone(), "bench-floor");
+    let floor_requests: Api<LockRequest> = Api::namespaced(client.clone(), "bench-floor");
 
     // --- no operator involved --------------------------------------------------------------
     if config.runs(1) {
-        r.note_load("1. write floor");
+        r.step("1. write floor").await;
         match floor::write_floor(&leases, config.latency).await {
             Ok(s) => r.write_floor = Some(s),
             Err(e) => r.failed("1. write floor", e),
         }
     }
+    if config.runs(1) {
+        r.step("1b. write floor, custom resource status").await;
+        match floor::cr_write_floor(&floor_locks, config.latency).await {
+            Ok(s) => r.cr_write_floor = Some(s),
+            Err(e) => r.failed("1b. write floor, custom resource", e),
+        }
+    }
     if config.runs(2) {
-        r.note_load("2. handover floor");
-        match floor::handover_floor(&leases, config.latency).await {
+        r.step("2. handover floor").await;
+        match floor::handover_floor(&leases, floor::lease_marker, config.latency).await {
             Ok(s) => r.handover_floor = Some(s),
             Err(e) => r.failed("2. handover floor", e),
         }
+        r.step("2b. handover floor, custom resource").await;
+        match floor::handover_floor(&floor_requests, floor::request_marker, config.latency).await {
+            Ok(s) => r.cr_handover_floor = Some(s),
+            Err(e) => r.failed("2b. handover floor, custom resource", e),
+        }
     }
     if config.runs(5) {
-        r.note_load("5. etcd lock");
+        r.step("5. etcd lock").await;
         match peers::etcd_lock_handover(cp.etcd_endpoint(), config.latency).await {
             Ok(s) => r.etcd_lock = Some(s),
             Err(e) => r.failed("5. etcd lock", e),
         }
     }
     if config.runs(4) {
-        r.note_load("4. Lease polling");
+        r.step("4. Lease polling").await;
         match peers::lease_polling(&leases, 2, config.lease).await {
             Ok(s) => r.lease_polling = Some(s),
             Err(e) => r.failed("4. Lease polling", e),
@@ -266,9 +308,25 @@ async fn main() -> anyhow::Result<()> {
                     if permits == 1 { "mutex".to_string() } else { format!("semaphore({permits})") }
                 );
                 let name = format!("h-p{permits}-w{waiters}");
-                r.note_load(&format!("3. kubelock handover, {label}"));
+                r.step(&format!("3. kubelock handover, {label}")).await;
                 match handover::handover(&locks, &requests, &name, permits, waiters, config.handover).await {
-                    Ok(h) => r.handovers.push((label, h)),
+                    Ok(h) => {
+                        if config.trace {
+                            let lines: Vec<String> = h
+                                .timeline
+                                .iter()
+                                .map(|(a, b, took)| {
+                                    format!(
+                                        "{a}\t{b}\t{:.2}\t{:.2}",
+                                        b.duration_since(*a).as_secs_f64() * 1e3,
+                                        took.as_secs_f64() * 1e3
+                                    )
+                                })
+                                .collect();
+                            std::fs::write(out_dir.join(format!("handover-{name}.tsv")), lines.join("\n") + "\n")?;
+                        }
+                        r.handovers.push((label, h));
+                    }
                     Err(e) => r.failed(&format!("3. handover {label}"), e),
                 }
             }
@@ -278,9 +336,17 @@ async fn main() -> anyhow::Result<()> {
                 [("independent", config.throughput_locks, config.throughput_per_lock), ("hot", 1, config.hot_clients)];
             for (tag, n, per) in runs {
                 let label = format!("{n} lock(s) x {per} clients");
-                r.note_load(&format!("6. throughput, {label}"));
-                match throughput::throughput(&locks, &requests, &format!("tp-{tag}"), n, per, config.throughput_window)
-                    .await
+                r.step(&format!("6. throughput, {label}")).await;
+                match throughput::throughput(
+                    &client,
+                    &locks,
+                    &requests,
+                    &format!("tp-{tag}"),
+                    n,
+                    per,
+                    config.throughput_window,
+                )
+                .await
                 {
                     Ok(t) => r.throughput.push((label, t)),
                     Err(e) => r.failed(&format!("6. throughput {label}"), e),
@@ -312,12 +378,12 @@ async fn main() -> anyhow::Result<()> {
         let result: anyhow::Result<()> = async {
             let mut create_s = 0.0;
             if config.runs(7) {
-                r.note_load(&format!("7. scale: creating {n} Locks and {} LockRequests", 2 * n));
+                r.step(&format!("7. scale: creating {n} Locks and {} LockRequests", 2 * n)).await;
                 create_s = scale::populate(&scale_locks, &scale_requests, n).await?.as_secs_f64();
                 eprintln!("  created {} objects in {create_s:.1} s ({:.0}/s)", 3 * n, 3.0 * n as f64 / create_s);
                 counts.wait_for(|c| c.synced).await?;
             }
-            r.note_load("7. scale: controller start");
+            r.step("7. scale: controller start").await;
             let mut controller = sys::Controller::start(
                 &binary,
                 &cp.kubeconfig(Identity::Admin),
@@ -341,7 +407,7 @@ async fn main() -> anyhow::Result<()> {
                     controller.wait_ready(Duration::from_secs(60)).await?;
                 }
                 if config.runs(8) {
-                    r.note_load(&format!("8. renewal: {} holders", config.renew_holders));
+                    r.step(&format!("8. renewal: {} holders", config.renew_holders)).await;
                     match scale::renewal(
                         &client,
                         &scale_locks,
@@ -371,7 +437,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    r.note_load("end");
+    r.step("end").await;
     let total = run_start.elapsed();
     let report = report(&config, &r, machine, &etcd_fs, total);
     let path = out_dir.join("report.json");
@@ -395,6 +461,7 @@ async fn main() -> anyhow::Result<()> {
 /// The figures the targets and ratios are computed from.
 struct Key {
     floor: Option<Duration>,
+    cr_floor: Option<Duration>,
     mutex2: Option<Duration>,
     lease: Option<Duration>,
     etcd: Option<Duration>,
@@ -403,6 +470,7 @@ struct Key {
 fn key(r: &Results) -> Key {
     Key {
         floor: r.handover_floor.as_ref().and_then(Samples::p50),
+        cr_floor: r.cr_handover_floor.as_ref().and_then(Samples::p50),
         mutex2: r.handovers.iter().find(|(l, _)| l == "mutex 2 waiting").and_then(|(_, h)| h.samples.p50()),
         lease: r.lease_polling.as_ref().and_then(Samples::p50),
         etcd: r.etcd_lock.as_ref().and_then(Samples::p50),
@@ -457,8 +525,14 @@ fn report(config: &Config, r: &Results, machine: Value, etcd_fs: &str, total: Du
     if let Some(s) = &r.write_floor {
         items.insert("1_write_floor".into(), s.to_json());
     }
+    if let Some(s) = &r.cr_write_floor {
+        items.insert("1b_write_floor_custom_resource_status".into(), s.to_json());
+    }
     if let Some(s) = &r.handover_floor {
         items.insert("2_handover_floor".into(), s.to_json());
+    }
+    if let Some(s) = &r.cr_handover_floor {
+        items.insert("2b_handover_floor_custom_resource".into(), s.to_json());
     }
     let handovers: Map<String, Value> = r
         .handovers
@@ -500,10 +574,12 @@ fn report(config: &Config, r: &Results, machine: Value, etcd_fs: &str, total: Du
         "quick": config.quick,
         "load_average": r.load.iter().map(|(i, l)| json!({"at": i, "1m": l[0], "5m": l[1], "15m": l[2]})).collect::<Vec<_>>(),
         "duration_s": scale::round(total.as_secs_f64(), 1),
+        "etcd_wal_fsync_by_step": r.fsync_steps().into_iter().map(|(step, n, p50, p99)| json!({"step": step, "fsyncs": n, "p50_ms": p50.map(|v| scale::round(v, 2)), "p99_ms": p99.map(|v| scale::round(v, 2))})).collect::<Vec<_>>(),
         "items": items,
         "controller_during_latency_and_throughput": r.controller_a,
         "ratios_p50": {
             "kubelock_mutex2_over_handover_floor": r2(ratio(k.mutex2, k.floor)),
+            "kubelock_mutex2_over_custom_resource_handover_floor": r2(ratio(k.mutex2, k.cr_floor)),
             "lease_polling_over_kubelock_mutex2": r2(ratio(k.lease, k.mutex2)),
             "kubelock_mutex2_over_etcd_lock": r2(ratio(k.mutex2, k.etcd)),
         },
@@ -542,8 +618,14 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
     if let Some(s) = &r.write_floor {
         row("1 write floor: Lease CAS PUT", s);
     }
+    if let Some(s) = &r.cr_write_floor {
+        row("1b write floor, custom resource: Lock status CAS PUT", s);
+    }
     if let Some(s) = &r.handover_floor {
-        row("2 handover floor: DELETE -> watch -> CREATE", s);
+        row("2 handover floor: DELETE -> watch -> CREATE (Lease)", s);
+    }
+    if let Some(s) = &r.cr_handover_floor {
+        row("2b handover floor, custom resource (LockRequest)", s);
     }
     for (label, h) in &r.handovers {
         row(&format!("3 kubelock handover, {label}"), &h.samples);
@@ -613,11 +695,21 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
             x.expirations
         );
     }
+    println!();
+    println!("etcd WAL fsync during each step (from etcd's histogram; interpolated):");
+    for (step, n, p50, p99) in r.fsync_steps() {
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
+        println!("  {:<60} {:>7.0} fsyncs  p50 {:>8}  p99 {:>8}", step, n, ms(p50), ms(p99));
+    }
     let ratios = &report["ratios_p50"];
     println!();
     println!("ratios of p50s (kubelock = mutex, 2 waiting):");
     let fmt_ratio = |v: &Value| v.as_f64().map_or("-".into(), |v| format!("{v:.2}"));
     println!("  kubelock handover / handover floor      {}", fmt_ratio(&ratios["kubelock_mutex2_over_handover_floor"]));
+    println!(
+        "  kubelock handover / floor on CRs (2b)   {}",
+        fmt_ratio(&ratios["kubelock_mutex2_over_custom_resource_handover_floor"])
+    );
     println!("  Lease polling / kubelock handover       {}", fmt_ratio(&ratios["lease_polling_over_kubelock_mutex2"]));
     println!("  kubelock handover / etcd lock           {}", fmt_ratio(&ratios["kubelock_mutex2_over_etcd_lock"]));
     println!();

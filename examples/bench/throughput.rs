@@ -26,6 +26,8 @@ pub struct Throughput {
     pub window: Duration,
     pub grants: u64,
     pub errors: u64,
+    /// Mutating requests the API server served during the window, by resource and verb.
+    pub api_writes: std::collections::BTreeMap<String, f64>,
 }
 
 impl Throughput {
@@ -41,6 +43,8 @@ impl Throughput {
             "grants": self.grants,
             "grants_per_s": (self.per_second() * 10.0).round() / 10.0,
             "client_errors": self.errors,
+            "apiserver_writes_in_window": self.api_writes,
+            "apiserver_writes_per_grant": (self.grants > 0).then(|| ((self.api_writes.values().sum::<f64>() / self.grants as f64) * 10.0).round() / 10.0),
         })
     }
 }
@@ -53,6 +57,7 @@ struct Shared {
 
 /// `n_locks` Locks named `<prefix>-<i>`, `per_lock` clients each, for `window`.
 pub async fn throughput(
+    kube_client: &kube::Client,
     locks: &Api<Lock>,
     requests: &Api<LockRequest>,
     prefix: &str,
@@ -95,9 +100,11 @@ pub async fn throughput(
     for _ in 0..clients {
         ready_rx.recv().await.ok_or_else(|| anyhow!("throughput clients failed to start"))?;
     }
+    let writes_before = crate::sys::apiserver_writes(kube_client).await?;
     let opened = Instant::now();
     let _ = shared.window.set((opened, opened + window));
     tokio::time::sleep(window).await; // the workload runs for the window
+    let writes_after = crate::sys::apiserver_writes(kube_client).await?;
     stop.cancel();
     for t in tasks {
         let _ = t.await;
@@ -108,6 +115,7 @@ pub async fn throughput(
         window,
         grants: shared.grants.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
+        api_writes: crate::sys::delta(&writes_after, &writes_before),
     })
 }
 
