@@ -85,7 +85,7 @@ pub async fn cr_write_floor(locks: &Api<Lock>, budget: Budget) -> anyhow::Result
 }
 
 /// 2. Handover floor: DELETE marker → the waiter's watch event → CREATE marker (returned).
-/// `make(holder)` builds the marker (named `bench-floor-marker`): a Lease for the floor of
+/// `make(holder)` builds the marker (always under the same name): a Lease for the floor of
 /// the issue, a LockRequest for the same on a custom resource (2b).
 pub async fn handover_floor<K>(api: &Api<K>, make: impl Fn(&str) -> K, budget: Budget) -> anyhow::Result<Samples>
 where
@@ -98,10 +98,11 @@ where
         + Sync
         + 'static,
 {
-    api.create(&PostParams::default(), &make("holder")).await?;
+    let first = make("holder");
+    let name = first.meta().name.clone().ok_or_else(|| anyhow!("the marker has no name"))?;
+    api.create(&PostParams::default(), &first).await?;
     // The waiter's watch, open for the whole run.
-    let mut events =
-        watcher(api.clone(), watcher::Config::default().fields(&format!("metadata.name={MARKER}"))).boxed();
+    let mut events = watcher(api.clone(), watcher::Config::default().fields(&format!("metadata.name={name}"))).boxed();
     // Until the initial list is done and shows the marker.
     let mut present = false;
     loop {
@@ -120,8 +121,8 @@ where
         // The holder lets go...
         let t0 = Instant::now();
         let delete = tokio::spawn({
-            let api = api.clone();
-            async move { api.delete(MARKER, &DeleteParams::default()).await }
+            let (api, name) = (api.clone(), name.clone());
+            async move { api.delete(&name, &DeleteParams::default()).await }
         });
         // ...the waiter sees it and takes over.
         loop {
@@ -151,6 +152,14 @@ pub const MARKER: &str = "bench-floor-marker";
 pub fn lease_marker(holder: &str) -> Lease {
     lease(MARKER, holder)
 }
+
+/// The Lease marker of item 2 measured again (another name: the first is still there).
+pub fn lease_marker_again(holder: &str) -> Lease {
+    lease(MARKER_AGAIN, holder)
+}
+
+/// Name of the marker when item 2 is measured again.
+pub const MARKER_AGAIN: &str = "bench-floor-marker-2";
 
 /// The LockRequest marker of item 2b (for a Lock that does not exist; nothing reconciles it).
 pub fn request_marker(holder: &str) -> LockRequest {

@@ -29,7 +29,7 @@ mod sys;
 mod throughput;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -42,7 +42,7 @@ use kube::{
 };
 use kubelock::{
     api::{Lock, LockRequest},
-    devenv::{ControlPlane, ControlPlaneOptions, Identity},
+    devenv::{Component, ControlPlane, ControlPlaneOptions, Identity},
 };
 use serde_json::{Map, Value, json};
 
@@ -127,6 +127,7 @@ struct Results {
     cr_write_floor: Option<Samples>,
     handover_floor: Option<Samples>,
     cr_handover_floor: Option<Samples>,
+    handover_floor_again: Option<Samples>,
     handovers: Vec<(String, handover::Handover)>,
     lease_polling: Option<Samples>,
     etcd_lock: Option<Samples>,
@@ -138,35 +139,89 @@ struct Results {
     load: Vec<(String, [f64; 3])>,
     /// etcd's address (host:port) once it runs.
     etcd: Option<String>,
-    fsync: Vec<(String, sys::Histogram)>,
+    /// Processes whose CPU time each step records.
+    pids: Vec<(&'static str, u32)>,
+    steps: Vec<Step>,
+}
+
+/// The state at the start of a step.
+struct Step {
+    label: String,
+    at: Instant,
+    fsync: Option<sys::Histogram>,
+    /// CPU seconds by process name: (pid, seconds).
+    cpu: BTreeMap<String, (u32, f64)>,
+}
+
+/// What happened during one step.
+struct StepFigures {
+    label: String,
+    secs: f64,
+    /// etcd WAL fsyncs: count, p50 ms, p99 ms.
+    fsync: Option<(f64, Option<f64>, Option<f64>)>,
+    /// CPU seconds used, by process.
+    cpu: BTreeMap<String, f64>,
 }
 
 impl Results {
-    /// Marks the start of a step: load average, and etcd's WAL fsync histogram (the step's
-    /// fsyncs are the difference to the next step's).
+    /// Marks the start of a step: load average, etcd's WAL fsync histogram and the CPU time
+    /// of etcd, kube-apiserver, the controller and this process (a step's figures are the
+    /// differences to the next step's).
     async fn step(&mut self, item: &str) {
         let load = sys::loadavg();
         eprintln!("== {item}   (load average {:.2} {:.2} {:.2})", load[0], load[1], load[2]);
         self.load.push((item.to_string(), load));
+        let mut fsync = None;
         if let Some(addr) = &self.etcd {
             match sys::http(addr, "GET", "/metrics", None, Duration::from_secs(10)).await {
-                Ok((200, text)) => self
-                    .fsync
-                    .push((item.to_string(), sys::Histogram::parse(&text, "etcd_disk_wal_fsync_duration_seconds"))),
+                Ok((200, text)) => fsync = Some(sys::Histogram::parse(&text, "etcd_disk_wal_fsync_duration_seconds")),
                 _ => eprintln!("   (etcd /metrics unavailable)"),
             }
         }
+        let cpu = self
+            .pids
+            .iter()
+            .filter_map(|(name, pid)| Some((name.to_string(), (*pid, sys::cpu_seconds(*pid).ok()?))))
+            .collect();
+        self.steps.push(Step { label: item.to_string(), at: Instant::now(), fsync, cpu });
     }
 
-    /// Per step: (step, fsyncs, p50 ms, p99 ms).
-    fn fsync_steps(&self) -> Vec<(String, f64, Option<f64>, Option<f64>)> {
-        self.fsync
+    /// Per step: its label, duration, etcd fsyncs (count, p50 ms, p99 ms) and CPU seconds by
+    /// process.
+    fn step_figures(&self) -> Vec<StepFigures> {
+        self.steps
             .windows(2)
             .map(|w| {
-                let d = w[1].1.since(&w[0].1);
-                (w[0].0.clone(), d.count, d.quantile(0.5).map(|v| v * 1e3), d.quantile(0.99).map(|v| v * 1e3))
+                let fsync = match (&w[0].fsync, &w[1].fsync) {
+                    (Some(a), Some(b)) => {
+                        let d = b.since(a);
+                        Some((d.count, d.quantile(0.5).map(|v| v * 1e3), d.quantile(0.99).map(|v| v * 1e3)))
+                    }
+                    _ => None,
+                };
+                let cpu = w[0]
+                    .cpu
+                    .iter()
+                    .filter_map(|(name, (pid, c0))| match w[1].cpu.get(name) {
+                        Some((pid1, c1)) if pid1 == pid => Some((name.clone(), c1 - c0)),
+                        _ => None,
+                    })
+                    .collect();
+                StepFigures {
+                    label: w[0].label.clone(),
+                    secs: w[1].at.duration_since(w[0].at).as_secs_f64(),
+                    fsync,
+                    cpu,
+                }
             })
             .collect()
+    }
+
+    fn set_pid(&mut self, name: &'static str, pid: Option<u32>) {
+        self.pids.retain(|(n, _)| *n != name);
+        if let Some(pid) = pid {
+            self.pids.push((name, pid));
+        }
     }
 
     fn failed(&mut self, item: &str, e: anyhow::Error) {
@@ -228,6 +283,9 @@ async fn main() -> anyhow::Result<()> {
     let etcd_fs = filesystem_of(&cp.etcd_data_dir());
     eprintln!("control plane at {}; etcd {} (data: {etcd_fs})", cp.server(), cp.etcd_endpoint());
     r.etcd = Some(cp.etcd_endpoint().trim_start_matches("http://").trim_end_matches('/').to_string());
+    r.set_pid("etcd", cp.pid(Component::Etcd));
+    r.set_pid("kube-apiserver", cp.pid(Component::ApiServer));
+    r.set_pid("bench", Some(std::process::id()));
     let client = cp.client(Identity::Admin).await?;
     kubelock::devenv::install_crds(&client, Duration::from_secs(60)).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -300,6 +358,7 @@ async fn main() -> anyhow::Result<()> {
         let mut controller =
             sys::Controller::start(&binary, &cp.kubeconfig(Identity::Admin), "bench", &out_dir, "latency", &ctl_args)?;
         controller.wait_ready(Duration::from_secs(60)).await?;
+        r.set_pid("controller", Some(controller.pid()));
         let first = controller.snapshot().await?;
         if config.runs(3) {
             for (permits, waiters) in [(1, 2), (1, 16), (3, 2), (3, 16)] {
@@ -329,6 +388,14 @@ async fn main() -> anyhow::Result<()> {
                     }
                     Err(e) => r.failed(&format!("3. handover {label}"), e),
                 }
+            }
+        }
+        if config.runs(3) && config.runs(2) {
+            // The floor again, now, so that a drift of the machine's load shows.
+            r.step("2. handover floor, again after 3").await;
+            match floor::handover_floor(&leases, floor::lease_marker_again, config.latency).await {
+                Ok(s) => r.handover_floor_again = Some(s),
+                Err(e) => r.failed("2. handover floor, again", e),
             }
         }
         if config.runs(6) {
@@ -365,7 +432,9 @@ async fn main() -> anyhow::Result<()> {
             "events_dropped": last.events_dropped - first.events_dropped,
             "log": controller.log.display().to_string(),
         }));
+        r.step("(latency and throughput done)").await;
         controller.stop().await;
+        r.set_pid("controller", None);
     }
 
     // --- kubelock: scale and renewal -----------------------------------------------------------
@@ -383,7 +452,6 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("  created {} objects in {create_s:.1} s ({:.0}/s)", 3 * n, 3.0 * n as f64 / create_s);
                 counts.wait_for(|c| c.synced).await?;
             }
-            r.step("7. scale: controller start").await;
             let mut controller = sys::Controller::start(
                 &binary,
                 &cp.kubeconfig(Identity::Admin),
@@ -392,6 +460,8 @@ async fn main() -> anyhow::Result<()> {
                 "scale",
                 &ctl_args,
             )?;
+            r.set_pid("controller", Some(controller.pid()));
+            r.step("7. scale: controller started, settling, then idle").await;
             let result = async {
                 let mut idle = None;
                 if config.runs(7) {
@@ -399,7 +469,7 @@ async fn main() -> anyhow::Result<()> {
                     let deadline = left
                         .saturating_sub(config.idle + config.renew_window + Duration::from_secs(60))
                         .clamp(Duration::from_secs(30), Duration::from_secs(300));
-                    let mut s = scale::settle(&mut controller, &mut counts, n, deadline, config.idle).await?;
+                    let mut s = scale::settle(&client, &mut controller, &mut counts, n, deadline, config.idle).await?;
                     s.create_s = create_s;
                     idle = s.idle_cpu_per_s;
                     r.scale = Some(s);
@@ -427,7 +497,9 @@ async fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             .await;
+            r.step("(scale and renewal done)").await;
             controller.stop().await;
+            r.set_pid("controller", None);
             result
         }
         .await;
@@ -469,7 +541,14 @@ struct Key {
 
 fn key(r: &Results) -> Key {
     Key {
-        floor: r.handover_floor.as_ref().and_then(Samples::p50),
+        // The mean of the floor's p50 before and after item 3 (when both were measured).
+        floor: {
+            let p = [&r.handover_floor, &r.handover_floor_again].map(|s| s.as_ref().and_then(Samples::p50));
+            match p {
+                [Some(a), Some(b)] => Some((a + b) / 2),
+                [a, b] => a.or(b),
+            }
+        },
         cr_floor: r.cr_handover_floor.as_ref().and_then(Samples::p50),
         mutex2: r.handovers.iter().find(|(l, _)| l == "mutex 2 waiting").and_then(|(_, h)| h.samples.p50()),
         lease: r.lease_polling.as_ref().and_then(Samples::p50),
@@ -531,6 +610,9 @@ fn report(config: &Config, r: &Results, machine: Value, etcd_fs: &str, total: Du
     if let Some(s) = &r.handover_floor {
         items.insert("2_handover_floor".into(), s.to_json());
     }
+    if let Some(s) = &r.handover_floor_again {
+        items.insert("2_handover_floor_again_after_3".into(), s.to_json());
+    }
     if let Some(s) = &r.cr_handover_floor {
         items.insert("2b_handover_floor_custom_resource".into(), s.to_json());
     }
@@ -574,7 +656,14 @@ fn report(config: &Config, r: &Results, machine: Value, etcd_fs: &str, total: Du
         "quick": config.quick,
         "load_average": r.load.iter().map(|(i, l)| json!({"at": i, "1m": l[0], "5m": l[1], "15m": l[2]})).collect::<Vec<_>>(),
         "duration_s": scale::round(total.as_secs_f64(), 1),
-        "etcd_wal_fsync_by_step": r.fsync_steps().into_iter().map(|(step, n, p50, p99)| json!({"step": step, "fsyncs": n, "p50_ms": p50.map(|v| scale::round(v, 2)), "p99_ms": p99.map(|v| scale::round(v, 2))})).collect::<Vec<_>>(),
+        "steps": r.step_figures().into_iter().map(|f| json!({
+            "step": f.label,
+            "seconds": scale::round(f.secs, 2),
+            "etcd_wal_fsyncs": f.fsync.map(|(n, _, _)| n),
+            "etcd_wal_fsync_p50_ms": f.fsync.and_then(|(_, p, _)| p).map(|v| scale::round(v, 2)),
+            "etcd_wal_fsync_p99_ms": f.fsync.and_then(|(_, _, p)| p).map(|v| scale::round(v, 2)),
+            "cpu_seconds": f.cpu.iter().map(|(k, v)| (k.clone(), json!(scale::round(*v, 2)))).collect::<Map<String, Value>>(),
+        })).collect::<Vec<_>>(),
         "items": items,
         "controller_during_latency_and_throughput": r.controller_a,
         "ratios_p50": {
@@ -624,6 +713,9 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
     if let Some(s) = &r.handover_floor {
         row("2 handover floor: DELETE -> watch -> CREATE (Lease)", s);
     }
+    if let Some(s) = &r.handover_floor_again {
+        row("2 handover floor (Lease), measured again after 3", s);
+    }
     if let Some(s) = &r.cr_handover_floor {
         row("2b handover floor, custom resource (LockRequest)", s);
     }
@@ -646,6 +738,11 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
                 t.grants,
                 t.per_second()
             );
+            if t.grants > 0 {
+                let per: Vec<String> =
+                    t.api_writes.iter().map(|(k, v)| format!("{k} {:.1}", v / t.grants as f64)).collect();
+                println!("    API writes per grant: {}", per.join(", "));
+            }
         }
     }
     if let Some(s) = &r.scale {
@@ -674,6 +771,11 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
             s.reconcile_p99_ms.map_or("-".into(), |v| format!("{v:.1} ms"))
         );
         println!("  controller writes                     {}", fmt_map(&s.writes));
+        println!("  API server writes until quiet         {}", fmt_map(&s.settle_api_writes));
+        println!(
+            "  API server quiet (no writes for 1 s)   {}",
+            s.quiet_after_s.map_or("-".into(), |v| format!("{v:.1} s after the controller started"))
+        );
         println!(
             "  idle {:.0} s: CPU {} of a core, {} reconciles, writes {}",
             s.idle_s,
@@ -696,10 +798,24 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
         );
     }
     println!();
-    println!("etcd WAL fsync during each step (from etcd's histogram; interpolated):");
-    for (step, n, p50, p99) in r.fsync_steps() {
-        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
-        println!("  {:<60} {:>7.0} fsyncs  p50 {:>8}  p99 {:>8}", step, n, ms(p50), ms(p99));
+    println!("per step: etcd WAL fsyncs (count, p50/p99 from etcd's histogram) and CPU seconds used by");
+    println!("kube-apiserver (api), etcd, the controller (ctl) and this benchmark (bench):");
+    for f in r.step_figures() {
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+        let (n, p50, p99) = f.fsync.unwrap_or((0.0, None, None));
+        let cpu = |k: &str| f.cpu.get(k).map_or("-".into(), |v| format!("{v:.1}"));
+        println!(
+            "  {:<52} {:>5.0} s {:>6.0} fsyncs {:>5}/{:<5} ms  api {:>5}  etcd {:>5}  ctl {:>5}  bench {:>5}",
+            f.label,
+            f.secs,
+            n,
+            ms(p50),
+            ms(p99),
+            cpu("kube-apiserver"),
+            cpu("etcd"),
+            cpu("controller"),
+            cpu("bench")
+        );
     }
     let ratios = &report["ratios_p50"];
     println!();
