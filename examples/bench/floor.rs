@@ -33,7 +33,7 @@ fn lease(name: &str, holder: &str) -> Lease {
     }
 }
 
-/// 1. CAS PUT of a Lease (replace carrying the resourceVersion just read).
+/// Item 1: CAS PUT of a Lease (replace carrying the resourceVersion just read).
 pub async fn write_floor(leases: &Api<Lease>, budget: Budget) -> anyhow::Result<Samples> {
     let mut current = leases.create(&PostParams::default(), &lease("bench-write-floor", "a")).await?;
     let mut samples = Samples::default();
@@ -84,7 +84,7 @@ pub async fn cr_write_floor(locks: &Api<Lock>, budget: Budget) -> anyhow::Result
     Ok(samples)
 }
 
-/// 2. Handover floor: DELETE marker → the waiter's watch event → CREATE marker (returned).
+/// Item 2, handover floor: DELETE marker → the waiter's watch event → CREATE marker (returned).
 /// `make(holder)` builds the marker (always under the same name): a Lease for the floor of
 /// the issue, a LockRequest for the same on a custom resource (2b).
 pub async fn handover_floor<K>(api: &Api<K>, make: impl Fn(&str) -> K, budget: Budget) -> anyhow::Result<Samples>

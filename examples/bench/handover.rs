@@ -1,4 +1,4 @@
-//! 3. kubelock handover: the holder deletes its LockRequest → the next waiter observes its
+//! Item 3, kubelock handover: the holder deletes its LockRequest → the next waiter observes its
 //! grant (first of the Lock watch and its request watch), with `waiters` queued.
 //!
 //! Between samples the system is brought back to rest without sleeping: the releaser
@@ -72,8 +72,8 @@ pub async fn handover(
     let result = async {
         // Fill the lock: holders first, then the queue, one at a time (FIFO order is known).
         let mut holders = VecDeque::new();
-        for id in 0..clients {
-            cmds[id].send(Cmd::Join).map_err(|_| anyhow!("client {id} is gone"))?;
+        for (id, cmd) in cmds.iter().enumerate() {
+            cmd.send(Cmd::Join).map_err(|_| anyhow!("client {id} is gone"))?;
             match next_report(&mut reports).await? {
                 (who, Report::Granted { .. }) if who == id => holders.push_back(id),
                 (who, Report::Queued) if who == id => {}

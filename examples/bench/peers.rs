@@ -37,7 +37,7 @@ enum LeaseEvent {
     Released { at: Instant },
 }
 
-/// 4. Release (holderIdentity cleared by a CAS, as with ReleaseOnCancel) → a polling waiter
+/// Item 4: release (holderIdentity cleared by a CAS, as with ReleaseOnCancel) → a polling waiter
 /// CASes itself in. `waiters` candidates poll while one holds; each hold lasts a random
 /// 0.2–1.0 s so that releases fall at random points of the waiters' polling cycles.
 pub async fn lease_polling(leases: &Api<Lease>, waiters: usize, budget: Budget) -> anyhow::Result<Samples> {
@@ -210,7 +210,7 @@ async fn etcd_watchers(addr: &str) -> anyhow::Result<(f64, f64)> {
     ))
 }
 
-/// 5. Unlock → the waiter's (blocking) lock call returns. One holder, one waiter, swapping.
+/// Item 5: unlock → the waiter's (blocking) lock call returns. One holder, one waiter, swapping.
 pub async fn etcd_lock_handover(endpoint: &str, budget: Budget) -> anyhow::Result<Samples> {
     let addr = endpoint.trim_start_matches("http://").trim_end_matches('/').to_string();
     let name = "bench-etcd-lock".to_string();

@@ -1,6 +1,6 @@
-//! 7. Scale: the controller started against N Locks and 2N LockRequests (one grantable, one
+//! Item 7, scale: the controller started against N Locks and 2N LockRequests (one grantable, one
 //! waiting per Lock): time to grant everything, peak RSS, CPU, reconcile p99, then idle CPU.
-//! 8. Cost of renewal: M holders renewing at the default lease (30 s → every 10 s).
+//! Item 8, cost of renewal: M holders renewing at the default lease (30 s → every 10 s).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -356,8 +356,9 @@ impl Renewal {
     }
 }
 
-/// 8. M Locks with the default lease (30 s) get one holder each; the holders renew every
+/// Item 8: M Locks with the default lease (30 s) get one holder each; the holders renew every
 /// lease/3 = 10 s, spread evenly; measured over `window`.
+#[allow(clippy::too_many_arguments)]
 pub async fn renewal(
     client: &kube::Client,
     locks: &Api<Lock>,

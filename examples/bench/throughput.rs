@@ -1,4 +1,4 @@
-//! 6. Throughput: grants per second with every client acquiring and releasing at once
+//! Item 6, throughput: grants per second with every client acquiring and releasing at once
 //! (hold time zero), over a fixed window.
 
 use std::{
@@ -149,11 +149,10 @@ async fn client(
             Err(e) => Some(Err(e)),
         };
         match granted {
-            Some(Ok((at, _))) => {
-                if shared.window.get().is_some_and(|(from, to)| at >= *from && at <= *to) {
-                    shared.grants.fetch_add(1, Ordering::Relaxed);
-                }
+            Some(Ok((at, _))) if shared.window.get().is_some_and(|(from, to)| at >= *from && at <= *to) => {
+                shared.grants.fetch_add(1, Ordering::Relaxed);
             }
+            Some(Ok(_)) => {}
             Some(Err(e)) => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "throughput client: waiting");
