@@ -99,9 +99,31 @@ pub fn track(locks: Api<Lock>, requests: Api<LockRequest>, stop: CancellationTok
         let mut events =
             futures::stream::select(watcher(locks, config.clone()).map(Ev::L), watcher(requests, config).map(Ev::R))
                 .boxed();
+        // Per object its last state, and running totals by prefix: updated per event in O(1)
+        // (recounting on every event is quadratic and would steal the API server's CPU).
         let mut held: HashMap<String, bool> = HashMap::new();
         let mut mirrored: HashMap<String, bool> = HashMap::new();
         let (mut lock_synced, mut req_synced) = (false, false);
+        fn set(
+            map: &mut HashMap<String, bool>,
+            totals: &mut BTreeMap<&'static str, usize>,
+            name: String,
+            value: Option<bool>,
+        ) {
+            let prefix = prefix_of(&name);
+            let old = match value {
+                Some(v) => map.insert(name, v),
+                None => map.remove(&name),
+            };
+            let total = totals.entry(prefix).or_default();
+            if old == Some(true) {
+                *total -= 1;
+            }
+            if value == Some(true) {
+                *total += 1;
+            }
+        }
+        let mut counts = Counts::default();
         loop {
             let ev = tokio::select! {
                 ev = events.next() => match ev { Some(ev) => ev, None => return },
@@ -109,50 +131,34 @@ pub fn track(locks: Api<Lock>, requests: Api<LockRequest>, stop: CancellationTok
             };
             match ev {
                 Ev::L(Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l))) => {
-                    held.insert(l.name_any(), l.status.as_ref().is_some_and(|s| !s.holders.is_empty()));
+                    let h = l.status.as_ref().is_some_and(|s| !s.holders.is_empty());
+                    set(&mut held, &mut counts.held, l.name_any(), Some(h));
                 }
-                Ev::L(Ok(watcher::Event::Delete(l))) => {
-                    held.remove(&l.name_any());
-                }
+                Ev::L(Ok(watcher::Event::Delete(l))) => set(&mut held, &mut counts.held, l.name_any(), None),
                 Ev::L(Ok(watcher::Event::InitDone)) => lock_synced = true,
                 Ev::R(Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r))) => {
-                    mirrored.insert(r.name_any(), r.status.as_ref().is_some_and(|s| s.phase.is_some()));
+                    let m = r.status.as_ref().is_some_and(|s| s.phase.is_some());
+                    set(&mut mirrored, &mut counts.mirrored, r.name_any(), Some(m));
                 }
-                Ev::R(Ok(watcher::Event::Delete(r))) => {
-                    mirrored.remove(&r.name_any());
-                }
+                Ev::R(Ok(watcher::Event::Delete(r))) => set(&mut mirrored, &mut counts.mirrored, r.name_any(), None),
                 Ev::R(Ok(watcher::Event::InitDone)) => req_synced = true,
                 Ev::L(Ok(watcher::Event::Init)) | Ev::R(Ok(watcher::Event::Init)) => {}
                 Ev::L(Err(e)) | Ev::R(Err(e)) => tracing::warn!(error = %e, "scale watch"),
             }
-            // Publishing after each event is cheap next to decoding it.
-            tx.send_modify(|c| {
-                c.synced = lock_synced && req_synced;
-                c.held.clear();
-                for (name, h) in &held {
-                    if *h {
-                        *c.held.entry(prefix_of(name)).or_default() += 1;
-                    }
-                }
-                c.mirrored.clear();
-                for (name, m) in &mirrored {
-                    if *m {
-                        *c.mirrored.entry(prefix_of(name)).or_default() += 1;
-                    }
-                }
-            });
+            counts.synced = lock_synced && req_synced;
+            tx.send_replace(counts.clone());
         }
     });
     rx
 }
 
-/// Waits (at most 90 s) until the API server has served no write for a second, checking
+/// Waits (at most 30 s) until the API server has served no write for a second, checking
 /// every 500 ms; returns its write counters then.
 pub async fn wait_quiet(client: &kube::Client) -> anyhow::Result<BTreeMap<String, f64>> {
     let from = Instant::now();
     let mut last = sys::apiserver_writes(client).await?;
     let mut still = 0;
-    while still < 2 && from.elapsed() < Duration::from_secs(90) {
+    while still < 2 && from.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = sys::apiserver_writes(client).await?;
         still = if sys::delta(&now, &last).is_empty() { still + 1 } else { 0 };
@@ -187,6 +193,8 @@ pub struct Scale {
     /// Since the controller started, when the API server had seen no write for a second.
     pub quiet_after_s: Option<f64>,
     pub idle_api_writes: BTreeMap<String, f64>,
+    /// When the settle stopped waiting without reaching its goal (time budget).
+    pub gave_up_s: Option<f64>,
     /// Writes the API server served from the controller's start until it was quiet.
     pub settle_api_writes: BTreeMap<String, f64>,
 }
@@ -201,6 +209,8 @@ impl Scale {
             "all_held_s": self.all_held_s.map(|v| round(v, 2)),
             "all_mirrored_s": self.all_mirrored_s.map(|v| round(v, 2)),
             "held": self.held,
+            "gave_up_after_s": self.gave_up_s.map(|v| round(v, 1)),
+            "locks_held_per_s": self.all_held_s.or(self.gave_up_s).map(|t| round(self.held as f64 / t, 1)),
             "mirrored": self.mirrored,
             "peak_rss_mib": round(self.peak_rss_mib, 1),
             "rss_after_settle_mib": round(self.rss_mib, 1),
@@ -273,6 +283,7 @@ pub async fn settle(
             break;
         }
         if Instant::now() >= give_up {
+            out.gave_up_s = Some(started.elapsed().as_secs_f64());
             eprintln!(
                 "  scale: gave up after {deadline:?}: {held}/{n} locks held, {mirrored}/{} requests mirrored",
                 2 * n
