@@ -41,3 +41,6 @@ fmt: ## Format the code.
 
 # --- Helm chart, container image and kind: targets in hack/chart.mk (owned with charts/kubelock).
 include hack/chart.mk
+
+# --- Benchmarks: `make bench`, in hack/bench.mk (owned with examples/bench/).
+include hack/bench.mk

@@ -352,6 +352,11 @@ async fn run_active(
             let (ctx, lock_tx, mark_synced) = (ctx.clone(), lock_tx.clone(), mark_synced.clone());
             move |event| {
                 tracing::trace!(event = ?std::mem::discriminant(event), "request event");
+                match event {
+                    watcher::Event::Apply(req) | watcher::Event::InitApply(req) => ctx.on_request_seen(req, false),
+                    watcher::Event::Delete(req) => ctx.on_request_seen(req, true),
+                    _ => {}
+                }
                 for key in ctx.cache.on_request_event(event) {
                     let _ = lock_tx.send(key);
                 }

@@ -59,6 +59,10 @@ pub struct Context {
     /// Our last successful Lock status write, with the resourceVersion it replaced: used
     /// while the watch has not delivered it yet, to avoid a certain conflict.
     written: Mutex<HashMap<LockKey, (String, Arc<Lock>)>>,
+    /// The same for our request status writes, by request UID: the reconcile that follows a
+    /// grant often starts before the watch delivers its mirror writes, and would otherwise
+    /// write the same status again with a stale resourceVersion (a certain 409, then a retry).
+    written_requests: Mutex<HashMap<String, (String, Arc<LockRequest>)>>,
     /// Requests waiting, per Lock (for the queue-depth gauge).
     waiting: SumGauge,
     /// Grants held, per Lock.
@@ -85,6 +89,7 @@ impl Context {
             started: Instant::now(),
             observations: Mutex::default(),
             written: Mutex::default(),
+            written_requests: Mutex::default(),
             waiting: SumGauge::default(),
             held: SumGauge::default(),
         }
@@ -119,6 +124,39 @@ impl Context {
                 cached
             }
             None => cached,
+        }
+    }
+
+    /// The newest version of a request we know: the cache's, or our own status write if the
+    /// cache still has the version that write replaced.
+    fn newest_request(&self, cached: Arc<LockRequest>) -> Arc<LockRequest> {
+        let Some(uid) = cached.metadata.uid.as_deref() else { return cached };
+        let written = self.written_requests.lock().expect("written requests lock poisoned");
+        match written.get(uid) {
+            Some((replaced, ours)) if cached.resource_version().as_deref() == Some(replaced.as_str()) => ours.clone(),
+            _ => cached,
+        }
+    }
+
+    /// Remembers our status write of `replaced` until the watch delivers it.
+    fn remember_request_write(&self, replaced: &LockRequest, written: impl Into<Arc<LockRequest>>) {
+        if let (Some(uid), Some(version)) = (replaced.uid(), replaced.resource_version()) {
+            self.written_requests
+                .lock()
+                .expect("written requests lock poisoned")
+                .insert(uid, (version, written.into()));
+        }
+    }
+
+    /// A watch event for a request: once the cache has moved past the version our write
+    /// replaced (to our write or beyond), or the request is gone, our copy is not needed.
+    pub fn on_request_seen(&self, req: &LockRequest, deleted: bool) {
+        let Some(uid) = req.metadata.uid.as_deref() else { return };
+        let mut written = self.written_requests.lock().expect("written requests lock poisoned");
+        if let Some((replaced, _)) = written.get(uid)
+            && (deleted || req.resource_version().as_deref() != Some(replaced.as_str()))
+        {
+            written.remove(uid);
         }
     }
 
@@ -273,7 +311,8 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
     let mut reads = Reads::default();
     for _ in 0..MAX_ROUNDS {
         let uid = lock.uid().unwrap_or_default();
-        let mut requests = ctx.cache.requests_for(&key);
+        let mut requests: Vec<Arc<LockRequest>> =
+            ctx.cache.requests_for(&key).into_iter().map(|r| ctx.newest_request(r)).collect();
         for r in requests.iter_mut() {
             if let Some(read) = r.uid().and_then(|u| reads.requests.get(&u)) {
                 *r = read.clone();
@@ -390,7 +429,9 @@ async fn fence(
         match objects.replace_status(ctx, current, &update.status).await {
             Ok(written) => {
                 ctx.metrics.write("request_fence", "ok");
-                reads.requests.insert(update.uid.clone(), Arc::new(written));
+                let written = Arc::new(written);
+                ctx.remember_request_write(current, written.clone());
+                reads.requests.insert(update.uid.clone(), written);
             }
             Err(Error::Kube(e)) if is_status(&e, 409) || is_status(&e, 404) => {
                 ctx.metrics.write("request_fence", "conflict");
@@ -429,8 +470,9 @@ async fn mirror(ctx: &Arc<Context>, ns: &str, by_uid: &HashMap<String, Arc<LockR
         let (ctx, api) = (ctx.clone(), api.clone());
         async move {
             let written = match api.replace_status(&ctx, &current, &status).await {
-                Ok(_) => {
+                Ok(written) => {
                     ctx.metrics.write("request_status", "ok");
+                    ctx.remember_request_write(&current, written);
                     Some(true)
                 }
                 Err(Error::Kube(e)) if is_status(&e, 404) => Some(false), // gone: nothing to tell
@@ -567,7 +609,7 @@ pub async fn reconcile_orphan(req: Arc<LockRequest>, ctx: Arc<Context>) -> Resul
     let _timer = ctx.metrics.reconcile_timer();
     let ns = req.namespace().unwrap_or_default();
     let lock_name = req.spec.lock_name.clone();
-    let requests = [ctx.cache.requests.get(&ObjectRef::from_obj(req.as_ref())).unwrap_or(req)];
+    let requests = [ctx.newest_request(ctx.cache.requests.get(&ObjectRef::from_obj(req.as_ref())).unwrap_or(req))];
     let mut gone_locks = ctx.cache.gone_locks();
     let mut plan = planner::plan_orphans(&lock_name, &requests, &gone_locks, &ctx.settings, ctx.now());
     if plan.checks.contains(&Check::Lock) {
