@@ -1048,4 +1048,6 @@ pub fn plan_orphans(
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;
