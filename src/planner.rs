@@ -817,7 +817,14 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
             waiting.push((r, Reason::Waiting, wants));
             continue;
         }
-        token += 1;
+        let Some(next) = token.checked_add(1) else {
+            // The last token was i64::MAX (a hand-edited status): granting would wrap around
+            // and reissue tokens. Nothing is granted any more.
+            blocked = true;
+            waiting.push((r, Reason::Waiting, format!("{wants}: the lock's fencing tokens are exhausted")));
+            continue;
+        };
+        token = next;
         held += rp.permits;
         let lease = rp.lease.map_or(p.lease, |l| l.min(p.lease));
         let holder = Holder {
