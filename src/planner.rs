@@ -76,6 +76,10 @@ pub struct Observations {
     pub delay: Option<DelayObservation>,
     /// Per waiting request (UID): when this controller first saw it (for grant latency).
     pub first_seen: BTreeMap<String, Duration>,
+    /// Requests (UIDs) whose grant this controller ended, kept until its cache shows them
+    /// finished or gone: a cache that has not caught up with our own `Expired` mirror (or a
+    /// mirror that failed) must not make them look like new waiters. Expired is final.
+    pub ended: BTreeSet<String>,
 }
 
 /// A holder's heartbeat as last observed.
@@ -664,6 +668,7 @@ fn plan_holders(
                 pass.kept.push(h.clone());
             }
             Some((kind, reason, message)) => {
+                obs.ended.insert(h.request_uid.clone());
                 pass.delay_starts |= reason.starts_lock_delay();
                 let note = format!("{} lost token {}: {message}", h.holder, h.token);
                 let fate = Fate::Finished {
@@ -744,6 +749,15 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
     for r in requests.iter().map(Arc::as_ref) {
         let uid = uid_of(r);
         if uid.is_empty() || pass.handled.contains(uid) || r.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if inputs.observations.ended.contains(uid) && r.phase() == Phase::Pending {
+            // A grant we ended whose request still reads Pending (its grant was never mirrored,
+            // and our cache lags the Expired mirror, or that write failed): not a new waiter.
+            obs.ended.insert(uid.into());
+            let message = "its grant ended before its status recorded it".to_string();
+            let fate = Fate::Finished { phase: Phase::Expired, reason: Reason::Lost, message, holder: None, lock_uid: None };
+            plan.update(r, desired_status(r, fate, now), false);
             continue;
         }
         match r.phase() {
