@@ -381,7 +381,7 @@ struct RequestParams {
 }
 
 fn parse_request_spec(req: &LockRequest) -> Result<RequestParams, String> {
-    if let Some(problem) = crate::api::malformed(req) {
+    if let Some(problem) = crate::api::malformed_spec(req) {
         return Err(problem.to_string());
     }
     if req.spec.permits < 1 {
@@ -722,6 +722,15 @@ fn plan_delay(
 /// Plans one existing Lock with the requests that name it.
 pub fn plan(inputs: Inputs<'_>) -> Plan {
     let Inputs { lock, requests, now, .. } = inputs;
+    if crate::api::grants_unreadable(lock) {
+        // Holders or the fencing token cannot be read: writing a status would lose them.
+        // Touch nothing (no grant either) and say why.
+        return Plan {
+            invalid_spec: crate::api::malformed(lock).map(str::to_string),
+            observations: inputs.observations.clone(),
+            ..Plan::default()
+        };
+    }
     let mut plan = Plan::default();
     let mut obs = Observations::default();
     let lock_uid = lock.metadata.uid.clone().unwrap_or_default();
@@ -756,7 +765,8 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
             // and our cache lags the Expired mirror, or that write failed): not a new waiter.
             obs.ended.insert(uid.into());
             let message = "its grant ended before its status recorded it".to_string();
-            let fate = Fate::Finished { phase: Phase::Expired, reason: Reason::Lost, message, holder: None, lock_uid: None };
+            let fate =
+                Fate::Finished { phase: Phase::Expired, reason: Reason::Lost, message, holder: None, lock_uid: None };
             plan.update(r, desired_status(r, fate, now), false);
             continue;
         }
