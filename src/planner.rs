@@ -319,7 +319,9 @@ impl Plan {
     }
 
     fn update(&mut self, req: &LockRequest, status: LockRequestStatus, granted: bool) {
-        if req.status.as_ref() != Some(&status) {
+        // A status that could not be read in full is rewritten even if what was read matches.
+        let unreadable = crate::api::malformed(req).is_some() && crate::api::malformed_spec(req).is_none();
+        if req.status.as_ref() != Some(&status) || unreadable {
             self.requests.push(RequestUpdate { name: req.name_any(), uid: uid_of(req).into(), status, granted });
         }
     }

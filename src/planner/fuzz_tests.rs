@@ -495,3 +495,44 @@ fn an_unreadable_spec_field_is_named_and_the_status_is_kept() {
     assert_eq!((status.fencing_token, status.holders.len()), (4, 1));
     assert!(p.invalid_spec.unwrap().contains("spec.permits"));
 }
+
+/// Found by `faults::malformed_objects_get_a_condition_and_others_keep_being_served`: a
+/// holder's request whose status had an unreadable field (`position` beyond i32) was read
+/// without it, which matched what the plan wanted, so the status was never rewritten and the
+/// request stayed unreadable for every typed client.
+#[test]
+fn an_unreadable_request_status_is_rewritten() {
+    let lock_value = json!({
+        "apiVersion": "kubelock.dev/v1alpha1", "kind": "Lock",
+        "metadata": {"name": "db", "namespace": "ns", "uid": "lock-uid"},
+        "spec": {"permits": 1},
+        "status": {"fencingToken": 1, "holders": [{
+            "request": "r0", "requestUID": "u0", "holder": "h0", "permits": 1, "token": 1,
+            "grantedAt": "2027-01-15T08:00:00Z", "leaseDuration": "30s"}]},
+    });
+    let lock = api::lenient(lock_value, api::placeholder_lock);
+    let request = |position: Value| {
+        json!({
+            "apiVersion": "kubelock.dev/v1alpha1", "kind": "LockRequest",
+            "metadata": {"name": "r0", "namespace": "ns", "uid": "u0", "generation": 1},
+            "spec": {"lockName": "db", "holderIdentity": "h0"},
+            "status": {"phase": "Granted", "token": 1, "grantedAt": "2027-01-15T08:00:00Z", "leaseDuration": "30s",
+                       "lockUID": "lock-uid", "message": "holding 1 permit(s) with fencing token 1", "position": position},
+        })
+    };
+    // Readable: whatever the plan wants is written once, then nothing.
+    let r = Arc::new(api::lenient(request(Value::Null), api::placeholder_request));
+    let first = plan_of(&lock, std::slice::from_ref(&r));
+    let mut settled = (*r).clone();
+    settled.status = first.requests.first().map(|u| u.status.clone()).or(settled.status);
+    assert!(plan_of(&lock, &[Arc::new(settled.clone())]).requests.is_empty());
+    // The same status with an unreadable position: rewritten.
+    let mut bad = request(json!(i64::from(i32::MAX) + 1));
+    bad["status"] = serde_json::to_value(settled.status.clone()).unwrap();
+    bad["status"]["position"] = json!(i64::from(i32::MAX) + 1);
+    let r = Arc::new(api::lenient(bad, api::placeholder_request));
+    assert!(api::malformed(r.as_ref()).is_some_and(|m| m.contains("status.position")));
+    let p = plan_of(&lock, &[r]);
+    assert_eq!(p.requests.len(), 1, "{p:?}");
+    assert_eq!(p.requests[0].status.phase, Some(Phase::Granted));
+}
