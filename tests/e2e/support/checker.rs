@@ -167,6 +167,8 @@ impl Report {
 pub enum FaultKind {
     /// A controller process started (not a fault; needed to excuse start-up time).
     ControllerStart,
+    /// A controller's caches are synced (`/readyz` answers 200; not a fault).
+    ControllerReady,
     /// A controller SIGKILLed.
     ControllerKill,
     /// More than one controller running at once (`who` says how many), no leader election.
@@ -189,6 +191,7 @@ impl FaultKind {
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::ControllerStart => "controller-start",
+            FaultKind::ControllerReady => "controller-ready",
             FaultKind::ControllerKill => "controller-kill",
             FaultKind::SplitBrain => "split-brain",
             FaultKind::ApiServerKill => "apiserver-kill",
@@ -258,6 +261,9 @@ impl Journal {
 /// The recorder of one namespace's Locks and LockRequests, straight from etcd.
 pub struct History {
     pub journal: Journal,
+    endpoint: String,
+    /// The last revision the recorder received (under the prefix).
+    last: Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -281,22 +287,30 @@ impl History {
             tokio::spawn(etcd::watch(etcd_endpoint.to_string(), "/registry/kubelock.dev/".into(), from + 1, tx));
         let sink = journal.clone();
         let ns = namespace.to_string();
+        let last = Arc::new(std::sync::atomic::AtomicU64::new(from));
+        let seen = last.clone();
         let convert = tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 let at = now();
                 let records: Vec<Record> = batch.events.iter().filter_map(|e| to_record(e, &ns, at)).collect();
                 sink.push_records(records);
+                if let Some(e) = batch.events.last() {
+                    seen.fetch_max(e.revision, std::sync::atomic::Ordering::SeqCst);
+                }
             }
         });
-        History { journal, tasks: vec![watch, convert] }
+        History { journal, endpoint: etcd_endpoint.to_string(), last, tasks: vec![watch, convert] }
     }
 
-    /// Waits until the recorder has received revision `rev` (or `timeout` passes).
-    pub async fn caught_up(&self, rev: u64, timeout: Duration) -> bool {
+    /// Waits until the recorder has received every revision committed before this call: it
+    /// writes a marker key under the watched prefix (no resource of the API server) and waits
+    /// for the recorder to pass its revision. False if `timeout` passed first.
+    pub async fn sync(&self, timeout: Duration) -> bool {
+        let key = "/registry/kubelock.dev/~checker-marker";
+        let Ok(rev) = etcd::put(&self.endpoint, key, "sync").await else { return false };
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let last = self.journal.log.lock().unwrap().records.last().map_or(0, |r| r.rev);
-            if last >= rev {
+            if self.last.load(std::sync::atomic::Ordering::SeqCst) >= rev {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -389,7 +403,8 @@ fn request_version(v: &Value, e: &etcd::KeyEvent) -> RequestVersion {
 pub struct Bounds {
     /// A stall (or a late expiry) may last this long outside excused time.
     pub stall: Duration,
-    /// After a controller starts, this long counts as its start-up (list, sync, first reconcile).
+    /// After a controller is ready (its caches synced; or started, if readiness is not
+    /// reported), this long counts as its start-up (the first reconciles).
     pub controller_startup: Duration,
     /// After the API server or etcd is ready again, this long counts as recovery (clients and
     /// controllers reconnect with kube-rs's watch back-off: 0.8 s doubling to 30 s).
@@ -401,7 +416,7 @@ pub struct Bounds {
 impl Default for Bounds {
     fn default() -> Self {
         Bounds {
-            stall: Duration::from_secs(5),
+            stall: Duration::from_secs(10),
             controller_startup: Duration::from_secs(3),
             control_plane_recovery: Duration::from_secs(35),
             observer_lag: Duration::from_millis(100),
@@ -577,11 +592,13 @@ struct Excuses {
 
 fn excuses(log: &Log, bounds: &Bounds, end: At) -> Excuses {
     let mut starts: BTreeMap<&str, Vec<At>> = BTreeMap::new();
+    let mut readies: BTreeMap<&str, Vec<At>> = BTreeMap::new();
     let mut kills: BTreeMap<&str, Vec<At>> = BTreeMap::new();
     let mut control_plane = Intervals::default();
     for f in &log.faults {
         match f.kind {
             FaultKind::ControllerStart => starts.entry(&f.who).or_default().push(f.at),
+            FaultKind::ControllerReady => readies.entry(&f.who).or_default().push(f.at),
             FaultKind::ControllerKill => kills.entry(&f.who).or_default().push(f.at),
             FaultKind::ApiServerKill | FaultKind::EtcdKill => {
                 control_plane.add(f.at, f.until.map_or(end, |u| u + bounds.control_plane_recovery));
@@ -589,12 +606,22 @@ fn excuses(log: &Log, bounds: &Bounds, end: At) -> Excuses {
             _ => {}
         }
     }
+    // A controller is up from its readiness (caches synced; its start if readiness is not
+    // reported) + `controller_startup` until it is killed; never if it is killed first.
     let mut ready = Vec::new();
     for (who, starts) in &starts {
         let kills = kills.get(who).cloned().unwrap_or_default();
+        let readies = readies.get(who).cloned();
         for s in starts {
             let killed = kills.iter().copied().filter(|k| k >= s).min().unwrap_or(At::MAX);
-            ready.push((*s + bounds.controller_startup, killed));
+            let up = match &readies {
+                Some(r) => match r.iter().copied().filter(|r| r >= s && *r < killed).min() {
+                    Some(r) => r,
+                    None => continue,
+                },
+                None => *s,
+            };
+            ready.push((up + bounds.controller_startup, killed));
         }
     }
     // Excused: no controller ready, or the control plane recovering.
@@ -624,7 +651,7 @@ fn excuses(log: &Log, bounds: &Bounds, end: At) -> Excuses {
 pub fn check(log: &Log, bounds: &Bounds) -> Result<Summary, Failure> {
     let mut v: Vec<Violation> = Vec::new();
     let mut summary = Summary { records: log.records.len(), ..Default::default() };
-    for f in &log.faults {
+    for f in log.faults.iter().filter(|f| !matches!(f.kind, FaultKind::ControllerStart | FaultKind::ControllerReady)) {
         *summary.faults.entry(f.kind.name()).or_default() += 1;
     }
     let end = log.end.unwrap_or_else(|| log.records.last().map_or(log.start, |r| r.at)).max(log.start);
@@ -1607,11 +1634,11 @@ mod tests {
         h.create(20, "b", 2, 1);
         h.grant(30, "a");
         h.delete(100, "a");
-        // The controller only notices 8 s later.
-        h.ungrant(8100, "a");
-        h.grant(8100, "b");
+        // The controller only notices 12 s later.
+        h.ungrant(12_100, "a");
+        h.grant(12_100, "b");
         let text = h.fails("progress");
-        assert!(text.contains("not granted for 8.000s"), "{text}");
+        assert!(text.contains("not granted for 12.000s"), "{text}");
     }
 
     #[test]
@@ -1631,7 +1658,7 @@ mod tests {
         late.records.truncate(late.records.len() - 2);
         let mut h2 = H { log: late, rev: h.rev, lock: h.lock.clone(), requests: h.requests.clone() };
         h2.lock.holders.clear();
-        h2.grant(6000 + 3000 + 5100, "b");
+        h2.grant(100 + 8900 + 10_100, "b"); // 8.9 s excused, 10.1 s not
         h2.fails("progress");
     }
 
@@ -1652,7 +1679,7 @@ mod tests {
         h.create(10, "a", 1, 1);
         h.grant(30, "a");
         h.renew(3000, "a");
-        h.ungrant(3000 + 10_000 + 6000, "a");
+        h.ungrant(3000 + 10_000 + 11_000, "a"); // renewed at 3 s, 10 s lease, 10 s bound
         h.fails("late-expiry");
         // In time: fine.
         let mut h = H::new(1);

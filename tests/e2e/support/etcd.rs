@@ -47,6 +47,18 @@ pub async fn current_revision(endpoint: &str) -> Result<u64, String> {
     num(&v["header"]["revision"]).ok_or_else(|| format!("no revision in {text}"))
 }
 
+/// Writes `value` at `key`; returns the revision of the write.
+pub async fn put(endpoint: &str, key: &str, value: &str) -> Result<u64, String> {
+    let body = serde_json::json!({ "key": b64(key.as_bytes()), "value": b64(value.as_bytes()) }).to_string();
+    let (_, mut lines) = post(endpoint, "/v3/kv/put", &body).await?;
+    let mut text = String::new();
+    while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+        text.push_str(&line);
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+    num(&v["header"]["revision"]).ok_or_else(|| format!("no revision in {text}"))
+}
+
 /// Watches every key under `prefix` from revision `from` (inclusive) on, forever: the
 /// batches go to `tx`. Reconnects (from the revision after the last one delivered) whenever
 /// etcd goes away, polling every 100 ms until it is back. Ends when `tx` is closed.
@@ -101,11 +113,9 @@ async fn watch_once(
             let revision = num(&kv["mod_revision"]).ok_or_else(|| format!("no mod_revision in {line}"))?;
             let key = String::from_utf8_lossy(&unb64(kv["key"].as_str().unwrap_or_default())?).into_owned();
             let deleted = e["type"].as_str() == Some("DELETE");
-            let value = if deleted { None } else { Some(json_value(kv["value"].as_str().unwrap_or_default())?) };
-            let prev = match e["prev_kv"]["value"].as_str() {
-                Some(v) => Some(json_value(v)?),
-                None => None,
-            };
+            // Values that are not JSON (a marker) are passed on as null.
+            let value = if deleted { None } else { Some(json_value(kv["value"].as_str().unwrap_or_default()).unwrap_or_default()) };
+            let prev = e["prev_kv"]["value"].as_str().map(|v| json_value(v).unwrap_or_default());
             *next = (*next).max(revision + 1);
             batch.push(KeyEvent { revision, key, value, prev });
         }
