@@ -76,6 +76,10 @@ pub struct Observations {
     pub delay: Option<DelayObservation>,
     /// Per waiting request (UID): when this controller first saw it (for grant latency).
     pub first_seen: BTreeMap<String, Duration>,
+    /// Requests (UIDs) whose grant this controller ended, kept until its cache shows them
+    /// finished or gone: a cache that has not caught up with our own `Expired` mirror (or a
+    /// mirror that failed) must not make them look like new waiters. Expired is final.
+    pub ended: BTreeSet<String>,
 }
 
 /// A holder's heartbeat as last observed.
@@ -321,7 +325,9 @@ impl Plan {
     }
 
     fn update(&mut self, req: &LockRequest, status: LockRequestStatus, granted: bool) {
-        if req.status.as_ref() != Some(&status) {
+        // A status that could not be read in full is rewritten even if what was read matches.
+        let unreadable = crate::api::malformed(req).is_some() && crate::api::malformed_spec(req).is_none();
+        if req.status.as_ref() != Some(&status) || unreadable {
             let (name, uid) = (req.name_any(), uid_of(req).into());
             self.requests.push(RequestUpdate { name, uid, status, granted, fence: false });
         }
@@ -391,7 +397,7 @@ struct RequestParams {
 }
 
 fn parse_request_spec(req: &LockRequest) -> Result<RequestParams, String> {
-    if let Some(problem) = crate::api::malformed(req) {
+    if let Some(problem) = crate::api::malformed_spec(req) {
         return Err(problem.to_string());
     }
     if req.spec.permits < 1 {
@@ -695,6 +701,7 @@ fn plan_holders(
                 pass.kept.push(h.clone());
             }
             Some((kind, reason, message)) => {
+                obs.ended.insert(h.request_uid.clone());
                 pass.delay_starts |= reason.starts_lock_delay();
                 let note = format!("{} lost token {}: {message}", h.holder, h.token);
                 let fate = Fate::Finished {
@@ -748,6 +755,15 @@ fn plan_delay(
 /// Plans one existing Lock with the requests that name it.
 pub fn plan(inputs: Inputs<'_>) -> Plan {
     let Inputs { lock, requests, now, .. } = inputs;
+    if crate::api::grants_unreadable(lock) {
+        // Holders or the fencing token cannot be read: writing a status would lose them.
+        // Touch nothing (no grant either) and say why.
+        return Plan {
+            invalid_spec: crate::api::malformed(lock).map(str::to_string),
+            observations: inputs.observations.clone(),
+            ..Plan::default()
+        };
+    }
     let mut plan = Plan::default();
     let mut obs = Observations::default();
     let lock_uid = lock.metadata.uid.clone().unwrap_or_default();
@@ -775,6 +791,16 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
     for r in requests.iter().map(Arc::as_ref) {
         let uid = uid_of(r);
         if uid.is_empty() || pass.handled.contains(uid) || r.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if inputs.observations.ended.contains(uid) && r.phase() == Phase::Pending {
+            // A grant we ended whose request still reads Pending (its grant was never mirrored,
+            // and our cache lags the Expired mirror, or that write failed): not a new waiter.
+            obs.ended.insert(uid.into());
+            let message = "its grant ended before its status recorded it".to_string();
+            let fate =
+                Fate::Finished { phase: Phase::Expired, reason: Reason::Lost, message, holder: None, lock_uid: None };
+            plan.update(r, desired_status(r, fate, now), false);
             continue;
         }
         match r.phase() {
@@ -848,7 +874,14 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
             waiting.push((r, Reason::Waiting, wants));
             continue;
         }
-        token += 1;
+        let Some(next) = token.checked_add(1) else {
+            // The last token was i64::MAX (a hand-edited status): granting would wrap around
+            // and reissue tokens. Nothing is granted any more.
+            blocked = true;
+            waiting.push((r, Reason::Waiting, format!("{wants}: the lock's fencing tokens are exhausted")));
+            continue;
+        };
+        token = next;
         held += rp.permits;
         let lease = rp.lease.map_or(p.lease, |l| l.min(p.lease));
         let holder = Holder {
@@ -1078,5 +1111,7 @@ pub fn plan_orphans(
     plan
 }
 
+#[cfg(test)]
+mod fuzz_tests;
 #[cfg(test)]
 mod tests;

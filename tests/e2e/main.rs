@@ -2,11 +2,13 @@
 //! control plane (started on first use, see `support`) serves every test of a run.
 //!
 //! Modules: `smoke` (the harness itself), `chart` (the Helm chart, RBAC and examples), `lock`
-//! (the controller), `client` (run, sidecar, CLI, plugin, library). Add one module per area.
+//! (the controller), `client` (run, sidecar, CLI, plugin, library), `faults` (fault runs judged by the
+//! history checker, bad input). Add one module per area.
 
 mod support;
 
 mod chart;
 mod client;
+mod faults;
 mod lock;
 mod smoke;

@@ -25,6 +25,8 @@
 
 #![allow(dead_code)] // Not every test module uses every helper.
 
+pub mod checker;
+pub mod etcd;
 pub mod history;
 pub mod process;
 pub mod wait;

@@ -1,0 +1,1109 @@
+//! Fault runs on a real control plane, judged by the history checker
+//! ([`crate::support::checker`]).
+//!
+//! Each run has a control plane of its own (it kills and restarts its servers), starts from
+//! a seed (printed; `KUBELOCK_FAULT_SEED=N` replays the same schedule of faults and hold
+//! times — the interleavings of processes still vary) and drives contenders through
+//! acquire / act / release cycles while faults are injected:
+//! - `controllers_crash_and_split_brain`: controllers SIGKILLed at random moments and
+//!   restarted (at least 30 kills), in phases of one, two and three controllers at once with
+//!   no leader election; in-process contenders on a mutex, a semaphore and a read/write lock.
+//! - `control_plane_outages_frozen_and_skewed_holders`: kube-apiserver killed and restarted
+//!   while requests queue, etcd killed and restarted, `kubelock run` holders frozen (SIGSTOP)
+//!   past their lease and thawed, an in-process holder whose runtime stalls past its lease, a
+//!   holder that renews with its wall clock an hour ahead and an hour behind, controller kills.
+//! - `a_burst_of_requests_is_granted_in_order`: 1,000 requests on one mutex
+//!   (`KUBELOCK_FAULT_BURST`), each released as soon as it is granted, while the controller is
+//!   killed now and then: every one is granted exactly once, in FIFO order.
+//!
+//! `KUBELOCK_FAULT_SECONDS` sets the workload time of the first two (default 40 s);
+//! `KUBELOCK_FAULT_REPORT=FILE` appends one summary line per run (used by `make chaos`).
+//! Only one fault run holds a control plane at a time (they would starve each other on a
+//! small machine); other tests run meanwhile.
+//!
+//! Also here: `malformed_objects_get_a_condition_and_others_keep_being_served` (objects that
+//! do not match the Rust types) and `run_actor` (the command of the `kubelock run` holders).
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt as _, future::join_all};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::{
+    Api, ResourceExt as _,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use kubelock::{
+    api::{Lock, LockRequest, LockSpec, Phase},
+    client::{AcquireOptions, BootInstant, LockClient, LockState, default_margin},
+};
+use rand::{RngExt as _, SeedableRng as _, rngs::StdRng};
+use rustix::process::{Pid, Signal};
+use tokio::sync::Semaphore;
+
+use crate::{
+    lock::{Fixture, controller_rules, create_request, requester_rules},
+    support::{
+        Cmd, Identity, Proc, TIMEOUT, TestEnv,
+        checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
+        eventually,
+        wait_until,
+    },
+};
+
+/// One fault run at a time holds a control plane.
+static ONE_AT_A_TIME: Semaphore = Semaphore::const_new(1);
+
+/// Time between a holder's steps ("work" done while holding).
+const STEP: Duration = Duration::from_millis(20);
+
+/// The seed of a run: `KUBELOCK_FAULT_SEED`, or random; printed either way. Returns the
+/// printed seed and the run's own stream drawn from it.
+fn seed_for(test: &str) -> (u64, u64) {
+    let base: u64 = match std::env::var("KUBELOCK_FAULT_SEED") {
+        Ok(s) => s.trim().parse().unwrap_or_else(|_| panic!("KUBELOCK_FAULT_SEED={s:?} is not a number")),
+        Err(_) => rand::random::<u64>() % 1_000_000_000,
+    };
+    println!("fault run {test}: seed {base} (replay: KUBELOCK_FAULT_SEED={base})");
+    // One seed replays every run; each run draws its own stream from it.
+    (base, test.bytes().fold(base, |h, b| h.wrapping_mul(0x100_0000_01b3).wrapping_add(u64::from(b))))
+}
+
+fn workload_time() -> Duration {
+    let secs = std::env::var("KUBELOCK_FAULT_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40u64);
+    Duration::from_secs(secs)
+}
+
+fn ms(rng: &mut StdRng, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(rng.random_range(lo..=hi))
+}
+
+/// A run: a private control plane, the recorder, the controllers.
+struct FaultRun {
+    name: &'static str,
+    /// The seed to replay with (`KUBELOCK_FAULT_SEED`).
+    printed: u64,
+    /// The run's own random stream.
+    seed: u64,
+    env: TestEnv,
+    history: History,
+    journal: Journal,
+    locks: Api<Lock>,
+    controllers: Vec<(String, Proc)>,
+    controller_logs: Vec<(String, PathBuf)>,
+    started: Instant,
+    rng: StdRng,
+    _turn: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl FaultRun {
+    async fn start(name: &'static str) -> FaultRun {
+        let turn = ONE_AT_A_TIME.acquire().await.expect("the semaphore is never closed");
+        let (printed, seed) = seed_for(name);
+        let env = TestEnv::private().await;
+        env.grant(Identity::Controller, controller_rules()).await;
+        env.grant(Identity::Requester1, requester_rules()).await;
+        let history = History::record(env.control_plane().etcd_endpoint(), env.ns()).await;
+        let journal = history.journal.clone();
+        let locks = env.api(Identity::Admin).await;
+        FaultRun {
+            name,
+            printed,
+            seed,
+            env,
+            history,
+            journal,
+            locks,
+            controllers: Vec::new(),
+            controller_logs: Vec::new(),
+            started: Instant::now(),
+            rng: StdRng::seed_from_u64(seed),
+            _turn: turn,
+        }
+    }
+
+    async fn lock(&self, name: &str, permits: i32, lease: &str, delay: &str) {
+        let lock = Lock::new(name, LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into() });
+        self.locks.create(&PostParams::default(), &lock).await.unwrap_or_else(|e| panic!("creating lock {name}: {e}"));
+    }
+
+    /// A controller process (`controller-N`), as the least-privileged controller identity.
+    /// Its `/readyz` is polled in the background: the moment its caches are synced is
+    /// journaled (the checker counts start-up time until then).
+    fn start_controller(&mut self) {
+        let name = format!("controller-{}", self.controller_logs.len());
+        let port = free_port();
+        let proc = Cmd::kubelock(&name, self.env.log_dir())
+            .arg("--kubeconfig")
+            .arg(self.env.kubeconfig(Identity::Controller))
+            .args(["-n", self.env.ns()])
+            .env_remove("KUBECONFIG")
+            .env("POD_NAME", &name)
+            .args(["controller", "--watch-namespace", self.env.ns(), "--log", "info"])
+            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+            .spawn();
+        self.journal.fault(FaultKind::ControllerStart, checker::now(), None, &name);
+        let (journal, who) = (self.journal.clone(), name.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while Instant::now() < deadline {
+                if readyz(port).await {
+                    journal.fault(FaultKind::ControllerReady, checker::now(), None, &who);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await; // polling /readyz
+            }
+        });
+        self.controller_logs.push((name.clone(), self.env.log_dir().join(format!("{name}.stderr"))));
+        self.controllers.push((name, proc));
+    }
+
+    /// SIGKILLs the `i`-th running controller.
+    fn kill_controller(&mut self, i: usize) {
+        let (name, mut proc) = self.controllers.remove(i);
+        proc.kill();
+        self.journal.fault(FaultKind::ControllerKill, checker::now(), None, &name);
+    }
+
+    fn kills(&self) -> usize {
+        self.journal.snapshot().faults.iter().filter(|f| f.kind == FaultKind::ControllerKill).count()
+    }
+
+    async fn requester(&self) -> LockClient {
+        LockClient::new(self.env.client(Identity::Requester1).await, self.env.ns())
+    }
+
+    /// Ends the run: one controller left to finish the work, every request released or
+    /// finished, the recorder caught up; then the checker judges the whole history.
+    async fn finish(self) -> Summary {
+        self.finish_with(true).await
+    }
+
+    /// [`FaultRun::finish`]; `settle`: wait for every request to be released or finished first.
+    async fn finish_with(mut self, settle: bool) -> Summary {
+        if self.controllers.is_empty() {
+            self.start_controller();
+        }
+        while self.controllers.len() > 1 {
+            let (_, mut p) = self.controllers.remove(0);
+            p.kill();
+        }
+        let requests: Api<LockRequest> = self.env.api(Identity::Admin).await;
+        let settled = eventually("every request released or finished", Duration::from_secs(120), || async {
+            if !settle {
+                return Ok(());
+            }
+            let list = requests.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+            let open: Vec<String> = list
+                .items
+                .iter()
+                .filter(|r| !r.phase().is_final())
+                .map(|r| format!("{} {}", r.name_any(), r.phase()))
+                .collect();
+            if open.is_empty() { Ok(()) } else { Err(format!("still open: {open:?}")) }
+        })
+        .await;
+        assert!(self.history.sync(Duration::from_secs(30)).await, "the recorder did not catch up with etcd");
+        let mut log = self.journal.snapshot();
+        log.end = Some(checker::now());
+        let result = checker::check(&log, &Bounds::default());
+        let elapsed = self.started.elapsed();
+        let (summary, violations) = match &result {
+            Ok(s) => (s.clone(), 0),
+            Err(f) => (f.summary.clone(), f.violations.len()),
+        };
+        report_line(self.name, self.printed, &summary, violations, elapsed);
+        println!("fault run {}: {:.0}s, {summary}", self.name, elapsed.as_secs_f64());
+        if let Err(failure) = result {
+            self.dump_controllers();
+            panic!("fault run {} (KUBELOCK_FAULT_SEED={}): {failure}", self.name, self.printed);
+        }
+        if let Err(e) = settled {
+            self.dump_controllers();
+            panic!("fault run {}: {e}", self.name);
+        }
+        summary
+    }
+
+    /// With `KUBELOCK_FAULT_LOGS=DIR`, copies every process log of the run to `DIR/<run>-<seed>/`.
+    fn keep_logs(&self) {
+        let Some(dir) = std::env::var_os("KUBELOCK_FAULT_LOGS") else { return };
+        let to = Path::new(&dir).join(format!("{}-{}", self.name, self.printed));
+        let _ = std::fs::create_dir_all(&to);
+        for entry in std::fs::read_dir(self.env.log_dir()).into_iter().flatten().flatten() {
+            let _ = std::fs::copy(entry.path(), to.join(entry.file_name()));
+        }
+        let _ = std::fs::copy(self.env.control_plane().log_file(crate::support::Component::ApiServer), to.join("kube-apiserver.log"));
+        println!("fault run {}: logs kept in {}", self.name, to.display());
+    }
+
+    fn dump_controllers(&self) {
+        for (name, path) in self.controller_logs.iter().rev().take(3) {
+            eprintln!("--- {name} ({}), last lines:\n{}", path.display(), kubelock::devenv::log_tail(path, 40));
+        }
+    }
+}
+
+impl Drop for FaultRun {
+    fn drop(&mut self) {
+        self.keep_logs();
+    }
+}
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Whether the admin server on `port` answers `/readyz` with 200.
+async fn readyz(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        Some(answer.starts_with(b"HTTP/1.0 200") || answer.starts_with(b"HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten().unwrap_or(false)
+}
+
+/// Appends the run's summary to `KUBELOCK_FAULT_REPORT` (one line, `key=value` fields).
+fn report_line(name: &str, seed: u64, s: &Summary, violations: usize, elapsed: Duration) {
+    let Some(path) = std::env::var_os("KUBELOCK_FAULT_REPORT") else { return };
+    let faults: Vec<String> = s.faults.iter().map(|(k, n)| format!("{k}:{n}")).collect();
+    let line = format!(
+        "run={name} seed={seed} violations={violations} grants={} expiries={} revisions={} fifo_pairs={} acted={} steps={} longest_stall_ms={} seconds={} faults={}\n",
+        s.grants,
+        s.expiries,
+        s.records,
+        s.fifo_pairs,
+        s.acted,
+        s.steps,
+        s.longest_stall.as_millis(),
+        elapsed.as_secs(),
+        faults.join(",")
+    );
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("opening the report file");
+    f.write_all(line.as_bytes()).expect("writing the report file");
+}
+
+// ---------------------------------------------------------------------------------------
+// Contenders.
+
+/// What one contender does.
+#[derive(Clone)]
+struct Work {
+    lock: String,
+    permits: i32,
+    lease: Duration,
+    /// Hold time range, ms.
+    hold: (u64, u64),
+    stop: At,
+    journal: Journal,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    grants: usize,
+    errors: usize,
+    lost: usize,
+    problems: Vec<String>,
+}
+
+/// Stalls the thread of a runtime once, the next time its contender holds.
+struct Stall {
+    armed: AtomicBool,
+    length: Duration,
+}
+
+/// Acquire, act in steps while the client says it holds (its published state, deadline
+/// checked against a fresh clock reading at every step), release; until `w.stop`.
+async fn contend(client: LockClient, who: String, w: Work, seed: u64, stall: Option<Arc<Stall>>) -> Stats {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut stats = Stats::default();
+    let note = |text: String| w.journal.report(Report::Note { at: checker::now(), who: who.clone(), text });
+    while checker::now() < w.stop {
+        let mut opts = AcquireOptions::new(&w.lock);
+        opts.permits = w.permits;
+        opts.lease = Some(w.lease);
+        opts.holder_identity = who.clone();
+        opts.wait_timeout = Some(Duration::from_secs(90));
+        let guard = match client.acquire(opts).await {
+            Ok(g) => g,
+            Err(e) => {
+                stats.errors += 1;
+                note(format!("acquire failed: {e}"));
+                tokio::time::sleep(ms(&mut rng, 100, 500)).await; // back off, then try again
+                continue;
+            }
+        };
+        stats.grants += 1;
+        let token = guard.token();
+        w.journal.report(Report::Granted {
+            at: checker::now(),
+            who: who.clone(),
+            lock: w.lock.clone(),
+            request: guard.request_name().into(),
+            token,
+        });
+        let hold = ms(&mut rng, w.hold.0, w.hold.1);
+        let began = Instant::now();
+        let (mut first, mut last, mut steps, mut not_before) = (None, None, 0u64, None);
+        let state = guard.state();
+        loop {
+            if let Some(s) = &stall
+                && s.armed.swap(false, Ordering::SeqCst)
+            {
+                // The whole runtime stops: no renewal, no watch event, no timer (a GC pause).
+                let at = checker::now();
+                w.journal.fault(FaultKind::RuntimePause, at, None, &who);
+                std::thread::sleep(s.length);
+                w.journal.fault_ended(FaultKind::RuntimePause, &who, checker::now());
+            }
+            let t = BootInstant::now();
+            let holding = match &*state.borrow() {
+                LockState::Holding { deadline, lease, .. } if t < *deadline => Some((*deadline, *lease)),
+                _ => None,
+            };
+            let Some((deadline, lease)) = holding else { break };
+            first.get_or_insert(t.since_boot());
+            last = Some(t.since_boot());
+            steps += 1;
+            // The boot time before the last successful renewal + lease: no expiry before it.
+            not_before = Some(deadline.saturating_add(default_margin(lease)).since_boot());
+            if began.elapsed() >= hold {
+                break;
+            }
+            tokio::time::sleep(STEP).await; // the work done while holding
+        }
+        if let (Some(from), Some(to)) = (first, last) {
+            w.journal.report(Report::Acted {
+                who: who.clone(),
+                lock: w.lock.clone(),
+                request: guard.request_name().into(),
+                token,
+                permits: i64::from(w.permits),
+                from,
+                to,
+                steps,
+            });
+        }
+        if let Some(at) = not_before {
+            w.journal.report(Report::NotBefore { lock: w.lock.clone(), token, at });
+        }
+        if !guard.is_holding() {
+            stats.lost += 1;
+            note(format!("token {token}: {:?}", guard.current()));
+        }
+        if let Err(e) = guard.release().await {
+            note(format!("release of token {token} failed: {e}"));
+        }
+        tokio::time::sleep(ms(&mut rng, 0, 100)).await; // between cycles
+    }
+    stats
+}
+
+/// A contender on a thread and runtime of its own (so that its runtime can be stalled).
+fn contend_on_own_thread(
+    config: kube::Config,
+    ns: String,
+    who: String,
+    w: Work,
+    seed: u64,
+    stall: Arc<Stall>,
+) -> tokio::task::JoinHandle<Stats> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        let stats = runtime.block_on(async move {
+            let client = kubelock::connect::client_from_config(config).expect("a client");
+            contend(LockClient::new(client, ns), who, w, seed, Some(stall)).await
+        });
+        let _ = tx.send(stats);
+    });
+    tokio::spawn(async move { rx.await.unwrap_or_else(|_| Stats { problems: vec!["thread died".into()], ..Default::default() }) })
+}
+
+// ---------------------------------------------------------------------------------------
+// `kubelock run` holders: the command is this test binary, re-executed as `run_actor`.
+
+/// What a `kubelock run` command recorded.
+#[derive(Debug, Default)]
+struct ActorLog {
+    pid: Option<u32>,
+    lock: String,
+    request: String,
+    token: i64,
+    first: Option<At>,
+    last: Option<At>,
+    steps: u64,
+}
+
+fn read_actor_log(path: &Path) -> ActorLog {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut log = ActorLog::default();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["start", pid, lock, request, token] => {
+                log.pid = pid.parse().ok();
+                log.lock = lock.to_string();
+                log.request = request.to_string();
+                log.token = token.parse().unwrap_or(-1);
+            }
+            ["step", nanos] => {
+                if let Ok(n) = nanos.parse::<u64>() {
+                    let t = Duration::from_nanos(n);
+                    log.first.get_or_insert(t);
+                    log.last = Some(t);
+                    log.steps += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    log
+}
+
+/// The command of a `kubelock run` holder: records its grant and a step every 20 ms on
+/// `CLOCK_BOOTTIME` (`start PID LOCK REQUEST TOKEN`, `step NANOS`), for `hold`. It never looks
+/// at the lock: stopping it on a loss is `kubelock run`'s job.
+fn actor(path: &Path, hold: Duration) {
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("opening the actor log");
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "-".into());
+    let start = format!(
+        "start {} {} {} {}\n",
+        std::process::id(),
+        var("KUBELOCK_LOCK"),
+        var("KUBELOCK_REQUEST"),
+        var("KUBELOCK_TOKEN")
+    );
+    file.write_all(start.as_bytes()).expect("writing the actor log");
+    let began = checker::now();
+    loop {
+        let t = checker::now();
+        file.write_all(format!("step {}\n", t.as_nanos()).as_bytes()).expect("writing the actor log");
+        if t - began >= hold {
+            break;
+        }
+        std::thread::sleep(STEP);
+    }
+}
+
+/// When run by `kubelock run` (`KUBELOCK_FAULT_ACTOR` set) this is a holder's command;
+/// otherwise it checks that the command records what the checker reads.
+#[test]
+fn run_actor() {
+    if let Some(path) = std::env::var_os("KUBELOCK_FAULT_ACTOR") {
+        let hold = std::env::var("KUBELOCK_FAULT_HOLD_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
+        actor(Path::new(&path), Duration::from_millis(hold));
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("actor");
+    let before = checker::now();
+    actor(&path, Duration::from_millis(100));
+    let log = read_actor_log(&path);
+    assert_eq!(log.pid, Some(std::process::id()));
+    assert!(log.steps >= 5, "{log:?}");
+    let (first, last) = (log.first.unwrap(), log.last.unwrap());
+    assert!(before <= first && first < last && last <= checker::now(), "{log:?}");
+    assert!(last - first >= Duration::from_millis(100));
+}
+
+/// A process's pending signals include SIGTERM, or it is gone.
+fn term_pending_or_gone(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return true };
+    let term = 1u64 << (15 - 1);
+    status.lines().any(|l| {
+        let (key, value) = l.split_once(':').unwrap_or_default();
+        match key {
+            "SigPnd" | "ShdPnd" => u64::from_str_radix(value.trim(), 16).is_ok_and(|m| m & term != 0),
+            "State" => value.trim().starts_with('Z'),
+            _ => false,
+        }
+    })
+}
+
+/// A loop of `kubelock run` holders on one lock; `freeze` asks it to freeze the next one
+/// (wrapper and command) past its lease, then thaw the wrapper first and the command once the
+/// wrapper has signalled it.
+#[allow(clippy::too_many_arguments)]
+async fn run_holders(
+    env_dir: PathBuf,
+    kubeconfig: PathBuf,
+    ns: String,
+    who: String,
+    w: Work,
+    seed: u64,
+    freeze: Arc<AtomicUsize>,
+    freeze_for: Duration,
+) -> Stats {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut stats = Stats::default();
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut n = 0;
+    while checker::now() < w.stop {
+        n += 1;
+        let name = format!("{who}-{n}");
+        let file = env_dir.join(format!("{name}.actor"));
+        let hold = ms(&mut rng, w.hold.0, w.hold.1);
+        let mut proc = Cmd::kubelock(&name, &env_dir)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["-n", &ns, "--request-timeout", "5s"])
+            .env_remove("KUBECONFIG")
+            .args(["run", "--lock", &w.lock, "--holder", &who, "--process-group", "own", "--grace", "2s"])
+            .args(["--lease", &kubelock::api::duration::format(w.lease), "--wait-timeout", "90s", "--"])
+            .arg(&exe)
+            .args(["faults::run_actor", "--exact", "--nocapture", "--test-threads", "1", "-q"])
+            .env("KUBELOCK_FAULT_ACTOR", &file)
+            .env("KUBELOCK_FAULT_HOLD_MS", hold.as_millis().to_string())
+            .spawn();
+        let mut froze = false;
+        if freeze.load(Ordering::SeqCst) > 0 {
+            // Wait for the command to run (the grant), then freeze both mid-hold.
+            let started = eventually("the command to start", Duration::from_secs(60), || async {
+                match read_actor_log(&file).pid {
+                    Some(pid) => Ok(pid),
+                    None => Err(format!("no start line yet; {}", proc.stderr_tail(3))),
+                }
+            })
+            .await;
+            if let Ok(child) = started
+                && freeze.fetch_sub(1, Ordering::SeqCst) > 0
+            {
+                froze = true;
+                tokio::time::sleep(ms(&mut rng, 0, 200)).await; // somewhere in its hold
+                let wrapper = Pid::from_raw(proc.pid() as i32).expect("a pid");
+                let group = Pid::from_raw(child as i32).expect("a pid");
+                let at = checker::now();
+                let _ = rustix::process::kill_process(wrapper, Signal::STOP);
+                let _ = rustix::process::kill_process_group(group, Signal::STOP);
+                w.journal.fault(FaultKind::HolderFreeze, at, None, &name);
+                tokio::time::sleep(freeze_for).await; // frozen past the lease
+                let _ = rustix::process::kill_process(wrapper, Signal::CONT);
+                let reacted = eventually("kubelock run to stop its command after the thaw", Duration::from_secs(3), || async {
+                    if term_pending_or_gone(child) { Ok(()) } else { Err("no SIGTERM pending".to_string()) }
+                })
+                .await;
+                let _ = rustix::process::kill_process_group(group, Signal::CONT);
+                w.journal.fault_ended(FaultKind::HolderFreeze, &name, checker::now());
+                if let Err(e) = reacted {
+                    stats.problems.push(format!("{name}: {e}"));
+                }
+            }
+        }
+        let status = proc.wait(Duration::from_secs(180)).await;
+        let code = status.and_then(|s| s.code());
+        let log = read_actor_log(&file);
+        if let (Some(from), Some(to)) = (log.first, log.last) {
+            stats.grants += 1;
+            w.journal.report(Report::Granted { at: from, who: name.clone(), lock: log.lock.clone(), request: log.request.clone(), token: log.token });
+            w.journal.report(Report::Acted {
+                who: name.clone(),
+                lock: log.lock.clone(),
+                request: log.request.clone(),
+                token: log.token,
+                permits: 1,
+                from,
+                to,
+                steps: log.steps,
+            });
+        }
+        match (froze, code) {
+            (true, Some(75)) => stats.lost += 1,
+            (true, other) => stats.problems.push(format!(
+                "{name} was frozen past its lease but exited with {other:?}, not 75:\n{}",
+                proc.stderr_tail(10)
+            )),
+            (false, Some(0)) => {}
+            (false, other) => {
+                stats.errors += 1;
+                w.journal.report(Report::Note {
+                    at: checker::now(),
+                    who: name.clone(),
+                    text: format!("exited with {other:?}: {}", proc.stderr_tail(2).replace('\n', " | ")),
+                });
+                tokio::time::sleep(ms(&mut rng, 200, 600)).await; // back off (the API server may be down)
+            }
+        }
+        tokio::time::sleep(ms(&mut rng, 0, 100)).await;
+    }
+    stats
+}
+
+fn total(stats: &[Stats]) -> Stats {
+    let mut t = Stats::default();
+    for s in stats {
+        t.grants += s.grants;
+        t.errors += s.errors;
+        t.lost += s.lost;
+        t.problems.extend(s.problems.iter().cloned());
+    }
+    t
+}
+
+// ---------------------------------------------------------------------------------------
+// The runs.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn controllers_crash_and_split_brain() {
+    let mut run = FaultRun::start("controllers_crash_and_split_brain").await;
+    // 30s leases: a lost wake-up would wait for the lease timer, far beyond the progress bound.
+    run.lock("mutex", 1, "30s", "0s").await;
+    run.lock("pool", 3, "30s", "0s").await;
+    run.lock("rw", 3, "30s", "0s").await;
+    run.start_controller();
+    let stop = checker::now() + workload_time();
+    let work = |lock: &str, permits: i32| Work {
+        lock: lock.into(),
+        permits,
+        lease: Duration::from_secs(30),
+        hold: (10, 200),
+        stop,
+        journal: run.journal.clone(),
+    };
+    let plan = [("mutex", 1), ("mutex", 1), ("mutex", 1), ("mutex", 1), ("mutex", 1)]
+        .into_iter()
+        .chain([("pool", 1); 4])
+        .chain([("rw", 1), ("rw", 1), ("rw", 1), ("rw", 3)]);
+    let mut tasks = Vec::new();
+    for (i, (lock, permits)) in plan.enumerate() {
+        let client = run.requester().await;
+        tasks.push(tokio::spawn(contend(client, format!("{lock}-{i}"), work(lock, permits), run.seed + i as u64, None)));
+    }
+
+    // Phases of one, two or three controllers; within each, kill one at random moments and
+    // start a replacement after a short gap.
+    let mut phase_end = Instant::now();
+    let mut target = 1;
+    while checker::now() < stop || run.kills() < 30 {
+        if Instant::now() >= phase_end {
+            target = [1, 2, 2, 3][run.rng.random_range(0..4usize)];
+            phase_end = Instant::now() + ms(&mut run.rng, 4000, 8000);
+            if target > 1 {
+                run.journal.fault(FaultKind::SplitBrain, checker::now(), None, format!("{target} controllers"));
+            }
+        }
+        while run.controllers.len() < target {
+            run.start_controller();
+        }
+        while run.controllers.len() > target {
+            let i = run.rng.random_range(0..run.controllers.len());
+            run.kill_controller(i);
+        }
+        let gap = ms(&mut run.rng, 300, 3000);
+        tokio::time::sleep(gap).await; // the fault schedule
+        let i = run.rng.random_range(0..run.controllers.len());
+        run.kill_controller(i);
+        let restart = ms(&mut run.rng, 0, 500);
+        tokio::time::sleep(restart).await;
+        run.start_controller();
+    }
+    let stats: Vec<Stats> = join_all(tasks).await.into_iter().map(|r| r.expect("a contender panicked")).collect();
+    let all = total(&stats);
+    let kills = run.kills();
+    let summary = run.finish().await;
+    println!("contenders: {} grants, {} lost, {} errors", all.grants, all.lost, all.errors);
+    assert!(kills >= 30, "only {kills} controller kills");
+    for (i, s) in stats.iter().enumerate() {
+        assert!(s.grants > 0, "contender {i} was never granted: {s:?}");
+    }
+    assert!(all.problems.is_empty(), "{:?}", all.problems);
+    assert!(summary.grants >= all.grants, "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_plane_outages_frozen_and_skewed_holders() {
+    let mut run = FaultRun::start("control_plane_outages_frozen_and_skewed_holders").await;
+    run.lock("mutex", 1, "6s", "0s").await;
+    run.lock("pool", 2, "6s", "0s").await;
+    run.lock("frozen", 1, "3s", "1s").await;
+    run.lock("skew", 1, "4s", "0s").await;
+    run.start_controller();
+    let stop = checker::now() + workload_time().max(Duration::from_secs(40));
+    let work = |lock: &str, lease: u64, hold: (u64, u64)| Work {
+        lock: lock.into(),
+        permits: 1,
+        lease: Duration::from_secs(lease),
+        hold,
+        stop,
+        journal: run.journal.clone(),
+    };
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        tasks.push(tokio::spawn(contend(run.requester().await, format!("mutex-{i}"), work("mutex", 6, (10, 300)), run.seed + i, None)));
+    }
+    for i in 0..3 {
+        tasks.push(tokio::spawn(contend(run.requester().await, format!("pool-{i}"), work("pool", 6, (10, 300)), run.seed + 10 + i, None)));
+    }
+    tasks.push(tokio::spawn(contend(run.requester().await, "frozen-lib".into(), work("frozen", 3, (10, 300)), run.seed + 20, None)));
+    tasks.push(tokio::spawn(contend(run.requester().await, "skew-waiter".into(), work("skew", 4, (10, 300)), run.seed + 21, None)));
+    // A holder whose whole runtime stalls past its lease once (a GC pause).
+    let stall = Arc::new(Stall { armed: AtomicBool::new(false), length: Duration::from_secs(8) });
+    tasks.push(contend_on_own_thread(
+        run.env.config(Identity::Requester1).await,
+        run.env.ns().into(),
+        "mutex-stalls".into(),
+        work("mutex", 6, (200, 600)),
+        run.seed + 30,
+        stall.clone(),
+    ));
+    // `kubelock run` holders, two of which will be frozen past their 3s lease.
+    let freeze = Arc::new(AtomicUsize::new(0));
+    for i in 0..3 {
+        tasks.push(tokio::spawn(run_holders(
+            run.env.log_dir().to_path_buf(),
+            run.env.kubeconfig(Identity::Requester1),
+            run.env.ns().into(),
+            format!("run-{i}"),
+            work("frozen", 3, (300, 1500)),
+            run.seed + 40 + i,
+            freeze.clone(),
+            Duration::from_secs(5),
+        )));
+    }
+
+    // The fault schedule: warm up; kube-apiserver down while requests queue; etcd down;
+    // freezes, a stall and controller kills in between.
+    let cp_seed: u64 = run.rng.random();
+    let mut rng = StdRng::seed_from_u64(cp_seed);
+    tokio::time::sleep(ms(&mut rng, 3000, 6000)).await;
+    freeze.fetch_add(1, Ordering::SeqCst);
+    let down = ms(&mut rng, 500, 3000);
+    let at = checker::now();
+    run.env.control_plane().kill_apiserver().expect("killing kube-apiserver");
+    tokio::time::sleep(down).await; // the outage
+    run.env.control_plane().start_apiserver().await.expect("restarting kube-apiserver");
+    run.journal.fault(FaultKind::ApiServerKill, at, Some(checker::now()), "kube-apiserver");
+    tokio::time::sleep(ms(&mut rng, 2000, 5000)).await;
+    stall.armed.store(true, Ordering::SeqCst);
+    let i = rng.random_range(0..run.controllers.len());
+    run.kill_controller(i);
+    tokio::time::sleep(ms(&mut rng, 0, 500)).await;
+    run.start_controller();
+    tokio::time::sleep(ms(&mut rng, 2000, 5000)).await;
+    let at = checker::now();
+    run.env.control_plane().kill_etcd().expect("killing etcd");
+    tokio::time::sleep(ms(&mut rng, 500, 2000)).await; // the outage
+    run.env.control_plane().start_etcd().await.expect("restarting etcd");
+    run.journal.fault(FaultKind::EtcdKill, at, Some(checker::now()), "etcd");
+    freeze.fetch_add(1, Ordering::SeqCst);
+    // The skewed holder: a request of our own, renewed with the wall clock an hour off.
+    let skew = tokio::spawn(skewed_holder(run.env.api(Identity::Requester1).await, run.journal.clone()));
+    while checker::now() < stop {
+        tokio::time::sleep(ms(&mut rng, 2000, 5000)).await;
+        let i = rng.random_range(0..run.controllers.len());
+        run.kill_controller(i);
+        tokio::time::sleep(ms(&mut rng, 0, 500)).await;
+        run.start_controller();
+    }
+
+    let skewed = skew.await.expect("the skewed holder panicked").unwrap_or_else(|e| panic!("{e}"));
+    let stats: Vec<Stats> = join_all(tasks).await.into_iter().map(|r| r.expect("a contender panicked")).collect();
+    let all = total(&stats);
+    let faults = run.journal.snapshot().faults;
+    let summary = run.finish().await;
+    println!("contenders: {} grants, {} lost, {} errors; skewed holder: {skewed}", all.grants, all.lost, all.errors);
+    assert!(all.problems.is_empty(), "{:#?}", all.problems);
+    let count = |k: FaultKind| faults.iter().filter(|f| f.kind == k).count();
+    assert_eq!(count(FaultKind::ApiServerKill), 1);
+    assert_eq!(count(FaultKind::EtcdKill), 1);
+    assert_eq!(count(FaultKind::HolderFreeze), 2, "two kubelock run holders frozen");
+    assert_eq!(count(FaultKind::RuntimePause), 1, "one stalled runtime");
+    assert!(summary.expiries >= 3, "the frozen and stalled holders were expired: {summary}");
+}
+
+/// A request of our own on lock `skew` (lease 4s), renewed every 1.3 s (a third of the lease)
+/// with `renewTime` an hour ahead, then an hour behind, while it waits and while it holds: it
+/// keeps its grant through 7 such renewals (expiry looks only for a change, never at the
+/// value), then stops renewing and is expired a lease later — not earlier (the checker's
+/// early-expiry rule, fed the send time of every renewal) and not much later (late-expiry).
+/// A renewal that fails (the API server was down) spoils an attempt; it is retried with a new
+/// request, at most 3 times.
+async fn skewed_holder(requests: Api<LockRequest>, journal: Journal) -> Result<String, String> {
+    let hour = SignedDuration::from_hours(1);
+    let lease = Duration::from_secs(4);
+    let skewed = |sign: i32| MicroTime(Timestamp::now().checked_add(hour * sign).expect("in range"));
+    let note = |text: String| journal.report(Report::Note { at: checker::now(), who: "skewed".into(), text });
+    let mut failures = Vec::new();
+    for attempt in 0..3 {
+        let name = format!("skewed-{attempt}");
+        let mut request = create_request(&requests, &name, "skew", 1, None).await;
+        let (mut sign, mut renewals, mut token, mut spoiled) = (1, 0, None, None);
+        while renewals < 7 && spoiled.is_none() {
+            let sent = checker::now();
+            let patch = serde_json::json!({"spec": {"renewTime": skewed(sign)}});
+            match requests.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(r) => {
+                    journal.fault(FaultKind::SkewedRenewal, sent, None, if sign < 0 { "-1h" } else { "+1h" });
+                    match (r.phase(), r.status.as_ref().and_then(|s| s.token)) {
+                        (Phase::Granted, Some(t)) => {
+                            token = Some(t);
+                            journal.report(Report::NotBefore { lock: "skew".into(), token: t, at: sent + lease });
+                            renewals += 1;
+                        }
+                        (Phase::Pending, _) => {}
+                        (phase, _) => spoiled = Some(format!("{name} became {phase} while renewing: {:?}", r.status)),
+                    }
+                    request = r;
+                }
+                Err(e) => spoiled = Some(format!("{name}: a renewal failed: {e}")),
+            }
+            sign = -sign;
+            tokio::time::sleep(Duration::from_millis(1300)).await; // a third of the lease
+        }
+        let dp = DeleteParams { preconditions: Some(Preconditions { uid: request.uid(), resource_version: None }), ..Default::default() };
+        if let Some(why) = spoiled {
+            note(why.clone());
+            failures.push(why);
+            let _ = requests.delete(&name, &dp).await;
+            continue;
+        }
+        let stopped = checker::now();
+        let expired = wait_until(&requests, &name, "the skewed holder expired", Duration::from_secs(120), |r| r.phase().is_final()).await;
+        let after = checker::now() - stopped;
+        let _ = requests.delete(&name, &dp).await;
+        let expired = expired.map_err(|e| e.to_string())?;
+        let reason = expired.status.and_then(|s| s.conditions.first().map(|c| c.reason.clone())).unwrap_or_default();
+        return Ok(format!(
+            "{renewals} skewed renewals kept token {}; {reason} {:.1}s after the last one (lease 4s)",
+            token.unwrap_or_default(),
+            after.as_secs_f64()
+        ));
+    }
+    Err(format!("no attempt held through its renewals: {failures:?}"))
+}
+
+/// A burst of `KUBELOCK_FAULT_BURST` (1,000) requests on one mutex, from 20 concurrent
+/// creators, while the controller is killed now and then. Each holder is released as soon as
+/// the Lock lists it, until `KUBELOCK_FAULT_BURST_GRANTS` (20; `all` for every one) have
+/// been: with a queue this deep each handover also rewrites about a tenth of the queue's
+/// positions (~100 writes), so a debug build on two cores drains about one a second. The
+/// checker judges FIFO across seconds, tokens, mirrors and progress; every grant is made once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_requests_is_granted_in_order() {
+    let count: usize = std::env::var("KUBELOCK_FAULT_BURST").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let drain: usize = match std::env::var("KUBELOCK_FAULT_BURST_GRANTS").ok().as_deref() {
+        Some("all") => count,
+        Some(n) => n.parse().unwrap_or(20).min(count),
+        None => 20.min(count),
+    };
+    let mut run = FaultRun::start("a_burst_of_requests_is_granted_in_order").await;
+    run.lock("burst", 1, "60s", "0s").await;
+    run.start_controller();
+    let requests: Api<LockRequest> = run.env.api(Identity::Requester1).await;
+    let locks: Api<Lock> = run.env.api(Identity::Requester1).await;
+    run.journal.fault(FaultKind::Burst, checker::now(), None, format!("{count} requests"));
+
+    // The releaser: every holder the Lock lists is released at once (precondition: its UID).
+    let done = Arc::new(AtomicBool::new(false));
+    let released = Arc::new(AtomicUsize::new(0));
+    let releaser = {
+        let (requests, locks, done, released) = (requests.clone(), locks.clone(), done.clone(), released.clone());
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut events = watcher(locks, watcher::Config::default().fields("metadata.name=burst"))
+                .default_backoff()
+                .applied_objects()
+                .boxed();
+            while !done.load(Ordering::SeqCst) {
+                let Ok(Some(Ok(lock))) = tokio::time::timeout(Duration::from_millis(500), events.next()).await else {
+                    continue;
+                };
+                for h in lock.status.map(|s| s.holders).unwrap_or_default() {
+                    if seen.insert(h.request_uid.clone()) {
+                        let dp = DeleteParams {
+                            preconditions: Some(Preconditions { uid: Some(h.request_uid.clone()), resource_version: None }),
+                            ..Default::default()
+                        };
+                        let (requests, released) = (requests.clone(), released.clone());
+                        tokio::spawn(async move {
+                            // Retried: the answer may be lost while the control plane is busy.
+                            for _ in 0..50 {
+                                match requests.delete(&h.request, &dp).await {
+                                    Ok(_) => break,
+                                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => break,
+                                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                                }
+                            }
+                            released.fetch_add(1, Ordering::SeqCst);
+                        });
+                    }
+                }
+            }
+        })
+    };
+
+    // The burst: `count` requests from 20 concurrent creators.
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let creators: Vec<_> = (0..20)
+        .map(|_| {
+            let (requests, next) = (requests.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= count {
+                        break;
+                    }
+                    create_request(&requests, &format!("burst-{i:04}"), "burst", 1, Some("60s")).await;
+                }
+            })
+        })
+        .collect();
+    join_all(creators).await;
+    let created = started.elapsed();
+
+    // Drain, killing the controller now and then.
+    let mut rng = StdRng::seed_from_u64(run.seed);
+    let deadline = Instant::now() + Duration::from_secs(240 + 2 * drain as u64);
+    while released.load(Ordering::SeqCst) < drain {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {drain} requests granted and released after {:?}",
+            released.load(Ordering::SeqCst),
+            started.elapsed()
+        );
+        tokio::time::sleep(ms(&mut rng, 5000, 10000)).await; // the fault schedule
+        if released.load(Ordering::SeqCst) >= drain {
+            break;
+        }
+        run.kill_controller(0);
+        tokio::time::sleep(ms(&mut rng, 0, 400)).await;
+        run.start_controller();
+    }
+    let drained = started.elapsed();
+    let granted = released.load(Ordering::SeqCst);
+    println!("burst: {granted} drained after {:.1}s (created in {:.1}s)", drained.as_secs_f64(), created.as_secs_f64());
+    done.store(true, Ordering::SeqCst);
+    let _ = releaser.await;
+    // The rest stay queued: the run ends here (its control plane goes with it).
+    let summary = run.finish_with(false).await;
+    println!(
+        "burst of {count}: created in {:.1}s; the first {granted} granted and released in order after {:.1}s; {} left queued",
+        created.as_secs_f64(),
+        drained.as_secs_f64(),
+        count - granted.min(count)
+    );
+    assert!(summary.grants >= drain, "{summary}");
+    assert!(summary.fifo_pairs > 0, "FIFO judged across seconds: {summary}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input on a live controller.
+
+/// Objects the Rust types cannot read, or that the controller must refuse: a Lock status and
+/// a LockRequest status with a value beyond i32 where the schema only says "integer" (written
+/// through the status subresource, as an administrator or an older controller could), and a
+/// Lock whose `leaseDuration` the schema's pattern admits but kubelock does not (9000h). The
+/// controller keeps serving other locks, names the field in a `Ready=False` condition, rewrites
+/// the unreadable status without losing the holder or its token, and grants nothing on the
+/// Lock whose spec it refuses.
+#[tokio::test]
+async fn malformed_objects_get_a_condition_and_others_keep_being_served() {
+    let f = Fixture::new().await;
+    f.lock("good", 1, "30s", "0s").await;
+    f.lock("bad", 1, "30s", "0s").await;
+    f.lock("long", 1, "9000h", "0s").await;
+    f.request("holder", "bad", 1).await;
+    f.wait_phase("holder", Phase::Granted).await;
+
+    // Every version of the bad Lock, untyped (some will not fit the Rust types).
+    let admin = f.env.admin().await;
+    let dynamic = |kind: kube::api::ApiResource| {
+        Api::<kube::api::DynamicObject>::namespaced_with(admin.clone(), f.env.ns(), &kind)
+    };
+    let lock_kind = kube::api::ApiResource::erase::<Lock>(&());
+    let versions = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let recorder = {
+        let (api, versions) = (dynamic(lock_kind.clone()), versions.clone());
+        tokio::spawn(async move {
+            let mut events =
+                watcher(api, watcher::Config::default().fields("metadata.name=bad")).default_backoff().applied_objects().boxed();
+            while let Some(event) = events.next().await {
+                if let Ok(obj) = event {
+                    versions.lock().unwrap().push(serde_json::to_value(&obj).unwrap_or_default());
+                }
+            }
+        })
+    };
+    eventually("the recorder to see the bad lock", TIMEOUT, || async {
+        if versions.lock().unwrap().is_empty() { Err("nothing yet".to_string()) } else { Ok(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let too_big = i64::from(i32::MAX) + 1;
+    let patch = serde_json::json!({"status": {"position": too_big}});
+    dynamic(kube::api::ApiResource::erase::<LockRequest>(&()))
+        .patch_status("holder", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("the schema accepts any integer for status.position");
+    let patch = serde_json::json!({"status": {"waiting": too_big}});
+    dynamic(lock_kind)
+        .patch_status("bad", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("the schema accepts any integer for status.waiting");
+
+    // Other locks are still served.
+    f.request("first", "good", 1).await;
+    f.wait_phase("first", Phase::Granted).await;
+    f.request("second", "good", 1).await;
+    f.release("first").await;
+    f.wait_phase("second", Phase::Granted).await;
+
+    // The bad Lock said what was wrong, naming the field, then its status was rewritten with
+    // its holder and token intact.
+    let healed = eventually("the bad lock's status named and rewritten", TIMEOUT, || async {
+        let seen = versions.lock().unwrap().clone();
+        let named = seen.iter().any(|v| {
+            v["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "False" && c["message"].as_str().is_some_and(|m| m.contains("status.waiting")))
+            })
+        });
+        let last = seen.last().cloned().unwrap_or_default();
+        let holder_kept = last["status"]["holders"].as_array().is_some_and(|hs| hs.iter().any(|h| h["request"] == "holder" && h["token"] == 1));
+        let readable = last["status"]["waiting"].as_i64().is_some_and(|w| w <= i64::from(i32::MAX));
+        if named && holder_kept && readable { Ok(last) } else { Err(format!("named={named} holder_kept={holder_kept}; last: {last}")) }
+    })
+    .await;
+    recorder.abort();
+    if let Err(e) = healed {
+        f.env.dump();
+        panic!("{e}");
+    }
+    let holder = wait_until(&f.requests, "holder", "the holder's status rewritten", TIMEOUT, |r| {
+        r.phase() == Phase::Granted && r.status.as_ref().is_some_and(|s| s.token == Some(1))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(holder.status.and_then(|s| s.position), None);
+
+    // A spec kubelock refuses: Ready=False naming the field, nothing granted.
+    f.request("waiter", "long", 1).await;
+    let long = wait_until(&f.locks, "long", "Ready=False on the 9000h lock", TIMEOUT, |l| {
+        l.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "False"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ready = long.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")).cloned().unwrap();
+    assert!(ready.message.contains("spec.leaseDuration"), "{ready:?}");
+    let waiter = wait_until(&f.requests, "waiter", "the waiter told why", TIMEOUT, |r| {
+        r.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.reason == "InvalidLock"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(waiter.phase(), Phase::Pending);
+}

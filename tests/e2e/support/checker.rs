@@ -1,0 +1,1748 @@
+//! The history checker: what the store committed, what the holders did and which faults were
+//! injected, on one clock, judged against the safety and progress properties of DESIGN.md.
+//!
+//! ## What is recorded
+//! - **The store's history** ([`History::record`]): every committed revision of every Lock and
+//!   LockRequest of a namespace, read from etcd's own watch (see [`super::etcd`]), so it is
+//!   complete and in commit order even across kube-apiserver and etcd restarts. Each record
+//!   carries its etcd revision (a total order of all changes) and the moment the recorder
+//!   received it (`at`, on `CLOCK_BOOTTIME`: never earlier than the commit).
+//! - **What holders report** ([`Journal::report`]): the grant they saw, the instants at which
+//!   they acted as holder (first and last "step"), and, for holders that know their deadline,
+//!   the earliest moment the controller may end the grant (`not_before` = the boot time read
+//!   before sending the last successful renewal + lease). In-process holders read the clock
+//!   directly; `kubelock run` commands are the test binary re-executed, reading the same
+//!   `CLOCK_BOOTTIME` (one machine: all readings are comparable).
+//! - **Faults** ([`Journal::fault`]): controller starts and kills, API server and etcd outages
+//!   (from the kill to ready again), frozen holders, ...
+//!
+//! ## What is checked ([`check`])
+//! Let `o(x)` be the moment the recorder received revision `x`; `o(x) ≥ commit(x)`.
+//! 1. **capacity**: in every Lock version, the permits of `status.holders` sum to at most
+//!    `spec.permits`; no request is listed twice.
+//! 2. **tokens**, per Lock UID: `fencingToken` never decreases; a grant that appears has a
+//!    token above every token issued before (and ≤ `fencingToken`), unique to its request;
+//!    a holder's token never changes; a request is never granted twice; every holder entry
+//!    names a request for this Lock with the same permits.
+//! 3. **mirror**: a request whose status says `Granted` (token t, lock UID u) was listed with t
+//!    in a Lock u version of a lower revision, and that grant had not ended at that revision.
+//! 4. **FIFO**: for requests A, B of one Lock with `creationTimestamp(A) < creationTimestamp(B)`
+//!    (different seconds: within a second the controller breaks ties by its own watch arrival
+//!    order, which no observer can know) and A committed before B: when B is granted (revision
+//!    g), A is not waiting at g — created before g, not deleted, not granted, not finished
+//!    (Expired/Rejected), asking for no more than the Lock's permits. If both are granted in
+//!    the same version, A's token is lower. (The queue is strict FIFO with head-of-line
+//!    blocking, so this holds for any permits, not only equal ones.)
+//! 5. **progress** (no lost wake-up): at any revision, the queue's head (by creationTimestamp,
+//!    then commit order) fits into the *truly* free capacity (spec.permits minus the permits of
+//!    holders whose request still exists: a deleted request frees its permits at once) and no
+//!    lock delay is in force — "stalled". A stall may last at most `bounds.stall`, not counting
+//!    the time excused by faults: no controller running for at least `controller_startup`, or
+//!    the API server/etcd down (until ready + `control_plane_recovery`, which covers the
+//!    clients' and controllers' watch back-off).
+//! 6. **expiry is never early**: a grant the controller ended while its request still existed
+//!    ended no earlier than the holder's `not_before` (`o(end) ≥ not_before`; since
+//!    `o(end) ≥ commit(end)` a violation is certain).
+//! 7. **expiry is not late**: a grant whose request stopped renewing is ended by
+//!    `lease` after the later of its last renewal (as recorded) and the start of a controller
+//!    that then stays up, + `bounds.stall`, not counting control-plane outages.
+//! 8. **lock delay**: after an expiry on a Lock with a lock delay, the status says so and no
+//!    grant is recorded less than `lockDelay − bounds.observer_lag` later.
+//! 9. **acting within the grant**: every interval in which a holder acted ended no later than
+//!    the recorder saw the Lock version that ended its grant (`to ≤ o(end)`: a holder must never
+//!    act after the status without it was committed; `o(end) ≥ commit(end)` makes a violation
+//!    certain, observer lag can only hide one). The start is not compared with `o(grant)`: the
+//!    holder may see its grant before the recorder does.
+//! 10. **exclusion as the holders lived it**: at no instant do the acting intervals of
+//!    different grants of a Lock overlap with more permits than `spec.permits` — judged on the
+//!    holders' own clock readings alone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fmt::Write as _,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::Value;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use super::etcd;
+
+/// A moment: `CLOCK_BOOTTIME` since boot. The same clock in every process of this machine.
+pub type At = Duration;
+
+/// Now, on `CLOCK_BOOTTIME`.
+pub fn now() -> At {
+    kubelock::client::BootInstant::now().since_boot()
+}
+
+// ---------------------------------------------------------------------------------------
+// The model.
+
+/// One version of a Lock as committed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LockVersion {
+    pub name: String,
+    pub uid: String,
+    pub permits: i64,
+    pub lock_delay: Duration,
+    pub fencing: i64,
+    pub holders: Vec<HolderEntry>,
+    /// `status.delayedUntil` is set: a lock delay holds back grants.
+    pub delayed: bool,
+    pub waiting: i64,
+}
+
+/// One entry of `status.holders`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HolderEntry {
+    pub request: String,
+    pub request_uid: String,
+    pub permits: i64,
+    pub token: i64,
+    pub lease: Duration,
+}
+
+/// One version of a LockRequest as committed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RequestVersion {
+    pub name: String,
+    pub uid: String,
+    pub lock: String,
+    pub permits: i64,
+    /// `creationTimestamp`, in seconds.
+    pub created: i64,
+    /// The revision that created it.
+    pub create_rev: u64,
+    /// `metadata.generation`: bumped by every spec write (renewals).
+    pub generation: i64,
+    pub phase: Option<String>,
+    pub token: Option<i64>,
+    pub lock_uid: Option<String>,
+    pub pod_ref: bool,
+}
+
+/// What one revision changed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Lock(LockVersion),
+    LockGone { name: String, uid: String },
+    Request(RequestVersion),
+    RequestGone { name: String, uid: String },
+}
+
+/// One committed change, with the moment the recorder received it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub rev: u64,
+    pub at: At,
+    pub change: Change,
+}
+
+/// What a holder reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Report {
+    /// It saw its grant.
+    Granted { at: At, who: String, lock: String, request: String, token: i64 },
+    /// It acted as holder from `from` to `to` (its first and last step, `steps` in all).
+    Acted { who: String, lock: String, request: String, token: i64, permits: i64, from: At, to: At, steps: u64 },
+    /// The controller may not end this grant before `at` (last successful renewal sent + lease).
+    NotBefore { lock: String, token: i64, at: At },
+    /// Free text for the timeline (a loss and its reason, a release, a late step...).
+    Note { at: At, who: String, text: String },
+}
+
+impl Report {
+    fn at(&self) -> At {
+        match self {
+            Report::Granted { at, .. } | Report::NotBefore { at, .. } | Report::Note { at, .. } => *at,
+            Report::Acted { from, .. } => *from,
+        }
+    }
+}
+
+/// Kinds of injected faults (and the controller starts the bounds need).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// A controller process started (not a fault; needed to excuse start-up time).
+    ControllerStart,
+    /// A controller's caches are synced (`/readyz` answers 200; not a fault).
+    ControllerReady,
+    /// A controller SIGKILLed.
+    ControllerKill,
+    /// More than one controller running at once (`who` says how many), no leader election.
+    SplitBrain,
+    /// kube-apiserver SIGKILLed; `until` = ready again.
+    ApiServerKill,
+    /// etcd SIGKILLed; `until` = ready again.
+    EtcdKill,
+    /// A holder process frozen with SIGSTOP; `until` = SIGCONT.
+    HolderFreeze,
+    /// An in-process holder's runtime blocked; `until` = running again.
+    RuntimePause,
+    /// A renewal written with a wall clock skewed by an hour.
+    SkewedRenewal,
+    /// A burst of requests on one Lock (`who` says how many).
+    Burst,
+}
+
+impl FaultKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::ControllerStart => "controller-start",
+            FaultKind::ControllerReady => "controller-ready",
+            FaultKind::ControllerKill => "controller-kill",
+            FaultKind::SplitBrain => "split-brain",
+            FaultKind::ApiServerKill => "apiserver-kill",
+            FaultKind::EtcdKill => "etcd-kill",
+            FaultKind::HolderFreeze => "holder-freeze",
+            FaultKind::RuntimePause => "runtime-pause",
+            FaultKind::SkewedRenewal => "skewed-renewal",
+            FaultKind::Burst => "burst",
+        }
+    }
+}
+
+/// One injected fault.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub at: At,
+    /// The end of an outage or freeze (`None`: it lasted to the end of the run).
+    pub until: Option<At>,
+    /// Which process or lock.
+    pub who: String,
+}
+
+/// Everything recorded in a run.
+#[derive(Clone, Debug, Default)]
+pub struct Log {
+    pub start: At,
+    pub end: Option<At>,
+    pub records: Vec<Record>,
+    pub reports: Vec<Report>,
+    pub faults: Vec<Fault>,
+}
+
+/// A handle to add reports and faults from anywhere (tasks, threads).
+#[derive(Clone, Default)]
+pub struct Journal {
+    log: Arc<Mutex<Log>>,
+}
+
+impl Journal {
+    pub fn report(&self, report: Report) {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).reports.push(report);
+    }
+
+    pub fn fault(&self, kind: FaultKind, at: At, until: Option<At>, who: impl Into<String>) {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).faults.push(Fault { kind, at, until, who: who.into() });
+    }
+
+    /// Sets the end of the last fault of this kind and `who` that has none.
+    pub fn fault_ended(&self, kind: FaultKind, who: &str, until: At) {
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = log.faults.iter_mut().rev().find(|f| f.kind == kind && f.who == who && f.until.is_none()) {
+            f.until = Some(until);
+        }
+    }
+
+    /// A copy of everything so far.
+    pub fn snapshot(&self) -> Log {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn push_records(&self, records: Vec<Record>) {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).records.extend(records);
+    }
+}
+
+/// The recorder of one namespace's Locks and LockRequests, straight from etcd.
+pub struct History {
+    pub journal: Journal,
+    endpoint: String,
+    /// The last revision the recorder received (under the prefix).
+    last: Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl History {
+    /// Starts recording from the store's current revision on.
+    pub async fn record(etcd_endpoint: &str, namespace: &str) -> History {
+        let from =
+            etcd::current_revision(etcd_endpoint).await.unwrap_or_else(|e| panic!("reading etcd's revision: {e}"));
+        let journal = Journal::default();
+        journal.log.lock().unwrap().start = now();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watch =
+            tokio::spawn(etcd::watch(etcd_endpoint.to_string(), "/registry/kubelock.dev/".into(), from + 1, tx));
+        let sink = journal.clone();
+        let ns = namespace.to_string();
+        let last = Arc::new(std::sync::atomic::AtomicU64::new(from));
+        let seen = last.clone();
+        let convert = tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                let at = now();
+                let records: Vec<Record> = batch.events.iter().filter_map(|e| to_record(e, &ns, at)).collect();
+                sink.push_records(records);
+                if let Some(e) = batch.events.last() {
+                    seen.fetch_max(e.revision, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        History { journal, endpoint: etcd_endpoint.to_string(), last, tasks: vec![watch, convert] }
+    }
+
+    /// Waits until the recorder has received every revision committed before this call: it
+    /// writes a marker key under the watched prefix (no resource of the API server) and waits
+    /// for the recorder to pass its revision. False if `timeout` passed first.
+    pub async fn sync(&self, timeout: Duration) -> bool {
+        let key = "/registry/kubelock.dev/~checker-marker";
+        let Ok(rev) = etcd::put(&self.endpoint, key, "sync").await else { return false };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.last.load(std::sync::atomic::Ordering::SeqCst) >= rev {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn to_record(e: &etcd::KeyEvent, ns: &str, at: At) -> Option<Record> {
+    let rest = e.key.strip_prefix("/registry/kubelock.dev/")?;
+    let (kind, rest) = rest.split_once('/')?;
+    let (key_ns, name) = rest.split_once('/')?;
+    if key_ns != ns {
+        return None;
+    }
+    let uid_of =
+        |v: &Option<Value>| v.as_ref().and_then(|v| v["metadata"]["uid"].as_str()).unwrap_or_default().to_string();
+    let change = match (kind, &e.value) {
+        ("locks", Some(v)) => Change::Lock(lock_version(v)),
+        ("locks", None) => Change::LockGone { name: name.into(), uid: uid_of(&e.prev) },
+        ("lockrequests", Some(v)) => Change::Request(request_version(v, e)),
+        ("lockrequests", None) => Change::RequestGone { name: name.into(), uid: uid_of(&e.prev) },
+        _ => return None,
+    };
+    Some(Record { rev: e.revision, at, change })
+}
+
+fn dur(v: &Value) -> Duration {
+    v.as_str().and_then(|s| kubelock::api::duration::parse(s).ok()).unwrap_or_default()
+}
+
+/// A Lock as stored, read leniently (a field of the wrong type reads as its default).
+pub fn lock_version(v: &Value) -> LockVersion {
+    let status = &v["status"];
+    LockVersion {
+        name: v["metadata"]["name"].as_str().unwrap_or_default().into(),
+        uid: v["metadata"]["uid"].as_str().unwrap_or_default().into(),
+        permits: v["spec"]["permits"].as_i64().unwrap_or(1),
+        lock_delay: dur(&v["spec"]["lockDelay"]),
+        fencing: status["fencingToken"].as_i64().unwrap_or(0),
+        holders: status["holders"]
+            .as_array()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| HolderEntry {
+                        request: h["request"].as_str().unwrap_or_default().into(),
+                        request_uid: h["requestUID"].as_str().unwrap_or_default().into(),
+                        permits: h["permits"].as_i64().unwrap_or(0),
+                        token: h["token"].as_i64().unwrap_or(0),
+                        lease: dur(&h["leaseDuration"]),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        delayed: !status["delayedUntil"].is_null(),
+        waiting: status["waiting"].as_i64().unwrap_or(0),
+    }
+}
+
+fn request_version(v: &Value, e: &etcd::KeyEvent) -> RequestVersion {
+    let status = &v["status"];
+    let created = v["metadata"]["creationTimestamp"]
+        .as_str()
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map_or(0, |t| t.as_second());
+    // A create has no previous value; later versions keep the create revision we saw first.
+    let create_rev = if e.prev.is_none() { e.revision } else { 0 };
+    RequestVersion {
+        name: v["metadata"]["name"].as_str().unwrap_or_default().into(),
+        uid: v["metadata"]["uid"].as_str().unwrap_or_default().into(),
+        lock: v["spec"]["lockName"].as_str().unwrap_or_default().into(),
+        permits: v["spec"]["permits"].as_i64().unwrap_or(1),
+        created,
+        create_rev,
+        generation: v["metadata"]["generation"].as_i64().unwrap_or(0),
+        phase: status["phase"].as_str().map(str::to_string),
+        token: status["token"].as_i64(),
+        lock_uid: status["lockUID"].as_str().map(str::to_string),
+        pod_ref: !v["spec"]["podRef"].is_null(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The checks.
+
+/// How long things may take (see the module doc, properties 5, 7 and 8).
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// A stall (or a late expiry) may last this long outside excused time.
+    pub stall: Duration,
+    /// After a controller is ready (its caches synced; or started, if readiness is not
+    /// reported), this long counts as its start-up (the first reconciles).
+    pub controller_startup: Duration,
+    /// After the API server or etcd is ready again, this long counts as recovery (clients and
+    /// controllers reconnect with kube-rs's watch back-off: 0.8 s doubling to 30 s).
+    pub control_plane_recovery: Duration,
+    /// How much later than the commit the recorder may receive a revision (lock delay only).
+    pub observer_lag: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            stall: Duration::from_secs(10),
+            controller_startup: Duration::from_secs(3),
+            control_plane_recovery: Duration::from_secs(35),
+            observer_lag: Duration::from_millis(100),
+        }
+    }
+}
+
+/// One broken property.
+#[derive(Clone, Debug)]
+pub struct Violation {
+    pub property: &'static str,
+    pub at: At,
+    pub lock: String,
+    pub message: String,
+}
+
+/// What a clean check looked at.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub records: usize,
+    pub lock_versions: usize,
+    /// Grants (Lock UID, token) seen in the store.
+    pub grants: usize,
+    /// Grants ended by the controller (expiry, pod gone, break) rather than a release.
+    pub expiries: usize,
+    /// Pairs of requests whose FIFO order was judged.
+    pub fifo_pairs: usize,
+    /// Acting intervals reported by holders, and the steps in them.
+    pub acted: usize,
+    pub steps: u64,
+    /// The longest stall outside excused time.
+    pub longest_stall: Duration,
+    /// Faults by kind.
+    pub faults: BTreeMap<&'static str, usize>,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let faults: Vec<String> = self.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        write!(
+            f,
+            "{} revisions ({} Lock versions), {} grants ({} ended by the controller), {} FIFO pairs, {} acting intervals ({} steps), longest unexcused stall {:.3}s; faults: {}",
+            self.records,
+            self.lock_versions,
+            self.grants,
+            self.expiries,
+            self.fifo_pairs,
+            self.acted,
+            self.steps,
+            self.longest_stall.as_secs_f64(),
+            if faults.is_empty() { "none".into() } else { faults.join(" ") }
+        )
+    }
+}
+
+/// A failed check: the violations and a readable timeline around the first ones.
+#[derive(Debug)]
+pub struct Failure {
+    pub violations: Vec<Violation>,
+    pub summary: Summary,
+    pub timeline: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{} violation(s):", self.violations.len())?;
+        for v in self.violations.iter().take(20) {
+            writeln!(f, "  [{}] {}: {}", v.property, v.lock, v.message)?;
+        }
+        if self.violations.len() > 20 {
+            writeln!(f, "  ... and {} more", self.violations.len() - 20)?;
+        }
+        writeln!(f, "checked: {}", self.summary)?;
+        write!(f, "timeline (t = seconds since the recording started):\n{}", self.timeline)
+    }
+}
+
+/// How a grant ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EndKind {
+    /// The request was deleted first: a clean release.
+    Released,
+    /// The controller removed it while the request still existed (expiry, pod gone, break).
+    ByController,
+    /// The Lock was deleted.
+    LockGone,
+}
+
+#[derive(Clone, Debug)]
+struct Grant {
+    lock: String,
+    request: String,
+    request_uid: String,
+    permits: i64,
+    token: i64,
+    lease: Duration,
+    lock_permits: i64,
+    granted_rev: u64,
+    granted_at: At,
+    ended: Option<(u64, At, EndKind)>,
+    /// When the recorder saw the last spec change (renewal) of the request before the end.
+    last_renewal: At,
+}
+
+#[derive(Clone, Debug, Default)]
+struct RequestInfo {
+    name: String,
+    lock: String,
+    permits: i64,
+    created: i64,
+    create_rev: u64,
+    pod_ref: bool,
+    generation: i64,
+    phase: Option<String>,
+    token: Option<i64>,
+    deleted: Option<(u64, At)>,
+    final_rev: Option<u64>,
+    /// Recorder times of spec changes (generation bumps), creation included.
+    spec_changes: Vec<At>,
+    /// First revision at which a Lock version listed it.
+    granted_rev: Option<u64>,
+    granted_token: Option<i64>,
+}
+
+/// Per Lock UID, across its versions.
+#[derive(Default)]
+struct LockTrack {
+    prev: Option<LockVersion>,
+    issued: i64,
+    owner: HashMap<i64, String>,
+    granted: HashSet<String>,
+}
+
+/// A set of time intervals.
+#[derive(Clone, Debug, Default)]
+struct Intervals(Vec<(At, At)>);
+
+impl Intervals {
+    fn add(&mut self, from: At, to: At) {
+        if to > from {
+            self.0.push((from, to));
+        }
+    }
+
+    fn merged(mut self) -> Intervals {
+        self.0.sort();
+        let mut out: Vec<(At, At)> = Vec::new();
+        for (a, b) in self.0 {
+            match out.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        Intervals(out)
+    }
+
+    /// Length of the overlap with `[a, b]`.
+    fn overlap(&self, a: At, b: At) -> Duration {
+        self.0.iter().map(|(x, y)| (*y).min(b).saturating_sub((*x).max(a))).sum()
+    }
+
+    fn contains(&self, t: At) -> bool {
+        self.0.iter().any(|(x, y)| *x <= t && t < *y)
+    }
+}
+
+/// Controller lifetimes `(ready from, killed at)` and the excused time derived from faults.
+struct Excuses {
+    ready: Vec<(At, At)>,
+    control_plane: Intervals,
+    all: Intervals,
+}
+
+fn excuses(log: &Log, bounds: &Bounds, end: At) -> Excuses {
+    let mut starts: BTreeMap<&str, Vec<At>> = BTreeMap::new();
+    let mut readies: BTreeMap<&str, Vec<At>> = BTreeMap::new();
+    let mut kills: BTreeMap<&str, Vec<At>> = BTreeMap::new();
+    let mut control_plane = Intervals::default();
+    for f in &log.faults {
+        match f.kind {
+            FaultKind::ControllerStart => starts.entry(&f.who).or_default().push(f.at),
+            FaultKind::ControllerReady => readies.entry(&f.who).or_default().push(f.at),
+            FaultKind::ControllerKill => kills.entry(&f.who).or_default().push(f.at),
+            FaultKind::ApiServerKill | FaultKind::EtcdKill => {
+                control_plane.add(f.at, f.until.map_or(end, |u| u + bounds.control_plane_recovery));
+            }
+            _ => {}
+        }
+    }
+    // A controller is up from its readiness (caches synced; its start if readiness is not
+    // reported) + `controller_startup` until it is killed; never if it is killed first.
+    let mut ready = Vec::new();
+    for (who, starts) in &starts {
+        let kills = kills.get(who).cloned().unwrap_or_default();
+        let readies = readies.get(who).cloned();
+        for s in starts {
+            let killed = kills.iter().copied().filter(|k| k >= s).min().unwrap_or(At::MAX);
+            let up = match &readies {
+                Some(r) => match r.iter().copied().filter(|r| r >= s && *r < killed).min() {
+                    Some(r) => r,
+                    None => continue,
+                },
+                None => *s,
+            };
+            ready.push((up + bounds.controller_startup, killed));
+        }
+    }
+    // Excused: no controller ready, or the control plane recovering.
+    let mut covered = Intervals::default();
+    for (a, b) in &ready {
+        covered.add(*a, (*b).min(end));
+    }
+    let covered = covered.merged();
+    let mut all = Intervals::default();
+    let mut t = log.start;
+    for (a, b) in &covered.0 {
+        if *a > t {
+            all.add(t, *a);
+        }
+        t = t.max(*b);
+    }
+    if t < end {
+        all.add(t, end);
+    }
+    for (a, b) in &control_plane.0 {
+        all.add(*a, *b);
+    }
+    Excuses { ready, control_plane: control_plane.merged(), all: all.merged() }
+}
+
+/// Checks everything recorded in `log`; `Err` carries the violations and a timeline.
+pub fn check(log: &Log, bounds: &Bounds) -> Result<Summary, Failure> {
+    let mut v: Vec<Violation> = Vec::new();
+    let mut summary = Summary { records: log.records.len(), ..Default::default() };
+    for f in log.faults.iter().filter(|f| !matches!(f.kind, FaultKind::ControllerStart | FaultKind::ControllerReady)) {
+        *summary.faults.entry(f.kind.name()).or_default() += 1;
+    }
+    let end = log.end.unwrap_or_else(|| log.records.last().map_or(log.start, |r| r.at)).max(log.start);
+    let ex = excuses(log, bounds, end);
+
+    let mut records = log.records.clone();
+    records.sort_by_key(|r| r.rev);
+
+    // Pass 1: the store's history, version by version.
+    let mut requests: HashMap<String, RequestInfo> = HashMap::new();
+    let mut tracks: HashMap<String, LockTrack> = HashMap::new();
+    let mut grants: BTreeMap<(String, i64), Grant> = BTreeMap::new();
+    // Lock name -> current version (for the progress pass).
+    let mut stall_state: HashMap<String, (Option<LockVersion>, BTreeSet<String>)> = HashMap::new();
+    let mut stalled_since: HashMap<String, (At, u64)> = HashMap::new();
+    // (lock name) -> (o(expiry), lock delay) of the last expiry.
+    let mut last_expiry: HashMap<String, (At, Duration, u64)> = HashMap::new();
+
+    for rec in &records {
+        let (rev, at) = (rec.rev, rec.at);
+        let lock_name = match &rec.change {
+            Change::Request(r) => {
+                let info = requests.entry(r.uid.clone()).or_default();
+                let first = info.name.is_empty();
+                if first {
+                    info.name = r.name.clone();
+                    info.lock = r.lock.clone();
+                    info.permits = r.permits;
+                    info.created = r.created;
+                    info.create_rev = if r.create_rev > 0 { r.create_rev } else { rev };
+                    info.pod_ref = r.pod_ref;
+                    info.spec_changes.push(at);
+                } else if r.generation != info.generation {
+                    info.spec_changes.push(at);
+                }
+                info.generation = r.generation;
+                // Only a change of the status is a mirror write (a renewal carries the old one).
+                let mirrored = first || info.phase != r.phase || info.token != r.token;
+                info.phase = r.phase.clone();
+                info.token = r.token;
+                if matches!(r.phase.as_deref(), Some("Expired" | "Rejected")) && info.final_rev.is_none() {
+                    info.final_rev = Some(rev);
+                }
+                // 3. mirror
+                if mirrored && r.phase.as_deref() == Some("Granted") {
+                    let key = (r.lock_uid.clone().unwrap_or_default(), r.token.unwrap_or(-1));
+                    match grants.get(&key) {
+                        None => v.push(Violation {
+                            property: "mirror",
+                            at,
+                            lock: r.lock.clone(),
+                            message: format!(
+                                "rev {rev}: request {} says Granted with token {} of lock UID {}, but no Lock version before listed it",
+                                r.name, key.1, short(&key.0)
+                            ),
+                        }),
+                        Some(g) if g.request_uid != r.uid => v.push(Violation {
+                            property: "mirror",
+                            at,
+                            lock: r.lock.clone(),
+                            message: format!("rev {rev}: request {} says Granted with token {}, which the Lock gave to {}", r.name, key.1, g.request),
+                        }),
+                        Some(g) if g.ended.is_some_and(|(e, _, _)| e < rev) => v.push(Violation {
+                            property: "mirror",
+                            at,
+                            lock: r.lock.clone(),
+                            message: format!(
+                                "rev {rev}: request {} says Granted with token {}, but the Lock ended that grant at rev {}",
+                                r.name,
+                                key.1,
+                                g.ended.map_or(0, |e| e.0)
+                            ),
+                        }),
+                        Some(_) => {}
+                    }
+                }
+                stall_state.entry(r.lock.clone()).or_default().1.insert(r.uid.clone());
+                r.lock.clone()
+            }
+            Change::RequestGone { uid, .. } => match requests.get_mut(uid) {
+                Some(info) => {
+                    info.deleted = Some((rev, at));
+                    info.lock.clone()
+                }
+                None => continue, // created before the recording started
+            },
+            Change::LockGone { name, uid } => {
+                if let Some(track) = tracks.get_mut(uid) {
+                    track.prev = None;
+                }
+                for g in grants.values_mut().filter(|g| g.lock == *name && g.ended.is_none()) {
+                    g.ended = Some((rev, at, EndKind::LockGone));
+                }
+                stall_state.entry(name.clone()).or_default().0 = None;
+                name.clone()
+            }
+            Change::Lock(l) => {
+                summary.lock_versions += 1;
+                check_lock_version(
+                    l,
+                    rev,
+                    at,
+                    &mut tracks,
+                    &requests,
+                    &mut grants,
+                    &mut v,
+                    &mut summary,
+                    &mut last_expiry,
+                );
+                stall_state.entry(l.name.clone()).or_default().0 = Some(l.clone());
+                for h in &l.holders {
+                    if let Some(info) = requests.get_mut(&h.request_uid)
+                        && info.granted_rev.is_none()
+                    {
+                        info.granted_rev = Some(rev);
+                        info.granted_token = Some(h.token);
+                    }
+                }
+                l.name.clone()
+            }
+        };
+        // 5. progress: is the Lock stalled after this revision?
+        if let Some((Some(lock), uids)) = stall_state.get(&lock_name) {
+            let stalled = is_stalled(lock, uids, &requests);
+            match (stalled, stalled_since.get(&lock_name).copied()) {
+                (true, None) => {
+                    stalled_since.insert(lock_name.clone(), (at, rev));
+                }
+                (false, Some((since, since_rev))) => {
+                    stalled_since.remove(&lock_name);
+                    judge_stall(&lock_name, since, since_rev, at, Some(rev), &ex, bounds, &mut v, &mut summary);
+                }
+                _ => {}
+            }
+        } else if let Some((since, since_rev)) = stalled_since.remove(&lock_name) {
+            judge_stall(&lock_name, since, since_rev, at, Some(rev), &ex, bounds, &mut v, &mut summary);
+        }
+    }
+    for (lock, (since, since_rev)) in stalled_since {
+        judge_stall(&lock, since, since_rev, end, None, &ex, bounds, &mut v, &mut summary);
+    }
+
+    // Last renewals before each grant ended.
+    for g in grants.values_mut() {
+        let stop = g.ended.map_or(end, |(_, at, _)| at);
+        if let Some(info) = requests.get(&g.request_uid) {
+            g.last_renewal = info
+                .spec_changes
+                .iter()
+                .copied()
+                .filter(|t| *t <= stop)
+                .max()
+                .unwrap_or(g.granted_at)
+                .max(g.granted_at);
+        } else {
+            g.last_renewal = g.granted_at;
+        }
+    }
+    summary.grants = grants.len();
+    summary.expiries = grants.values().filter(|g| g.ended.is_some_and(|e| e.2 == EndKind::ByController)).count();
+
+    // 4. FIFO.
+    check_fifo(&requests, &grants, &mut v, &mut summary, &records);
+
+    // 6. not before / 9. acted within / 10. exclusion.
+    let by_lock_token: HashMap<(String, i64), &Grant> =
+        grants.values().map(|g| ((g.lock.clone(), g.token), g)).collect();
+    let mut not_before: HashMap<(String, i64), At> = HashMap::new();
+    let mut acted: BTreeMap<String, Vec<(At, At, i64, i64, String)>> = BTreeMap::new();
+    for r in &log.reports {
+        match r {
+            Report::NotBefore { lock, token, at } => {
+                let e = not_before.entry((lock.clone(), *token)).or_insert(*at);
+                *e = (*e).max(*at);
+            }
+            Report::Acted { who, lock, request, token, permits, from, to, steps } => {
+                summary.acted += 1;
+                summary.steps += steps;
+                acted.entry(lock.clone()).or_default().push((*from, *to, *token, *permits, who.clone()));
+                match by_lock_token.get(&(lock.clone(), *token)) {
+                    None => v.push(Violation {
+                        property: "acting",
+                        at: *from,
+                        lock: lock.clone(),
+                        message: format!(
+                            "{who} acted with token {token} (request {request}), which no Lock version granted"
+                        ),
+                    }),
+                    Some(g) => {
+                        if let Some((rev, end_at, _)) = g.ended
+                            && *to > end_at
+                        {
+                            v.push(Violation {
+                                property: "acting",
+                                at: *to,
+                                lock: lock.clone(),
+                                message: format!(
+                                    "{who} (token {token}) acted until t={}, {:.3}s after the recorder saw rev {rev} end its grant (t={})",
+                                    secs(*to, log.start),
+                                    (*to - end_at).as_secs_f64(),
+                                    secs(end_at, log.start)
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for ((lock, token), nb) in &not_before {
+        if let Some(g) = by_lock_token.get(&(lock.clone(), *token))
+            && let Some((rev, end_at, EndKind::ByController)) = g.ended
+            && end_at < *nb
+        {
+            v.push(Violation {
+                property: "early-expiry",
+                at: end_at,
+                lock: lock.clone(),
+                message: format!(
+                    "rev {rev} ended grant token {token} ({}) at t={}, {:.3}s before its holder's lease ran out (t={})",
+                    g.request,
+                    secs(end_at, log.start),
+                    (*nb - end_at).as_secs_f64(),
+                    secs(*nb, log.start)
+                ),
+            });
+        }
+    }
+    for (lock, intervals) in &acted {
+        let permits = grants.values().find(|g| g.lock == *lock).map_or(1, |g| g.lock_permits);
+        check_exclusion(lock, intervals, permits, log.start, &mut v);
+    }
+
+    // 7. late expiry.
+    for g in grants.values() {
+        let renewing_to_the_end = g.ended.is_none() && g.last_renewal + g.lease > end;
+        let released = g.ended.is_some_and(|e| e.2 != EndKind::ByController);
+        if renewing_to_the_end || released {
+            continue;
+        }
+        // The request was deleted later than the last renewal: it was a release after all if
+        // the deletion came first (handled above); here it still existed at the end.
+        let deadline = expected_expiry(g.last_renewal, g.lease, &ex, end) + bounds.stall;
+        let ended_at = g.ended.map_or(end, |e| e.1);
+        if ended_at > deadline && (g.ended.is_some() || end > deadline) {
+            let gone = requests.get(&g.request_uid).and_then(|i| i.deleted).map(|d| d.1);
+            // A request deleted after it stopped renewing was released, not expired, if the
+            // deletion came before the deadline.
+            if gone.is_some_and(|d| d <= deadline) {
+                continue;
+            }
+            v.push(Violation {
+                property: "late-expiry",
+                at: deadline,
+                lock: g.lock.clone(),
+                message: format!(
+                    "grant token {} ({}) last renewed at t={} with a {}s lease: expected to end by t={} (controller start-up and control-plane outages allowed for), {}",
+                    g.token,
+                    g.request,
+                    secs(g.last_renewal, log.start),
+                    g.lease.as_secs_f64(),
+                    secs(deadline, log.start),
+                    match g.ended {
+                        Some((rev, at, _)) => format!("ended at rev {rev}, t={}", secs(at, log.start)),
+                        None => "never ended".into(),
+                    }
+                ),
+            });
+        }
+    }
+
+    if v.is_empty() {
+        Ok(summary)
+    } else {
+        v.sort_by_key(|x| x.at);
+        let timeline = timeline(log, &records, &v);
+        Err(Failure { violations: v, summary, timeline })
+    }
+}
+
+/// Properties 1, 2 (and the lock delay of 8) on one Lock version.
+#[allow(clippy::too_many_arguments)]
+fn check_lock_version(
+    l: &LockVersion,
+    rev: u64,
+    at: At,
+    tracks: &mut HashMap<String, LockTrack>,
+    requests: &HashMap<String, RequestInfo>,
+    grants: &mut BTreeMap<(String, i64), Grant>,
+    v: &mut Vec<Violation>,
+    summary: &mut Summary,
+    last_expiry: &mut HashMap<String, (At, Duration, u64)>,
+) {
+    let mut bad = |property, message: String| v.push(Violation { property, at, lock: l.name.clone(), message });
+    let track = tracks.entry(l.uid.clone()).or_default();
+    let held: i64 = l.holders.iter().map(|h| h.permits).sum();
+    if held > l.permits {
+        bad("capacity", format!("rev {rev}: {held} permits held of {} ({})", l.permits, names(&l.holders)));
+    }
+    let mut listed = HashSet::new();
+    for h in &l.holders {
+        if !listed.insert(h.request_uid.clone()) {
+            bad("capacity", format!("rev {rev}: {} listed twice", h.request));
+        }
+    }
+    let prev = track.prev.take();
+    let prev_fencing = prev.as_ref().map_or(0, |p| p.fencing);
+    if l.fencing < prev_fencing {
+        bad("tokens", format!("rev {rev}: fencingToken went back from {prev_fencing} to {}", l.fencing));
+    }
+    let before: HashMap<&str, &HolderEntry> =
+        prev.as_ref().map(|p| p.holders.iter().map(|h| (h.request_uid.as_str(), h)).collect()).unwrap_or_default();
+    let issued_before = track.issued.max(prev_fencing);
+    let mut new_grant = false;
+    for h in &l.holders {
+        match before.get(h.request_uid.as_str()) {
+            Some(old) if old.token != h.token => {
+                bad(
+                    "tokens",
+                    format!("rev {rev}: {}'s token changed from {} to {} while held", h.request, old.token, h.token),
+                );
+            }
+            Some(_) => {}
+            None => {
+                new_grant = true;
+                if track.granted.contains(&h.request_uid) {
+                    bad(
+                        "tokens",
+                        format!("rev {rev}: {} granted again (token {}) after its grant ended", h.request, h.token),
+                    );
+                }
+                if h.token <= issued_before {
+                    bad(
+                        "tokens",
+                        format!(
+                            "rev {rev}: new grant to {} has token {}, not above {issued_before} issued before",
+                            h.request, h.token
+                        ),
+                    );
+                }
+                if h.token > l.fencing {
+                    bad(
+                        "tokens",
+                        format!("rev {rev}: {} holds token {} above fencingToken {}", h.request, h.token, l.fencing),
+                    );
+                }
+                if let Some(other) = track.owner.get(&h.token)
+                    && *other != h.request_uid
+                {
+                    bad(
+                        "tokens",
+                        format!("rev {rev}: token {} issued twice ({} and {})", h.token, short(other), h.request),
+                    );
+                }
+                match requests.get(&h.request_uid) {
+                    Some(r) if r.lock != l.name || r.permits != h.permits => bad(
+                        "tokens",
+                        format!(
+                            "rev {rev}: {} granted {} permit(s) of {}, but it asks for {} of {}",
+                            h.request, h.permits, l.name, r.permits, r.lock
+                        ),
+                    ),
+                    Some(_) => {}
+                    None => bad(
+                        "tokens",
+                        format!(
+                            "rev {rev}: {} (UID {}) granted, but no such request was ever created",
+                            h.request,
+                            short(&h.request_uid)
+                        ),
+                    ),
+                }
+                track.owner.insert(h.token, h.request_uid.clone());
+                track.granted.insert(h.request_uid.clone());
+                track.issued = track.issued.max(h.token);
+                grants.insert(
+                    (l.uid.clone(), h.token),
+                    Grant {
+                        lock: l.name.clone(),
+                        request: h.request.clone(),
+                        request_uid: h.request_uid.clone(),
+                        permits: h.permits,
+                        token: h.token,
+                        lease: h.lease,
+                        lock_permits: l.permits,
+                        granted_rev: rev,
+                        granted_at: at,
+                        ended: None,
+                        last_renewal: at,
+                    },
+                );
+            }
+        }
+    }
+    // Grants that ended in this version: released (request deleted first) or by the controller.
+    let mut expired_here = false;
+    for (uid, old) in &before {
+        if listed.contains(*uid) {
+            continue;
+        }
+        let deleted_first = requests.get(*uid).and_then(|r| r.deleted).is_some_and(|(d, _)| d < rev);
+        let kind =
+            if deleted_first || !requests.contains_key(*uid) { EndKind::Released } else { EndKind::ByController };
+        expired_here |= kind == EndKind::ByController;
+        if let Some(g) = grants.get_mut(&(l.uid.clone(), old.token))
+            && g.ended.is_none()
+        {
+            g.ended = Some((rev, at, kind));
+        }
+    }
+    // 8. lock delay.
+    if expired_here && !l.lock_delay.is_zero() {
+        if !l.delayed && l.holders.iter().all(|h| before.contains_key(h.request_uid.as_str())) {
+            bad(
+                "lock-delay",
+                format!(
+                    "rev {rev}: a holder was expired but no lock delay is in force ({}s)",
+                    l.lock_delay.as_secs_f64()
+                ),
+            );
+        }
+        last_expiry.insert(l.name.clone(), (at, l.lock_delay, rev));
+    }
+    if new_grant && let Some((e_at, delay, e_rev)) = last_expiry.get(&l.name).copied() {
+        let gap = at.saturating_sub(e_at);
+        if gap + Duration::from_millis(100) < delay && !expired_here {
+            bad(
+                "lock-delay",
+                format!(
+                    "rev {rev}: granted {:.3}s after the expiry at rev {e_rev}, inside the {}s lock delay",
+                    gap.as_secs_f64(),
+                    delay.as_secs_f64()
+                ),
+            );
+        }
+    }
+    let _ = summary;
+    track.prev = Some(l.clone());
+}
+
+/// The queue's head fits into the truly free capacity and no lock delay holds it back.
+fn is_stalled(lock: &LockVersion, uids: &BTreeSet<String>, requests: &HashMap<String, RequestInfo>) -> bool {
+    if lock.delayed {
+        return false;
+    }
+    let exists = |uid: &str| requests.get(uid).is_none_or(|r| r.deleted.is_none());
+    let held: i64 = lock.holders.iter().filter(|h| exists(&h.request_uid)).map(|h| h.permits).sum();
+    let listed: HashSet<&str> = lock.holders.iter().map(|h| h.request_uid.as_str()).collect();
+    let head = uids
+        .iter()
+        .filter_map(|uid| requests.get(uid).map(|r| (uid, r)))
+        .filter(|(uid, r)| {
+            r.deleted.is_none()
+                && r.final_rev.is_none()
+                && r.granted_rev.is_none()
+                && !listed.contains(uid.as_str())
+                && r.phase.as_deref() != Some("Granted")
+                && !r.pod_ref
+                && r.permits <= lock.permits
+        })
+        .min_by_key(|(_, r)| (r.created, r.create_rev, r.name.clone()));
+    head.is_some_and(|(_, r)| held + r.permits <= lock.permits)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn judge_stall(
+    lock: &str,
+    since: At,
+    since_rev: u64,
+    until: At,
+    until_rev: Option<u64>,
+    ex: &Excuses,
+    bounds: &Bounds,
+    v: &mut Vec<Violation>,
+    summary: &mut Summary,
+) {
+    let length = until.saturating_sub(since);
+    let unexcused = length.saturating_sub(ex.all.overlap(since, until));
+    summary.longest_stall = summary.longest_stall.max(unexcused);
+    if unexcused > bounds.stall {
+        v.push(Violation {
+            property: "progress",
+            at: since + bounds.stall,
+            lock: lock.into(),
+            message: format!(
+                "from rev {since_rev} the queue's head fitted into free permits and was not granted for {:.3}s ({:.3}s not excused by faults; bound {}s){}",
+                length.as_secs_f64(),
+                unexcused.as_secs_f64(),
+                bounds.stall.as_secs_f64(),
+                until_rev.map_or(" until the end of the run".into(), |r| format!(", until rev {r}"))
+            ),
+        });
+    }
+}
+
+/// When a grant last renewed at `last` must have been expired at the latest: `lease` after
+/// the later of `last` and the readiness of a controller that stays up that long, plus the
+/// control-plane outages in between.
+fn expected_expiry(last: At, lease: Duration, ex: &Excuses, end: At) -> At {
+    let mut best = At::MAX;
+    for (ready, killed) in &ex.ready {
+        let due = (*ready).max(last) + lease;
+        if due <= *killed {
+            best = best.min(due);
+        }
+    }
+    if best == At::MAX {
+        return end.max(last + lease);
+    }
+    // Control-plane outages push it back by their length (with recovery).
+    let mut due = best;
+    for _ in 0..3 {
+        due = best + ex.control_plane.overlap(last, due);
+    }
+    due
+}
+
+fn check_fifo(
+    requests: &HashMap<String, RequestInfo>,
+    grants: &BTreeMap<(String, i64), Grant>,
+    v: &mut Vec<Violation>,
+    summary: &mut Summary,
+    records: &[Record],
+) {
+    let at_of: HashMap<u64, At> = records.iter().map(|r| (r.rev, r.at)).collect();
+    let mut by_lock: HashMap<&str, Vec<&RequestInfo>> = HashMap::new();
+    for r in requests.values().filter(|r| !r.name.is_empty()) {
+        by_lock.entry(r.lock.as_str()).or_default().push(r);
+    }
+    let lock_permits: HashMap<&str, i64> = grants.values().map(|g| (g.lock.as_str(), g.lock_permits)).collect();
+    for (lock, mut list) in by_lock {
+        list.sort_by_key(|r| (r.created, r.create_rev));
+        let permits = lock_permits.get(lock).copied().unwrap_or(i64::MAX);
+        for b in &list {
+            let Some(g) = b.granted_rev else { continue };
+            for a in list.iter().take_while(|a| a.created < b.created) {
+                if a.create_rev >= b.create_rev || a.pod_ref || a.permits > permits {
+                    continue;
+                }
+                summary.fifo_pairs += 1;
+                let granted_by_g = a.granted_rev.is_some_and(|ga| ga <= g);
+                if a.granted_rev == Some(g) && a.granted_token > b.granted_token {
+                    v.push(Violation {
+                        property: "fifo",
+                        at: at_of.get(&g).copied().unwrap_or_default(),
+                        lock: lock.into(),
+                        message: format!(
+                            "rev {g}: {} (created {}) got token {:?} above {} (created {}, token {:?}) in the same version",
+                            a.name, a.created, a.granted_token, b.name, b.created, b.granted_token
+                        ),
+                    });
+                }
+                let waiting = a.create_rev < g
+                    && a.deleted.is_none_or(|(d, _)| d > g)
+                    && !granted_by_g
+                    && a.final_rev.is_none_or(|f| f > g);
+                if waiting {
+                    v.push(Violation {
+                        property: "fifo",
+                        at: at_of.get(&g).copied().unwrap_or_default(),
+                        lock: lock.into(),
+                        message: format!(
+                            "rev {g}: {} (created {}s, rev {}) was granted while {} (created {}s, rev {}) was waiting",
+                            b.name, b.created, b.create_rev, a.name, a.created, a.create_rev
+                        ),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn check_exclusion(
+    lock: &str,
+    intervals: &[(At, At, i64, i64, String)],
+    permits: i64,
+    start: At,
+    v: &mut Vec<Violation>,
+) {
+    // Sweep: +permits at `from`, −permits after `to` (closed intervals: ends sort after starts
+    // at the same instant, so touching intervals count as overlapping).
+    let mut points: Vec<(At, i32, i64, usize)> = Vec::new();
+    for (i, (from, to, _, p, _)) in intervals.iter().enumerate() {
+        points.push((*from, 0, *p, i));
+        points.push((*to, 1, -*p, i));
+    }
+    points.sort();
+    let mut sum = 0;
+    let mut active: BTreeSet<usize> = BTreeSet::new();
+    for (t, kind, delta, i) in points {
+        sum += delta;
+        if kind == 0 {
+            active.insert(i);
+        } else {
+            active.remove(&i);
+        }
+        if sum > permits {
+            let who: Vec<String> =
+                active.iter().map(|j| format!("{} token {}", intervals[*j].4, intervals[*j].2)).collect();
+            v.push(Violation {
+                property: "exclusion",
+                at: t,
+                lock: lock.into(),
+                message: format!(
+                    "at t={} holders acted at the same time with {sum} permits of {permits}: {}",
+                    secs(t, start),
+                    who.join(", ")
+                ),
+            });
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The timeline.
+
+fn secs(t: At, start: At) -> String {
+    if t >= start { format!("{:.3}", (t - start).as_secs_f64()) } else { format!("-{:.3}", (start - t).as_secs_f64()) }
+}
+
+fn short(uid: &str) -> &str {
+    &uid[..uid.len().min(8)]
+}
+
+fn names(holders: &[HolderEntry]) -> String {
+    holders.iter().map(|h| format!("{} t{} p{}", h.request, h.token, h.permits)).collect::<Vec<_>>().join(", ")
+}
+
+/// The lines around the first violations: store revisions of the Locks concerned (request
+/// renewals left out), holder reports and faults, in time order.
+fn timeline(log: &Log, records: &[Record], violations: &[Violation]) -> String {
+    let locks: HashSet<&str> = violations.iter().map(|v| v.lock.as_str()).collect();
+    let first = violations.first().map_or(log.start, |v| v.at);
+    let (from, to) = (first.saturating_sub(Duration::from_secs(8)), first + Duration::from_secs(2));
+    let mut lines: Vec<(At, u64, String)> = Vec::new();
+    let mut last_phase: HashMap<&str, Option<&str>> = HashMap::new();
+    let request_lock: HashMap<&str, &str> = records
+        .iter()
+        .filter_map(|r| match &r.change {
+            Change::Request(q) => Some((q.uid.as_str(), q.lock.as_str())),
+            _ => None,
+        })
+        .collect();
+    for r in records {
+        let text = match &r.change {
+            Change::Lock(l) if locks.contains(l.name.as_str()) => Some(format!(
+                "rev {:<7} Lock {}: holders=[{}] fencing={} waiting={}{}",
+                r.rev,
+                l.name,
+                names(&l.holders),
+                l.fencing,
+                l.waiting,
+                if l.delayed { " delayed" } else { "" }
+            )),
+            Change::LockGone { name, .. } if locks.contains(name.as_str()) => {
+                Some(format!("rev {:<7} Lock {name} deleted", r.rev))
+            }
+            Change::Request(q) if locks.contains(q.lock.as_str()) => {
+                let before = last_phase.insert(q.uid.as_str(), q.phase.as_deref());
+                match before {
+                    None => Some(format!(
+                        "rev {:<7} request {} created (ct {}s, permits {})",
+                        r.rev, q.name, q.created, q.permits
+                    )),
+                    Some(p) if p != q.phase.as_deref() => Some(format!(
+                        "rev {:<7} request {} phase {}{}",
+                        r.rev,
+                        q.name,
+                        q.phase.as_deref().unwrap_or("-"),
+                        q.token.map(|t| format!(" token {t}")).unwrap_or_default()
+                    )),
+                    _ => None,
+                }
+            }
+            Change::RequestGone { name, uid } if request_lock.get(uid.as_str()).is_some_and(|l| locks.contains(l)) => {
+                Some(format!("rev {:<7} request {name} deleted", r.rev))
+            }
+            _ => None,
+        };
+        if let Some(text) = text {
+            lines.push((r.at, r.rev, text));
+        }
+    }
+    for rep in &log.reports {
+        let text = match rep {
+            Report::Granted { who, lock, request, token, .. } if locks.contains(lock.as_str()) => {
+                Some(format!("holder {who}: saw its grant of {lock}, token {token} ({request})"))
+            }
+            Report::Acted { who, lock, token, from, to, steps, .. } if locks.contains(lock.as_str()) => Some(format!(
+                "holder {who}: acted with token {token} from t={} to t={} ({steps} steps)",
+                secs(*from, log.start),
+                secs(*to, log.start)
+            )),
+            Report::NotBefore { lock, token, at } if locks.contains(lock.as_str()) => Some(format!(
+                "holder of {lock} token {token}: lease runs out no earlier than t={}",
+                secs(*at, log.start)
+            )),
+            Report::Note { who, text, .. } => Some(format!("{who}: {text}")),
+            _ => None,
+        };
+        if let Some(text) = text {
+            lines.push((rep.at(), u64::MAX, text));
+        }
+        if let Report::Acted { who, lock, token, to, .. } = rep
+            && locks.contains(lock.as_str())
+        {
+            lines.push((*to, u64::MAX, format!("holder {who}: last step with token {token}")));
+        }
+    }
+    for f in &log.faults {
+        let until = f.until.map(|u| format!(" (until t={})", secs(u, log.start))).unwrap_or_default();
+        lines.push((f.at, u64::MAX, format!("FAULT {} {}{until}", f.kind.name(), f.who)));
+    }
+    lines.sort_by_key(|(at, rev, _)| (*at, *rev));
+    let window: Vec<&(At, u64, String)> = lines.iter().filter(|(at, _, _)| *at >= from && *at <= to).collect();
+    let skip = window.len().saturating_sub(250);
+    let mut out = String::new();
+    if skip > 0 {
+        let _ = writeln!(out, "  ({skip} earlier lines left out)");
+    }
+    for (at, _, text) in window.into_iter().skip(skip) {
+        let _ = writeln!(out, "  t={:>9} {text}", secs(*at, log.start));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// The checker's own tests: synthetic histories that break each property must fail.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn ms(n: u64) -> At {
+        Duration::from_secs(1000) + Duration::from_millis(n)
+    }
+
+    /// Builds histories: a Lock "L" (UID "L1"), requests by name (UID "u-NAME").
+    struct H {
+        log: Log,
+        rev: u64,
+        lock: LockVersion,
+        requests: HashMap<String, RequestVersion>,
+    }
+
+    impl H {
+        fn new(permits: i64) -> H {
+            let mut log = Log { start: ms(0), ..Default::default() };
+            // One controller, up before anything happens.
+            log.faults.push(Fault {
+                kind: FaultKind::ControllerStart,
+                at: ms(0).saturating_sub(10 * S),
+                until: None,
+                who: "c0".into(),
+            });
+            let lock = LockVersion { name: "L".into(), uid: "L1".into(), permits, ..Default::default() };
+            let mut h = H { log, rev: 100, lock, requests: HashMap::new() };
+            h.commit_lock(0);
+            h
+        }
+
+        fn delay(mut self, d: Duration) -> H {
+            self.lock.lock_delay = d;
+            self
+        }
+
+        fn push(&mut self, at: u64, change: Change) -> u64 {
+            self.rev += 1;
+            self.log.records.push(Record { rev: self.rev, at: ms(at), change });
+            self.rev
+        }
+
+        fn commit_lock(&mut self, at: u64) -> u64 {
+            let l = self.lock.clone();
+            self.push(at, Change::Lock(l))
+        }
+
+        /// A request created at `at` ms with creationTimestamp second `ct`.
+        fn create(&mut self, at: u64, name: &str, ct: i64, permits: i64) {
+            let r = RequestVersion {
+                name: name.into(),
+                uid: format!("u-{name}"),
+                lock: "L".into(),
+                permits,
+                created: ct,
+                create_rev: self.rev + 1,
+                generation: 1,
+                ..Default::default()
+            };
+            self.requests.insert(name.into(), r.clone());
+            self.push(at, Change::Request(r));
+        }
+
+        fn renew(&mut self, at: u64, name: &str) {
+            let r = self.requests.get_mut(name).unwrap();
+            r.generation += 1;
+            let r = r.clone();
+            self.push(at, Change::Request(r));
+        }
+
+        fn phase(&mut self, at: u64, name: &str, phase: &str, token: Option<i64>) {
+            let r = self.requests.get_mut(name).unwrap();
+            r.phase = Some(phase.into());
+            r.token = token.or(r.token);
+            r.lock_uid = Some("L1".into());
+            let r = r.clone();
+            self.push(at, Change::Request(r));
+        }
+
+        fn delete(&mut self, at: u64, name: &str) {
+            let r = self.requests.remove(name).unwrap();
+            self.push(at, Change::RequestGone { name: r.name, uid: r.uid });
+        }
+
+        /// Lock status: grants `name` the next token.
+        fn grant(&mut self, at: u64, name: &str) -> i64 {
+            let permits = self.requests[name].permits;
+            self.lock.fencing += 1;
+            let token = self.lock.fencing;
+            self.lock.holders.push(HolderEntry {
+                request: name.into(),
+                request_uid: format!("u-{name}"),
+                permits,
+                token,
+                lease: 10 * S,
+            });
+            self.commit_lock(at);
+            token
+        }
+
+        fn ungrant(&mut self, at: u64, name: &str) {
+            self.lock.holders.retain(|h| h.request != name);
+            self.commit_lock(at);
+        }
+
+        fn report(&mut self, r: Report) {
+            self.log.reports.push(r);
+        }
+
+        fn check(&self) -> Result<Summary, Failure> {
+            let mut log = self.log.clone();
+            log.end = Some(log.records.last().map_or(ms(0), |r| r.at) + Duration::from_millis(1));
+            check(&log, &Bounds::default())
+        }
+
+        fn fails(&self, property: &str) -> String {
+            match self.check() {
+                Ok(s) => panic!("expected a {property} violation, the check passed: {s}"),
+                Err(f) => {
+                    assert!(
+                        f.violations.iter().any(|v| v.property == property),
+                        "expected a {property} violation, got:\n{f}"
+                    );
+                    f.to_string()
+                }
+            }
+        }
+    }
+
+    fn acted(lock: &str, token: i64, from: u64, to: u64) -> Report {
+        Report::Acted {
+            who: format!("h{token}"),
+            lock: lock.into(),
+            request: format!("r{token}"),
+            token,
+            permits: 1,
+            from: ms(from),
+            to: ms(to),
+            steps: 2,
+        }
+    }
+
+    /// A clean mutex handover: passes, and counts what it saw.
+    fn clean() -> H {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.create(20, "b", 2, 1);
+        h.grant(30, "a");
+        h.phase(31, "a", "Granted", Some(1));
+        h.report(acted("L", 1, 40, 90));
+        h.delete(100, "a");
+        h.ungrant(110, "a");
+        h.grant(110, "b");
+        h.phase(111, "b", "Granted", Some(2));
+        h.report(acted("L", 2, 120, 150));
+        h.delete(160, "b");
+        h.ungrant(170, "b");
+        h
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        let s = clean().check().unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(s.grants, 2);
+        assert_eq!(s.fifo_pairs, 1);
+        assert_eq!(s.acted, 2);
+        assert_eq!(s.longest_stall, Duration::from_millis(20), "{s}"); // a waited from its creation (10) to its grant (30)
+    }
+
+    #[test]
+    fn over_grant_is_caught() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.create(20, "b", 1, 1);
+        h.grant(30, "a");
+        h.grant(40, "b");
+        let text = h.fails("capacity");
+        assert!(text.contains("2 permits held of 1"), "{text}");
+        assert!(text.contains("timeline"), "{text}");
+    }
+
+    #[test]
+    fn a_token_issued_twice_or_going_back_is_caught() {
+        let mut h = H::new(2);
+        h.create(10, "a", 1, 1);
+        h.create(20, "b", 1, 1);
+        h.grant(30, "a");
+        h.lock.fencing = 0; // the next grant reuses token 1
+        h.grant(40, "b");
+        h.fails("tokens");
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.grant(30, "a");
+        h.lock.fencing = 0;
+        h.commit_lock(40);
+        let text = h.fails("tokens");
+        assert!(text.contains("went back"), "{text}");
+    }
+
+    #[test]
+    fn a_regrant_of_an_ended_request_is_caught() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.grant(30, "a");
+        h.ungrant(40, "a");
+        h.grant(50, "a");
+        h.fails("tokens");
+    }
+
+    #[test]
+    fn a_grant_mirrored_before_the_cas_is_caught() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.phase(20, "a", "Granted", Some(1));
+        h.grant(30, "a");
+        h.fails("mirror");
+    }
+
+    #[test]
+    fn fifo_overtaking_is_caught() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.create(20, "b", 2, 1);
+        h.grant(30, "b"); // b (second 2) before a (second 1)
+        let text = h.fails("fifo");
+        assert!(text.contains("was granted while a"), "{text}");
+    }
+
+    #[test]
+    fn same_second_requests_are_not_judged() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.create(20, "b", 1, 1);
+        h.grant(30, "b");
+        h.delete(40, "b");
+        h.ungrant(50, "b");
+        h.grant(60, "a");
+        let s = h.check().unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(s.fifo_pairs, 0);
+    }
+
+    #[test]
+    fn a_lost_wake_up_is_caught() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.create(20, "b", 2, 1);
+        h.grant(30, "a");
+        h.delete(100, "a");
+        // The controller only notices 12 s later.
+        h.ungrant(12_100, "a");
+        h.grant(12_100, "b");
+        let text = h.fails("progress");
+        assert!(text.contains("not granted for 12.000s"), "{text}");
+    }
+
+    #[test]
+    fn a_stall_while_no_controller_runs_is_excused() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.create(20, "b", 2, 1);
+        h.grant(30, "a");
+        h.log.faults.push(Fault { kind: FaultKind::ControllerKill, at: ms(50), until: None, who: "c0".into() });
+        h.delete(100, "a");
+        h.log.faults.push(Fault { kind: FaultKind::ControllerStart, at: ms(6000), until: None, who: "c1".into() });
+        h.ungrant(6500, "a");
+        h.grant(6500, "b");
+        h.check().unwrap_or_else(|f| panic!("{f}"));
+        // Still bounded after the new controller is up.
+        let mut late = h.log.clone();
+        late.records.truncate(late.records.len() - 2);
+        let mut h2 = H { log: late, rev: h.rev, lock: h.lock.clone(), requests: h.requests.clone() };
+        h2.lock.holders.clear();
+        h2.grant(100 + 8900 + 10_100, "b"); // 8.9 s excused, 10.1 s not
+        h2.fails("progress");
+    }
+
+    #[test]
+    fn an_early_expiry_is_caught() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        let t = h.grant(30, "a");
+        h.report(Report::NotBefore { lock: "L".into(), token: t, at: ms(10_030) });
+        h.ungrant(9000, "a"); // the request still exists: ended by the controller
+        let text = h.fails("early-expiry");
+        assert!(text.contains("1.030s before"), "{text}");
+    }
+
+    #[test]
+    fn a_late_expiry_is_caught() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.grant(30, "a");
+        h.renew(3000, "a");
+        h.ungrant(3000 + 10_000 + 11_000, "a"); // renewed at 3 s, 10 s lease, 10 s bound
+        h.fails("late-expiry");
+        // In time: fine.
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.grant(30, "a");
+        h.renew(3000, "a");
+        h.ungrant(13_100, "a");
+        h.check().unwrap_or_else(|f| panic!("{f}"));
+    }
+
+    #[test]
+    fn a_grant_inside_the_lock_delay_is_caught() {
+        let mut h = H::new(1).delay(2 * S);
+        h.create(10, "a", 1, 1);
+        h.create(20, "b", 2, 1);
+        h.grant(30, "a");
+        h.lock.delayed = true;
+        h.ungrant(10_100, "a"); // expired: a still exists
+        h.lock.delayed = false;
+        h.grant(11_000, "b");
+        let text = h.fails("lock-delay");
+        assert!(text.contains("inside the 2s lock delay"), "{text}");
+    }
+
+    #[test]
+    fn acting_after_the_grant_ended_is_caught() {
+        let mut h = clean();
+        h.report(acted("L", 1, 95, 112)); // a acts after the status without it (t=110)
+        let text = h.fails("acting");
+        assert!(text.contains("after the recorder saw rev"), "{text}");
+    }
+
+    #[test]
+    fn acting_with_a_token_never_granted_is_caught() {
+        let mut h = clean();
+        h.report(acted("L", 7, 10, 20));
+        h.fails("acting");
+    }
+
+    #[test]
+    fn overlapping_holders_are_caught() {
+        let mut h = H::new(1);
+        h.create(10, "a", 1, 1);
+        h.create(20, "b", 2, 1);
+        h.grant(30, "a");
+        h.ungrant(100, "a");
+        h.grant(100, "b");
+        // Each within its own grant as the recorder saw it, but overlapping on the holders' clocks.
+        h.report(acted("L", 1, 40, 99));
+        h.report(acted("L", 2, 98, 120));
+        let text = h.fails("exclusion");
+        assert!(text.contains("2 permits of 1"), "{text}");
+    }
+
+    #[test]
+    fn excuse_windows_merge() {
+        let mut i = Intervals::default();
+        i.add(ms(0), ms(10));
+        i.add(ms(5), ms(20));
+        i.add(ms(30), ms(40));
+        let i = i.merged();
+        assert_eq!(i.0.len(), 2);
+        assert_eq!(i.overlap(ms(0), ms(35)), Duration::from_millis(25));
+        assert!(i.contains(ms(35)));
+    }
+}
