@@ -44,3 +44,6 @@ include hack/chart.mk
 
 # --- Benchmarks: `make bench`, in hack/bench.mk (owned with examples/bench/).
 include hack/bench.mk
+
+# --- Fault injection: `make chaos`, in hack/chaos.mk (owned with tests/e2e/faults.rs).
+include hack/chaos.mk

@@ -108,7 +108,7 @@ impl Config {
             idle: Duration::from_secs(env_num("BENCH_IDLE_SECS", q(20, 5))),
             renew_holders: env_num("BENCH_RENEW_HOLDERS", q(1_000, 200)) as usize,
             renew_window: Duration::from_secs(q(30, 10)),
-            budget: Duration::from_secs(env_num("BENCH_BUDGET_SECS", 540)),
+            budget: Duration::from_secs(env_num("BENCH_BUDGET_SECS", 570)),
             trace: std::env::var("BENCH_TRACE").is_ok_and(|v| !v.is_empty() && v != "0"),
             controller_args: std::env::var("BENCH_CONTROLLER_ARGS")
                 .map(|v| v.split_whitespace().map(str::to_string).collect())
@@ -469,7 +469,7 @@ async fn main() -> anyhow::Result<()> {
                     let left = config.budget.saturating_sub(run_start.elapsed());
                     // What must still fit after the settle: the quiet wait (<= 30 s), the idle
                     // window, and item 8 (create and grant its holders, quiet wait, window).
-                    let after = Duration::from_secs(30) + config.idle + Duration::from_secs(60) + config.renew_window;
+                    let after = Duration::from_secs(30) + config.idle + Duration::from_secs(70) + config.renew_window;
                     let deadline = left.saturating_sub(after).clamp(Duration::from_secs(30), Duration::from_secs(300));
                     let mut s = scale::settle(&client, &mut controller, &mut counts, n, deadline, config.idle).await?;
                     s.create_s = create_s;

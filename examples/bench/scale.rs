@@ -167,6 +167,22 @@ pub async fn wait_quiet(client: &kube::Client) -> anyhow::Result<BTreeMap<String
     Ok(last)
 }
 
+/// Waits (at most 30 s) until no Event is written for a second: the Events of a burst of
+/// grants are published off the critical path, after the grants.
+async fn wait_events_quiet(client: &kube::Client) -> anyhow::Result<()> {
+    let events = |w: &BTreeMap<String, f64>| w.iter().filter(|(k, _)| k.starts_with("events")).map(|(_, v)| *v).sum::<f64>();
+    let from = Instant::now();
+    let mut last = events(&sys::apiserver_writes(client).await?);
+    let mut still = 0;
+    while still < 2 && from.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await; // polling the API server's counters
+        let now = events(&sys::apiserver_writes(client).await?);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    Ok(())
+}
+
 /// Item 7's figures.
 #[derive(Debug, Default)]
 pub struct Scale {
@@ -381,21 +397,14 @@ pub async fn renewal(
     idle_cpu_per_s: Option<f64>,
 ) -> anyhow::Result<Renewal> {
     let period = Duration::from_secs(10);
+    let initial = controller.snapshot().await?;
     let names: Vec<String> = (0..m).map(|i| format!("r-{i:04}")).collect();
     create_all(locks, names.iter().map(|n| requester::lock(n, 1, None)).collect()).await?;
     create_all(requests, names.iter().map(|n| requester::request(n, Some(&format!("{n}-a")), "renewer")).collect())
         .await?;
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        counts
-            .wait_for(|c| c.held.get("r").copied().unwrap_or(0) >= m && c.mirrored.get("r").copied().unwrap_or(0) >= m),
-    )
-    .await
-    .map_err(|_| anyhow!("renewal: the {m} holders were not all granted within 120 s"))??;
-    // Start from rest: the Events of those grants are published first.
-    let api_before = wait_quiet(client).await?;
-    let before = controller.snapshot().await?;
     let stop = CancellationToken::new();
+    // Renewing starts at once (a waiting request may renew too): holders must never go a
+    // lease without renewing, whatever the wait for grants and for quiet below takes.
     let start = tokio::time::Instant::now();
     let tasks: Vec<_> = names
         .iter()
@@ -424,6 +433,20 @@ pub async fn renewal(
             })
         })
         .collect();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        counts
+            .wait_for(|c| c.held.get("r").copied().unwrap_or(0) >= m && c.mirrored.get("r").copied().unwrap_or(0) >= m),
+    )
+    .await
+    .map_err(|_| anyhow!("renewal: the {m} holders were not all granted within 120 s"))??;
+    // The window starts once every holder renewed at least once since its grant, and the
+    // Events of those grants are published (quiet apart from the renewals themselves).
+    tokio::time::sleep(period).await; // one renewal period: every holder renewed once
+    let _ = wait_events_quiet(client).await?;
+    let api_before = sys::apiserver_writes(client).await?;
+    let before = controller.snapshot().await?;
+    let start = tokio::time::Instant::now();
     tokio::time::sleep_until(start + window).await; // the renewal workload runs for the window
     let after = controller.snapshot().await?;
     let api_after = sys::apiserver_writes(client).await?;
@@ -447,7 +470,8 @@ pub async fn renewal(
     out.controller_writes = after.writes_since(&before);
     out.controller_cpu_per_s = (after.cpu - before.cpu) / out.window_s;
     out.reconciles = after.reconciles - before.reconciles;
-    out.expirations = after.expirations - before.expirations;
+    // Over the whole item, not only the window: no holder may expire while it renews.
+    out.expirations = after.expirations - initial.expirations;
     out.still_held = counts.borrow().held.get("r").copied().unwrap_or(0);
     if out.expirations > 0.0 {
         bail!("renewal: {} holders expired although they renewed", out.expirations);

@@ -64,7 +64,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "KUBELOCK_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub events: bool,
     /// Reconciles running at once (different Locks; one Lock is never reconciled twice at once).
-    #[arg(long, env = "KUBELOCK_CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "KUBELOCK_CONCURRENCY", default_value_t = 64)]
     pub concurrency: u16,
 }
 
