@@ -553,7 +553,9 @@ async fn run_holders(
     let mut stats = Stats::default();
     let exe = std::env::current_exe().expect("the test binary");
     let mut n = 0;
-    while checker::now() < w.stop {
+    // Past the stop while a freeze asked for has not happened yet (a slow machine), for a while.
+    let overtime = w.stop + Duration::from_secs(60);
+    while checker::now() < w.stop || (freeze.load(Ordering::SeqCst) > 0 && checker::now() < overtime) {
         n += 1;
         let name = format!("{who}-{n}");
         let file = env_dir.join(format!("{name}.actor"));
@@ -573,14 +575,19 @@ async fn run_holders(
         let mut froze = false;
         if freeze.load(Ordering::SeqCst) > 0 {
             // Wait for the command to run (the grant), then freeze both mid-hold.
-            let started = eventually("the command to start", Duration::from_secs(60), || async {
-                match read_actor_log(&file).pid {
-                    Some(pid) => Ok(pid),
-                    None => Err(format!("no start line yet; {}", proc.stderr_tail(3))),
+            // Not while the wrapper is failing (the API server may be down or, restarting, not
+            // authorize yet): a cycle whose wrapper exits leaves the freeze to the next one.
+            let give_up = Instant::now() + Duration::from_secs(60);
+            let started = loop {
+                if let Some(pid) = read_actor_log(&file).pid {
+                    break Some(pid);
                 }
-            })
-            .await;
-            if let Ok(child) = started
+                if proc.try_status().is_some() || Instant::now() >= give_up {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await; // polling the command's log, with a deadline
+            };
+            if let Some(child) = started
                 && freeze.fetch_sub(1, Ordering::SeqCst) > 0
             {
                 froze = true;
