@@ -588,7 +588,7 @@ async fn run_holders(
                 tokio::time::sleep(Duration::from_millis(20)).await; // polling the command's log, with a deadline
             };
             if let Some(child) = started
-                && freeze.fetch_sub(1, Ordering::SeqCst) > 0
+                && freeze.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
             {
                 froze = true;
                 tokio::time::sleep(ms(&mut rng, 0, 200)).await; // somewhere in its hold
@@ -953,9 +953,21 @@ async fn a_burst_of_requests_is_granted_in_order() {
         })
     };
 
-    // The burst: `count` requests from 20 concurrent creators.
+    // The burst: `count` requests; the first HEAD one by one, then (from the next second of
+    // creationTimestamp on, so that FIFO is judged across seconds however fast the machine)
+    // the rest from 20 concurrent creators.
+    const HEAD: usize = 10;
     let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
+    for i in 0..HEAD.min(count) {
+        create_request(&requests, &format!("burst-{i:04}"), "burst", 1, Some("60s")).await;
+    }
+    let second = Timestamp::now().as_second();
+    eventually("the next second", Duration::from_secs(3), || async {
+        if Timestamp::now().as_second() > second { Ok(()) } else { Err("same second".to_string()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let next = Arc::new(AtomicUsize::new(HEAD.min(count)));
     let creators: Vec<_> = (0..20)
         .map(|_| {
             let (requests, next) = (requests.clone(), next.clone());
