@@ -163,25 +163,13 @@ impl Config {
 
     /// A semaphore of 2: client 1 is a writer (2 permits), the others readers (1 each).
     fn semaphore() -> Self {
-        Config {
-            permits: 2,
-            wants: [1, 2, 1],
-            ..Config::mutex()
-        }
+        Config { permits: 2, wants: [1, 2, 1], ..Config::mutex() }
     }
 
     /// The liveness scenario on this lock: the waiter and two clients that each request once,
     /// renew at most once, and may release or die; one controller crash.
     fn waiter(self) -> Self {
-        Config {
-            liveness: true,
-            budget: Budget {
-                requests: Some(1),
-                renewals: Some(1),
-                crashes: Some(1),
-            },
-            ..self
-        }
+        Config { liveness: true, budget: Budget { requests: Some(1), renewals: Some(1), crashes: Some(1) }, ..self }
     }
 
     fn with(self, variant: Variant) -> Self {
@@ -191,22 +179,12 @@ impl Config {
     /// Each client asks once and the controllers do not crash: enough for the short
     /// counterexamples the broken variants are searched for, and a narrower search.
     fn small(self) -> Self {
-        Config {
-            budget: Budget {
-                requests: Some(1),
-                renewals: None,
-                crashes: Some(0),
-            },
-            ..self
-        }
+        Config { budget: Budget { requests: Some(1), renewals: None, crashes: Some(0) }, ..self }
     }
 
     /// Without symmetry reduction.
     fn plain(self) -> Self {
-        Config {
-            symmetric: false,
-            ..self
-        }
+        Config { symmetric: false, ..self }
     }
 
     /// Ticks a client may act, counted from reading its clock before a send that is answered.
@@ -216,10 +194,7 @@ impl Config {
 
     /// Passing the deadline makes a holder lost for good.
     fn holder_deadline_final(&self) -> bool {
-        !matches!(
-            self.variant,
-            Variant::IgnoreDeadline | Variant::LateAnswerRevives
-        )
+        !matches!(self.variant, Variant::IgnoreDeadline | Variant::LateAnswerRevives)
     }
 
     /// Passing the deadline makes a waiter lost for good (it must ask again).
@@ -430,10 +405,7 @@ struct Packer {
 
 impl Default for Packer {
     fn default() -> Self {
-        Packer {
-            bytes: [0; 192],
-            len: 0,
-        }
+        Packer { bytes: [0; 192], len: 0 }
     }
 }
 
@@ -494,14 +466,7 @@ impl Pack for Belief {
 
 impl Pack for Request {
     fn pack(&self, p: &mut Packer) {
-        [
-            self.inc,
-            self.rv,
-            self.generation,
-            self.created,
-            self.renew_age,
-        ]
-        .pack(p);
+        [self.inc, self.rv, self.generation, self.created, self.renew_age].pack(p);
         self.phase.pack(p);
     }
 }
@@ -532,12 +497,7 @@ impl Pack for Controller {
             Step::Idle => p.put(0),
             Step::Planned(plan) => {
                 p.put(1);
-                [
-                    plan.lock_rv,
-                    u8::from(plan.fencing_current),
-                    u8::from(plan.fence_pending),
-                ]
-                .pack(p);
+                [plan.lock_rv, u8::from(plan.fencing_current), u8::from(plan.fence_pending)].pack(p);
                 plan.touched.pack(p);
                 plan.holders.pack(p);
                 plan.grants.pack(p);
@@ -619,11 +579,7 @@ fn acts(cfg: &Config, s: &State, c: usize) -> bool {
 /// A client learns it is granted: it holds if its deadline has not passed, else it is lost
 /// (a waiter whose deadline passed is already lost, unless a variant says otherwise).
 fn on_granted(cfg: &Config, client: &mut Client) {
-    client.belief = if client.left > 0 || !cfg.holder_deadline_final() {
-        Belief::Holding
-    } else {
-        Belief::Lost
-    };
+    client.belief = if client.left > 0 || !cfg.holder_deadline_final() { Belief::Holding } else { Belief::Lost };
 }
 
 /// A controller's reconcile on a snapshot: update its observations, then plan.
@@ -640,18 +596,11 @@ fn reconcile(
         let Some(r) = snap.request(c, h.inc) else {
             continue;
         };
-        let fresh = Observation {
-            inc: h.inc,
-            generation: r.generation,
-            age: 0,
-        };
+        let fresh = Observation { inc: h.inc, generation: r.generation, age: 0 };
         obs[c] = Some(match seen[c] {
             Some(o) if o.inc == h.inc && o.generation == r.generation => o,
             Some(o) if o.inc == h.inc => fresh,
-            _ if cfg.variant == Variant::CountdownNeedsRenewal => Observation {
-                age: NO_COUNTDOWN,
-                ..fresh
-            },
+            _ if cfg.variant == Variant::CountdownNeedsRenewal => Observation { age: NO_COUNTDOWN, ..fresh },
             _ => fresh,
         });
     }
@@ -676,19 +625,11 @@ fn reconcile(
         if r.phase == Phase::Expired || ran_out {
             holders[c] = None;
             if r.phase != Phase::Expired {
-                mirrors[c] = Some(Mirror {
-                    inc: r.inc,
-                    rv: r.rv,
-                    phase: Phase::Expired,
-                });
+                mirrors[c] = Some(Mirror { inc: r.inc, rv: r.rv, phase: Phase::Expired });
             }
         } else if r.phase == Phase::Pending {
             // The grant's mirror was lost (crash or conflict): write it again.
-            mirrors[c] = Some(Mirror {
-                inc: r.inc,
-                rv: r.rv,
-                phase: Phase::Granted,
-            });
+            mirrors[c] = Some(Mirror { inc: r.inc, rv: r.rv, phase: Phase::Granted });
         }
     }
     // A request marked Granted that no longer holds was expired and its mirror lost.
@@ -697,11 +638,7 @@ fn reconcile(
             && r.phase == Phase::Granted
             && !lists(&snap.holders, c, r.inc)
         {
-            mirrors[c] = Some(Mirror {
-                inc: r.inc,
-                rv: r.rv,
-                phase: Phase::Expired,
-            });
+            mirrors[c] = Some(Mirror { inc: r.inc, rv: r.rv, phase: Phase::Expired });
         }
     }
     // Grant FIFO heads that fit; the first that does not fit blocks those behind it.
@@ -731,21 +668,9 @@ fn reconcile(
         free -= cfg.wants[c];
         holders[c] = Some(Holder { inc: r.inc });
         grants[c] = true;
-        mirrors[c] = Some(Mirror {
-            inc: r.inc,
-            rv: r.rv,
-            phase: Phase::Granted,
-        });
-        let age = if cfg.variant == Variant::CountdownNeedsRenewal {
-            NO_COUNTDOWN
-        } else {
-            0
-        };
-        grant_obs[c] = Some(Observation {
-            inc: r.inc,
-            generation: r.generation,
-            age,
-        });
+        mirrors[c] = Some(Mirror { inc: r.inc, rv: r.rv, phase: Phase::Granted });
+        let age = if cfg.variant == Variant::CountdownNeedsRenewal { NO_COUNTDOWN } else { 0 };
+        grant_obs[c] = Some(Observation { inc: r.inc, generation: r.generation, age });
     }
 
     let changed = holders != snap.holders;
@@ -770,13 +695,7 @@ fn reconcile(
 }
 
 /// What a successful Lock write does to the fencing token, and to the liveness flag.
-fn record_lock_write(
-    cfg: &Config,
-    history: &mut History,
-    old: &Holders,
-    new: &Holders,
-    plan: &Plan,
-) {
+fn record_lock_write(cfg: &Config, history: &mut History, old: &Holders, new: &Holders, plan: &Plan) {
     let grants = plan.grants.iter().any(|&g| g);
     if !plan.fencing_current {
         // The snapshot's fencingToken is below the store's: granting reissues tokens at or
@@ -800,11 +719,7 @@ fn record_lock_write(
 
 /// One tick for everybody's timers.
 fn tick(cfg: &Config, s: &mut State) {
-    let wire_cap = if cfg.variant == Variant::TrustRenewTime {
-        cfg.lease
-    } else {
-        cfg.hold_ticks()
-    };
+    let wire_cap = if cfg.variant == Variant::TrustRenewTime { cfg.lease } else { cfg.hold_ticks() };
     for c in 0..CLIENTS {
         let client = &mut s.clients[c];
         client.left = client.left.saturating_sub(1);
@@ -905,13 +820,11 @@ fn canonicalize(cfg: &Config, s: &mut State) {
         };
         for k in 0..CONTROLLERS {
             let ctrl = &mut s.controllers[k];
-            ctrl.observations[c] =
-                canonical_observation(cfg, ctrl.observations[c], inc, generation);
+            ctrl.observations[c] = canonical_observation(cfg, ctrl.observations[c], inc, generation);
             match &mut ctrl.step {
                 Step::Idle => {}
                 Step::Planned(p) => {
-                    p.observations[c] =
-                        canonical_observation(cfg, p.observations[c], inc, generation);
+                    p.observations[c] = canonical_observation(cfg, p.observations[c], inc, generation);
                     p.mirrors[c] = canonical_mirror(p.mirrors[c], inc, rv);
                     if let Some(hs) = &mut p.holders
                         && let Some(h) = &mut hs[c]
@@ -985,28 +898,15 @@ fn canonicalize(cfg: &Config, s: &mut State) {
 /// An observation of a request that is gone or has been renewed since acts exactly like no
 /// observation (the next read starts a fresh countdown); in the variant that needs a renewal
 /// to start one, only its age stops mattering.
-fn canonical_observation(
-    cfg: &Config,
-    o: Option<Observation>,
-    inc: u8,
-    generation: Option<u8>,
-) -> Option<Observation> {
+fn canonical_observation(cfg: &Config, o: Option<Observation>, inc: u8, generation: Option<u8>) -> Option<Observation> {
     let o = o?;
     let g = generation?;
     if o.inc != inc {
         None
     } else if o.generation == g {
-        Some(Observation {
-            inc: 1,
-            generation: 1,
-            age: o.age,
-        })
+        Some(Observation { inc: 1, generation: 1, age: o.age })
     } else if cfg.variant == Variant::CountdownNeedsRenewal {
-        Some(Observation {
-            inc: 1,
-            generation: 0,
-            age: 0,
-        })
+        Some(Observation { inc: 1, generation: 0, age: 0 })
     } else {
         None
     }
@@ -1015,11 +915,7 @@ fn canonical_observation(
 /// A mirror whose CAS must fail (the request changed or is gone) is as good as none.
 fn canonical_mirror(m: Option<Mirror>, inc: u8, rv: Option<u8>) -> Option<Mirror> {
     let m = m?;
-    (m.inc == inc && Some(m.rv) == rv).then_some(Mirror {
-        inc: 1,
-        rv: 1,
-        phase: m.phase,
-    })
+    (m.inc == inc && Some(m.rv) == rv).then_some(Mirror { inc: 1, rv: 1, phase: m.phase })
 }
 
 /// The state with clients renamed (new client `i` is old client `perm[i]`) and, if `swap`,
@@ -1065,21 +961,12 @@ fn permute(s: &State, perm: [usize; CLIENTS], swap: bool) -> State {
 /// controllers are put in order. (Equal keys that still differ in how the controllers see
 /// them may leave two representatives for one class: that costs states, not soundness.)
 fn representative(cfg: &Config, s: &State) -> State {
-    type ControllerKey = (
-        u8,
-        Option<Observation>,
-        Option<Mirror>,
-        bool,
-        Option<Observation>,
-        Option<Holder>,
-    );
+    type ControllerKey = (u8, Option<Observation>, Option<Mirror>, bool, Option<Observation>, Option<Holder>);
     let controller_key = |k: &Controller, c: usize| -> ControllerKey {
         match &k.step {
             Step::Idle => (0, k.observations[c], None, false, None, None),
             Step::Planned(p) => (
-                1 + u8::from(p.lock_rv == 1)
-                    + 2 * u8::from(p.holders.is_some())
-                    + 4 * u8::from(p.fence_pending),
+                1 + u8::from(p.lock_rv == 1) + 2 * u8::from(p.holders.is_some()) + 4 * u8::from(p.fence_pending),
                 k.observations[c],
                 p.mirrors[c],
                 p.grants[c],
@@ -1090,10 +977,7 @@ fn representative(cfg: &Config, s: &State) -> State {
         }
     };
     let key = |c: usize| {
-        let (a, b) = (
-            controller_key(&s.controllers[0], c),
-            controller_key(&s.controllers[1], c),
-        );
+        let (a, b) = (controller_key(&s.controllers[0], c), controller_key(&s.controllers[1], c));
         let ks = if a <= b { [a, b] } else { [b, a] };
         (s.clients[c], s.store.requests[c], s.store.holders[c], ks)
     };
@@ -1143,10 +1027,7 @@ impl Model for LockModel {
             };
         }
         vec![State {
-            store: Store {
-                lock_rv: 1,
-                ..Store::default()
-            },
+            store: Store { lock_rv: 1, ..Store::default() },
             controllers: [Controller::default(); CONTROLLERS],
             clients,
             crashes_left: cfg.budget.crashes.unwrap_or(0),
@@ -1272,9 +1153,7 @@ impl Model for LockModel {
                 let client = &mut s.clients[c];
                 match s.store.request(c, client.inc).map(|r| r.phase) {
                     None | Some(Phase::Expired) => client.belief = Belief::Lost,
-                    Some(Phase::Granted) if client.belief == Belief::Waiting => {
-                        on_granted(cfg, client)
-                    }
+                    Some(Phase::Granted) if client.belief == Belief::Waiting => on_granted(cfg, client),
                     _ => {}
                 }
             }
@@ -1298,14 +1177,11 @@ impl Model for LockModel {
                 }
             }
             Action::WriteLock(k) => {
-                let Step::Planned(plan) = s.controllers[k].step else {
-                    unreachable!()
-                };
+                let Step::Planned(plan) = s.controllers[k].step else { unreachable!() };
                 s.controllers[k].step = Step::Idle;
                 match plan.holders {
                     Some(mut new) => {
-                        let blind =
-                            matches!(cfg.variant, Variant::BlindWrite | Variant::BlindPatch);
+                        let blind = matches!(cfg.variant, Variant::BlindWrite | Variant::BlindPatch);
                         if cfg.variant == Variant::BlindPatch {
                             for c in 0..CLIENTS {
                                 if !plan.touched[c] {
@@ -1339,9 +1215,7 @@ impl Model for LockModel {
                 }
             }
             Action::WriteFences(k) => {
-                let Step::Planned(mut plan) = s.controllers[k].step else {
-                    unreachable!()
-                };
+                let Step::Planned(mut plan) = s.controllers[k].step else { unreachable!() };
                 let mut all_written = true;
                 for c in 0..CLIENTS {
                     let Some(m) = plan.mirrors[c] else { continue };
@@ -1359,16 +1233,10 @@ impl Model for LockModel {
                     }
                 }
                 plan.fence_pending = false;
-                s.controllers[k].step = if all_written {
-                    Step::Planned(plan)
-                } else {
-                    Step::Idle
-                };
+                s.controllers[k].step = if all_written { Step::Planned(plan) } else { Step::Idle };
             }
             Action::WriteMirrors(k) => {
-                let Step::Mirroring(mirrors) = s.controllers[k].step else {
-                    unreachable!()
-                };
+                let Step::Mirroring(mirrors) = s.controllers[k].step else { unreachable!() };
                 s.controllers[k].step = Step::Idle;
                 for c in 0..CLIENTS {
                     let Some(m) = mirrors[c] else { continue };
@@ -1414,66 +1282,43 @@ impl Model for LockModel {
             Property::<Self>::always("store: granted permits <= permits", |m, s| {
                 granted(&m.cfg, &s.store.holders) <= m.cfg.permits
             }),
-            Property::<Self>::always(CLIENT_SAFETY, |m, s| {
-                acting_permits(&m.cfg, s) <= m.cfg.permits
-            }),
+            Property::<Self>::always(CLIENT_SAFETY, |m, s| acting_permits(&m.cfg, s) <= m.cfg.permits),
             Property::<Self>::always(ACTS_ONLY_WHILE_LISTED, |m, s| {
-                (0..CLIENTS)
-                    .all(|c| !acts(&m.cfg, s, c) || lists(&s.store.holders, c, s.clients[c].inc))
+                (0..CLIENTS).all(|c| !acts(&m.cfg, s, c) || lists(&s.store.holders, c, s.clients[c].inc))
             }),
-            Property::<Self>::always("fencing token never decreases", |_, s| {
-                !s.history.fencing_decreased
-            }),
+            Property::<Self>::always("fencing token never decreases", |_, s| !s.history.fencing_decreased),
             Property::<Self>::always("each token issued once, above all earlier ones", |_, s| {
                 !s.history.token_not_fresh
             }),
         ];
         if self.cfg.liveness {
-            props.push(Property::<Self>::eventually(
-                "the waiter is granted",
-                |_, s| s.history.waiter_granted,
-            ));
+            props.push(Property::<Self>::eventually("the waiter is granted", |_, s| s.history.waiter_granted));
         }
         if !self.cfg.examples {
             return props;
         }
         // Non-vacuity: the situations the safety argument is about do occur.
         props.extend([
-            Property::<Self>::sometimes("a client acts as holder", |m, s| {
-                acting_permits(&m.cfg, s) > 0
-            }),
+            Property::<Self>::sometimes("a client acts as holder", |m, s| acting_permits(&m.cfg, s) > 0),
             Property::<Self>::sometimes("a request is expired", |_, s| {
-                s.store
-                    .requests
-                    .iter()
-                    .flatten()
-                    .any(|r| r.phase == Phase::Expired)
+                s.store.requests.iter().flatten().any(|r| r.phase == Phase::Expired)
             }),
-            Property::<Self>::sometimes(
-                "a request is expired with its renewal on the wire",
-                |_, s| {
-                    (0..CLIENTS).any(|c| {
-                        s.clients[c].in_flight.is_some()
-                            && s.store.requests[c].is_some_and(|r| r.phase == Phase::Expired)
-                    })
-                },
-            ),
+            Property::<Self>::sometimes("a request is expired with its renewal on the wire", |_, s| {
+                (0..CLIENTS).any(|c| {
+                    s.clients[c].in_flight.is_some() && s.store.requests[c].is_some_and(|r| r.phase == Phase::Expired)
+                })
+            }),
             Property::<Self>::sometimes("both controllers have a Lock write planned", |_, s| {
-                s.controllers
-                    .iter()
-                    .all(|k| matches!(k.step, Step::Planned(p) if p.holders.is_some()))
+                s.controllers.iter().all(|k| matches!(k.step, Step::Planned(p) if p.holders.is_some()))
             }),
             Property::<Self>::sometimes("a renewal lands after its client is lost", |_, s| {
-                s.clients
-                    .iter()
-                    .any(|c| c.belief == Belief::Lost && c.in_flight.is_some())
+                s.clients.iter().any(|c| c.belief == Belief::Lost && c.in_flight.is_some())
             }),
         ]);
         if self.cfg.permits > 1 {
-            props.push(Property::<Self>::sometimes(
-                "two clients act as holder at once",
-                |m, s| (0..CLIENTS).filter(|&c| acts(&m.cfg, s, c)).count() >= 2,
-            ));
+            props.push(Property::<Self>::sometimes("two clients act as holder at once", |m, s| {
+                (0..CLIENTS).filter(|&c| acts(&m.cfg, s, c)).count() >= 2
+            }));
         }
         props
     }
@@ -1491,11 +1336,7 @@ fn acting_permits(cfg: &Config, s: &State) -> u8 {
 
 /// How old a renewTime sent `age` ticks ago looks on the controller's clock.
 fn renew_age(cfg: &Config, age: u8, c: usize) -> u8 {
-    if cfg.variant == Variant::TrustRenewTime {
-        (age + cfg.clock_lag[c]).min(cfg.lease)
-    } else {
-        0
-    }
+    if cfg.variant == Variant::TrustRenewTime { (age + cfg.clock_lag[c]).min(cfg.lease) } else { 0 }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1531,23 +1372,12 @@ fn explore(name: &str, cfg: Config, cap: usize, search: Search) -> Outcome {
         Search::Everything => HasDiscoveries::All,
         Search::Counterexample(property) => HasDiscoveries::AnyOf([property].into()),
         Search::Examples => HasDiscoveries::AllOf(
-            model
-                .properties()
-                .iter()
-                .filter(|p| p.expectation == Expectation::Sometimes)
-                .map(|p| p.name)
-                .collect(),
+            model.properties().iter().filter(|p| p.expectation == Expectation::Sometimes).map(|p| p.name).collect(),
         ),
     };
     // A search for a counterexample stays on one thread so that it finds a shortest one.
     let threads = if search == Search::Everything { 2 } else { 1 };
-    let checker = model
-        .checker()
-        .threads(threads)
-        .finish_when(finish)
-        .target_state_count(cap)
-        .spawn_bfs()
-        .join();
+    let checker = model.checker().threads(threads).finish_when(finish).target_state_count(cap).spawn_bfs().join();
     let seconds = start.elapsed().as_secs_f64();
     let states = checker.unique_state_count();
     let generated = checker.state_count();
@@ -1555,10 +1385,7 @@ fn explore(name: &str, cfg: Config, cap: usize, search: Search) -> Outcome {
     let mut failed = Vec::new();
     let mut missing_examples = Vec::new();
     for p in checker.model().properties() {
-        match (
-            p.expectation.discovery_is_failure(),
-            discoveries.get(p.name),
-        ) {
+        match (p.expectation.discovery_is_failure(), discoveries.get(p.name)) {
             (true, Some(path)) => failed.push((p.name, timeline(&cfg, path))),
             (false, None) => missing_examples.push(p.name),
             _ => {}
@@ -1577,21 +1404,15 @@ fn explore(name: &str, cfg: Config, cap: usize, search: Search) -> Outcome {
              whole state space"
         );
     }
-    Outcome {
-        states,
-        failed,
-        missing_examples,
-    }
+    Outcome { states, failed, missing_examples }
 }
 
 /// A readable counterexample: each step and the parts of the state that matter.
 fn timeline(cfg: &Config, path: &Path<State, Action>) -> String {
     let mut out = String::new();
     for (s, action) in unreduced(cfg, path) {
-        let holders: Vec<String> = (0..CLIENTS)
-            .filter(|&c| s.store.holders[c].is_some())
-            .map(|c| format!("c{c}"))
-            .collect();
+        let holders: Vec<String> =
+            (0..CLIENTS).filter(|&c| s.store.holders[c].is_some()).map(|c| format!("c{c}")).collect();
         let clients: Vec<String> = (0..CLIENTS)
             .map(|c| {
                 let k = &s.clients[c];
@@ -1603,12 +1424,7 @@ fn timeline(cfg: &Config, path: &Path<State, Action>) -> String {
                 format!("c{c} {:?} {}t left{wire}{act}", k.belief, k.left)
             })
             .collect();
-        let _ = writeln!(
-            out,
-            "    Lock holders [{}] | {}",
-            holders.join(", "),
-            clients.join("; ")
-        );
+        let _ = writeln!(out, "    Lock holders [{}] | {}", holders.join(", "), clients.join("; "));
         if let Some(a) = action {
             let _ = writeln!(out, "  {a:?}");
         }
@@ -1625,9 +1441,7 @@ fn unreduced(cfg: &Config, path: &Path<State, Action>) -> Vec<(State, Option<Act
     if !cfg.symmetric {
         return steps;
     }
-    let plain = LockModel {
-        cfg: cfg.clone().plain(),
-    };
+    let plain = LockModel { cfg: cfg.clone().plain() };
     let mut now = plain.init_states()[0];
     let mut out = Vec::new();
     for (next, _) in steps.iter().skip(1) {
@@ -1657,15 +1471,7 @@ fn assert_holds(name: &str, cfg: Config, cap: usize) {
     if cfg.liveness {
         return;
     }
-    let examples = explore(
-        name,
-        Config {
-            examples: true,
-            ..cfg
-        },
-        cap,
-        Search::Examples,
-    );
+    let examples = explore(name, Config { examples: true, ..cfg }, cap, Search::Examples);
     assert!(
         examples.missing_examples.is_empty(),
         "{name}: no run reached {:?}: the model is vacuous there",
@@ -1706,14 +1512,7 @@ fn mutex_is_safe() {
 /// asks once and the controllers do not crash, or the check would take minutes.
 #[test]
 fn semaphore_is_safe() {
-    let cfg = Config {
-        budget: Budget {
-            requests: Some(1),
-            renewals: None,
-            crashes: Some(0),
-        },
-        ..Config::semaphore()
-    };
+    let cfg = Config { budget: Budget { requests: Some(1), renewals: None, crashes: Some(0) }, ..Config::semaphore() };
     assert_holds("semaphore", cfg, CAP);
 }
 
@@ -1727,11 +1526,7 @@ fn waiter_is_eventually_granted() {
 /// behind it and do not starve it.
 #[test]
 fn writer_is_eventually_granted() {
-    let cfg = Config {
-        wants: [2, 1, 1],
-        ..Config::semaphore()
-    }
-    .waiter();
+    let cfg = Config { wants: [2, 1, 1], ..Config::semaphore() }.waiter();
     assert_holds("semaphore writer waiter", cfg, CAP);
 }
 
@@ -1742,12 +1537,7 @@ fn writer_is_eventually_granted() {
 #[test]
 fn design_as_written_lets_a_late_waiter_act_on_an_expired_grant() {
     let cfg = Config::mutex().small().with(Variant::WaiterDeadlineOpen);
-    assert_violates(
-        "deadline open for waiters",
-        cfg.clone(),
-        CAP_BROKEN,
-        ACTS_ONLY_WHILE_LISTED,
-    );
+    assert_violates("deadline open for waiters", cfg.clone(), CAP_BROKEN, ACTS_ONLY_WHILE_LISTED);
     assert_violates("deadline open for waiters", cfg, CAP_BROKEN, CLIENT_SAFETY);
 }
 
@@ -1757,12 +1547,7 @@ fn design_as_written_lets_a_late_waiter_act_on_an_expired_grant() {
 #[test]
 fn late_answer_that_revives_a_hold_breaks_exclusion() {
     let cfg = Config::mutex().small().with(Variant::LateAnswerRevives);
-    assert_violates(
-        "late answer revives",
-        cfg,
-        CAP_BROKEN,
-        ACTS_ONLY_WHILE_LISTED,
-    );
+    assert_violates("late answer revives", cfg, CAP_BROKEN, ACTS_ONLY_WHILE_LISTED);
 }
 
 /// A paused holder that wakes up and acts on its last (stale) read of the Lock.
@@ -1779,23 +1564,14 @@ fn ignoring_the_deadline_breaks_exclusion() {
 fn blind_writes_break_mutual_exclusion_and_tokens() {
     let cfg = Config::mutex().small().with(Variant::BlindWrite);
     assert_violates("blind write", cfg.clone(), CAP_BROKEN, CLIENT_SAFETY);
-    assert_violates(
-        "blind write",
-        cfg,
-        CAP_BROKEN,
-        "each token issued once, above all earlier ones",
-    );
+    assert_violates("blind write", cfg, CAP_BROKEN, "each token issued once, above all earlier ones");
 }
 
 /// Comparing a client's renewTime with the controller's clock expires a holder whose clock
 /// lags while it still acts.
 #[test]
 fn trusting_renew_time_breaks_exclusion() {
-    let cfg = Config {
-        clock_lag: [2, 0, 0],
-        ..Config::mutex()
-    }
-    .with(Variant::TrustRenewTime);
+    let cfg = Config { clock_lag: [2, 0, 0], ..Config::mutex() }.with(Variant::TrustRenewTime);
     assert_violates("trust renewTime", cfg, CAP_BROKEN, CLIENT_SAFETY);
 }
 
@@ -1803,15 +1579,8 @@ fn trusting_renew_time_breaks_exclusion() {
 /// countdown: the waiter starves. (Shows the liveness property can fail.)
 #[test]
 fn countdown_that_needs_a_renewal_starves_the_waiter() {
-    let cfg = Config::mutex()
-        .waiter()
-        .with(Variant::CountdownNeedsRenewal);
-    assert_violates(
-        "countdown needs renewal",
-        cfg,
-        CAP_BROKEN,
-        "the waiter is granted",
-    );
+    let cfg = Config::mutex().waiter().with(Variant::CountdownNeedsRenewal);
+    assert_violates("countdown needs renewal", cfg, CAP_BROKEN, "the waiter is granted");
 }
 
 /// Fencing the expiry (mark the request `Expired` by CAS before dropping it from the Lock)
@@ -1819,15 +1588,9 @@ fn countdown_that_needs_a_renewal_starves_the_waiter() {
 /// now reads them are safe. (Each client asks once here, to keep the check short.)
 #[test]
 fn fenced_expiry_is_safe_even_with_the_waiter_rule_as_written() {
-    let cfg = Config {
-        fence_expiry: true,
-        budget: Budget {
-            requests: Some(1),
-            ..Budget::default()
-        },
-        ..Config::mutex()
-    }
-    .with(Variant::WaiterDeadlineOpen);
+    let cfg =
+        Config { fence_expiry: true, budget: Budget { requests: Some(1), ..Budget::default() }, ..Config::mutex() }
+            .with(Variant::WaiterDeadlineOpen);
     assert_holds("fenced expiry, waiter rule as written", cfg, CAP);
 }
 
@@ -1837,12 +1600,7 @@ fn fenced_expiry_is_safe_even_with_the_waiter_rule_as_written() {
 #[test]
 fn blind_patches_break_mutual_exclusion_in_the_store() {
     let cfg = Config::mutex().small().with(Variant::BlindPatch);
-    assert_violates(
-        "blind patch",
-        cfg,
-        CAP_BROKEN,
-        "store: granted permits <= permits",
-    );
+    assert_violates("blind patch", cfg, CAP_BROKEN, "store: granted permits <= permits");
 }
 
 /// With perfect clocks the margin is not what keeps the protocol safe: the controller's
@@ -1850,9 +1608,6 @@ fn blind_patches_break_mutual_exclusion_in_the_store() {
 /// the model does not have). Each client asks once and no controller crashes, for time.
 #[test]
 fn mutex_is_safe_without_margin() {
-    let cfg = Config {
-        margin: 0,
-        ..Config::mutex().small()
-    };
+    let cfg = Config { margin: 0, ..Config::mutex().small() };
     assert_holds("mutex, no margin", cfg, CAP);
 }

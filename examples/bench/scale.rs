@@ -170,7 +170,8 @@ pub async fn wait_quiet(client: &kube::Client) -> anyhow::Result<BTreeMap<String
 /// Waits (at most 30 s) until no Event is written for a second: the Events of a burst of
 /// grants are published off the critical path, after the grants.
 async fn wait_events_quiet(client: &kube::Client) -> anyhow::Result<()> {
-    let events = |w: &BTreeMap<String, f64>| w.iter().filter(|(k, _)| k.starts_with("events")).map(|(_, v)| *v).sum::<f64>();
+    let events =
+        |w: &BTreeMap<String, f64>| w.iter().filter(|(k, _)| k.starts_with("events")).map(|(_, v)| *v).sum::<f64>();
     let from = Instant::now();
     let mut last = events(&sys::apiserver_writes(client).await?);
     let mut still = 0;
@@ -443,7 +444,7 @@ pub async fn renewal(
     // The window starts once every holder renewed at least once since its grant, and the
     // Events of those grants are published (quiet apart from the renewals themselves).
     tokio::time::sleep(period).await; // one renewal period: every holder renewed once
-    let _ = wait_events_quiet(client).await?;
+    wait_events_quiet(client).await?;
     let api_before = sys::apiserver_writes(client).await?;
     let before = controller.snapshot().await?;
     let start = tokio::time::Instant::now();

@@ -55,8 +55,7 @@ use crate::{
     support::{
         Cmd, Identity, Proc, TIMEOUT, TestEnv,
         checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
-        eventually,
-        wait_until,
+        eventually, wait_until,
     },
 };
 
@@ -242,7 +241,10 @@ impl FaultRun {
         for entry in std::fs::read_dir(self.env.log_dir()).into_iter().flatten().flatten() {
             let _ = std::fs::copy(entry.path(), to.join(entry.file_name()));
         }
-        let _ = std::fs::copy(self.env.control_plane().log_file(crate::support::Component::ApiServer), to.join("kube-apiserver.log"));
+        let _ = std::fs::copy(
+            self.env.control_plane().log_file(crate::support::Component::ApiServer),
+            to.join("kube-apiserver.log"),
+        );
         println!("fault run {}: logs kept in {}", self.name, to.display());
     }
 
@@ -431,7 +433,9 @@ fn contend_on_own_thread(
         });
         let _ = tx.send(stats);
     });
-    tokio::spawn(async move { rx.await.unwrap_or_else(|_| Stats { problems: vec!["thread died".into()], ..Default::default() }) })
+    tokio::spawn(async move {
+        rx.await.unwrap_or_else(|_| Stats { problems: vec!["thread died".into()], ..Default::default() })
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -600,10 +604,11 @@ async fn run_holders(
                 w.journal.fault(FaultKind::HolderFreeze, at, None, &name);
                 tokio::time::sleep(freeze_for).await; // frozen past the lease
                 let _ = rustix::process::kill_process(wrapper, Signal::CONT);
-                let reacted = eventually("kubelock run to stop its command after the thaw", Duration::from_secs(3), || async {
-                    if term_pending_or_gone(child) { Ok(()) } else { Err("no SIGTERM pending".to_string()) }
-                })
-                .await;
+                let reacted =
+                    eventually("kubelock run to stop its command after the thaw", Duration::from_secs(3), || async {
+                        if term_pending_or_gone(child) { Ok(()) } else { Err("no SIGTERM pending".to_string()) }
+                    })
+                    .await;
                 let _ = rustix::process::kill_process_group(group, Signal::CONT);
                 w.journal.fault_ended(FaultKind::HolderFreeze, &name, checker::now());
                 if let Err(e) = reacted {
@@ -616,7 +621,13 @@ async fn run_holders(
         let log = read_actor_log(&file);
         if let (Some(from), Some(to)) = (log.first, log.last) {
             stats.grants += 1;
-            w.journal.report(Report::Granted { at: from, who: name.clone(), lock: log.lock.clone(), request: log.request.clone(), token: log.token });
+            w.journal.report(Report::Granted {
+                at: from,
+                who: name.clone(),
+                lock: log.lock.clone(),
+                request: log.request.clone(),
+                token: log.token,
+            });
             w.journal.report(Report::Acted {
                 who: name.clone(),
                 lock: log.lock.clone(),
@@ -688,7 +699,13 @@ async fn controllers_crash_and_split_brain() {
     let mut tasks = Vec::new();
     for (i, (lock, permits)) in plan.enumerate() {
         let client = run.requester().await;
-        tasks.push(tokio::spawn(contend(client, format!("{lock}-{i}"), work(lock, permits), run.seed + i as u64, None)));
+        tasks.push(tokio::spawn(contend(
+            client,
+            format!("{lock}-{i}"),
+            work(lock, permits),
+            run.seed + i as u64,
+            None,
+        )));
     }
 
     // Phases of one, two or three controllers; within each, kill one at random moments and
@@ -750,13 +767,37 @@ async fn control_plane_outages_frozen_and_skewed_holders() {
     };
     let mut tasks = Vec::new();
     for i in 0..4 {
-        tasks.push(tokio::spawn(contend(run.requester().await, format!("mutex-{i}"), work("mutex", 6, (10, 300)), run.seed + i, None)));
+        tasks.push(tokio::spawn(contend(
+            run.requester().await,
+            format!("mutex-{i}"),
+            work("mutex", 6, (10, 300)),
+            run.seed + i,
+            None,
+        )));
     }
     for i in 0..3 {
-        tasks.push(tokio::spawn(contend(run.requester().await, format!("pool-{i}"), work("pool", 6, (10, 300)), run.seed + 10 + i, None)));
+        tasks.push(tokio::spawn(contend(
+            run.requester().await,
+            format!("pool-{i}"),
+            work("pool", 6, (10, 300)),
+            run.seed + 10 + i,
+            None,
+        )));
     }
-    tasks.push(tokio::spawn(contend(run.requester().await, "frozen-lib".into(), work("frozen", 3, (10, 300)), run.seed + 20, None)));
-    tasks.push(tokio::spawn(contend(run.requester().await, "skew-waiter".into(), work("skew", 4, (10, 300)), run.seed + 21, None)));
+    tasks.push(tokio::spawn(contend(
+        run.requester().await,
+        "frozen-lib".into(),
+        work("frozen", 3, (10, 300)),
+        run.seed + 20,
+        None,
+    )));
+    tasks.push(tokio::spawn(contend(
+        run.requester().await,
+        "skew-waiter".into(),
+        work("skew", 4, (10, 300)),
+        run.seed + 21,
+        None,
+    )));
     // A holder whose whole runtime stalls past its lease once (a GC pause).
     let stall = Arc::new(Stall { armed: AtomicBool::new(false), length: Duration::from_secs(8) });
     tasks.push(contend_on_own_thread(
@@ -871,7 +912,10 @@ async fn skewed_holder(requests: Api<LockRequest>, journal: Journal) -> Result<S
             sign = -sign;
             tokio::time::sleep(Duration::from_millis(1300)).await; // a third of the lease
         }
-        let dp = DeleteParams { preconditions: Some(Preconditions { uid: request.uid(), resource_version: None }), ..Default::default() };
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions { uid: request.uid(), resource_version: None }),
+            ..Default::default()
+        };
         if let Some(why) = spoiled {
             note(why.clone());
             failures.push(why);
@@ -879,7 +923,10 @@ async fn skewed_holder(requests: Api<LockRequest>, journal: Journal) -> Result<S
             continue;
         }
         let stopped = checker::now();
-        let expired = wait_until(&requests, &name, "the skewed holder expired", Duration::from_secs(120), |r| r.phase().is_final()).await;
+        let expired = wait_until(&requests, &name, "the skewed holder expired", Duration::from_secs(120), |r| {
+            r.phase().is_final()
+        })
+        .await;
         let after = checker::now() - stopped;
         let _ = requests.delete(&name, &dp).await;
         let expired = expired.map_err(|e| e.to_string())?;
@@ -932,7 +979,10 @@ async fn a_burst_of_requests_is_granted_in_order() {
                 for h in lock.status.map(|s| s.holders).unwrap_or_default() {
                     if seen.insert(h.request_uid.clone()) {
                         let dp = DeleteParams {
-                            preconditions: Some(Preconditions { uid: Some(h.request_uid.clone()), resource_version: None }),
+                            preconditions: Some(Preconditions {
+                                uid: Some(h.request_uid.clone()),
+                                resource_version: None,
+                            }),
                             ..Default::default()
                         };
                         let (requests, released) = (requests.clone(), released.clone());
@@ -1049,8 +1099,10 @@ async fn malformed_objects_get_a_condition_and_others_keep_being_served() {
     let recorder = {
         let (api, versions) = (dynamic(lock_kind.clone()), versions.clone());
         tokio::spawn(async move {
-            let mut events =
-                watcher(api, watcher::Config::default().fields("metadata.name=bad")).default_backoff().applied_objects().boxed();
+            let mut events = watcher(api, watcher::Config::default().fields("metadata.name=bad"))
+                .default_backoff()
+                .applied_objects()
+                .boxed();
             while let Some(event) = events.next().await {
                 if let Ok(obj) = event {
                     versions.lock().unwrap().push(serde_json::to_value(&obj).unwrap_or_default());
@@ -1089,13 +1141,23 @@ async fn malformed_objects_get_a_condition_and_others_keep_being_served() {
         let seen = versions.lock().unwrap().clone();
         let named = seen.iter().any(|v| {
             v["status"]["conditions"].as_array().is_some_and(|cs| {
-                cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "False" && c["message"].as_str().is_some_and(|m| m.contains("status.waiting")))
+                cs.iter().any(|c| {
+                    c["type"] == "Ready"
+                        && c["status"] == "False"
+                        && c["message"].as_str().is_some_and(|m| m.contains("status.waiting"))
+                })
             })
         });
         let last = seen.last().cloned().unwrap_or_default();
-        let holder_kept = last["status"]["holders"].as_array().is_some_and(|hs| hs.iter().any(|h| h["request"] == "holder" && h["token"] == 1));
+        let holder_kept = last["status"]["holders"]
+            .as_array()
+            .is_some_and(|hs| hs.iter().any(|h| h["request"] == "holder" && h["token"] == 1));
         let readable = last["status"]["waiting"].as_i64().is_some_and(|w| w <= i64::from(i32::MAX));
-        if named && holder_kept && readable { Ok(last) } else { Err(format!("named={named} holder_kept={holder_kept}; last: {last}")) }
+        if named && holder_kept && readable {
+            Ok(last)
+        } else {
+            Err(format!("named={named} holder_kept={holder_kept}; last: {last}"))
+        }
     })
     .await;
     recorder.abort();

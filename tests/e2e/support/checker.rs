@@ -54,8 +54,8 @@
 //!    certain, observer lag can only hide one). The start is not compared with `o(grant)`: the
 //!    holder may see its grant before the recorder does.
 //! 10. **exclusion as the holders lived it**: at no instant do the acting intervals of
-//!    different grants of a Lock overlap with more permits than `spec.permits` — judged on the
-//!    holders' own clock readings alone.
+//!     different grants of a Lock overlap with more permits than `spec.permits` — judged on the
+//!     holders' own clock readings alone.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -647,8 +647,11 @@ fn excuses(log: &Log, bounds: &Bounds, end: At) -> Excuses {
     Excuses { ready, control_plane: control_plane.merged(), all: all.merged() }
 }
 
+/// One interval a holder acted in: from, to, token, permits, who.
+type ActingInterval = (At, At, i64, i64, String);
+
 /// Checks everything recorded in `log`; `Err` carries the violations and a timeline.
-pub fn check(log: &Log, bounds: &Bounds) -> Result<Summary, Failure> {
+pub fn check(log: &Log, bounds: &Bounds) -> Result<Summary, Box<Failure>> {
     let mut v: Vec<Violation> = Vec::new();
     let mut summary = Summary { records: log.records.len(), ..Default::default() };
     for f in log.faults.iter().filter(|f| !matches!(f.kind, FaultKind::ControllerStart | FaultKind::ControllerReady)) {
@@ -820,7 +823,7 @@ pub fn check(log: &Log, bounds: &Bounds) -> Result<Summary, Failure> {
     let by_lock_token: HashMap<(String, i64), &Grant> =
         grants.values().map(|g| ((g.lock.clone(), g.token), g)).collect();
     let mut not_before: HashMap<(String, i64), At> = HashMap::new();
-    let mut acted: BTreeMap<String, Vec<(At, At, i64, i64, String)>> = BTreeMap::new();
+    let mut acted: BTreeMap<String, Vec<ActingInterval>> = BTreeMap::new();
     for r in &log.reports {
         match r {
             Report::NotBefore { lock, token, at } => {
@@ -929,7 +932,7 @@ pub fn check(log: &Log, bounds: &Bounds) -> Result<Summary, Failure> {
     } else {
         v.sort_by_key(|x| x.at);
         let timeline = timeline(log, &records, &v);
-        Err(Failure { violations: v, summary, timeline })
+        Err(Box::new(Failure { violations: v, summary, timeline }))
     }
 }
 
@@ -1495,7 +1498,7 @@ mod tests {
             self.log.reports.push(r);
         }
 
-        fn check(&self) -> Result<Summary, Failure> {
+        fn check(&self) -> Result<Summary, Box<Failure>> {
             let mut log = self.log.clone();
             log.end = Some(log.records.last().map_or(ms(0), |r| r.at) + Duration::from_millis(1));
             check(&log, &Bounds::default())

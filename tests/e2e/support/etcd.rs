@@ -114,7 +114,11 @@ async fn watch_once(
             let key = String::from_utf8_lossy(&unb64(kv["key"].as_str().unwrap_or_default())?).into_owned();
             let deleted = e["type"].as_str() == Some("DELETE");
             // Values that are not JSON (a marker) are passed on as null.
-            let value = if deleted { None } else { Some(json_value(kv["value"].as_str().unwrap_or_default()).unwrap_or_default()) };
+            let value = if deleted {
+                None
+            } else {
+                Some(json_value(kv["value"].as_str().unwrap_or_default()).unwrap_or_default())
+            };
             let prev = e["prev_kv"]["value"].as_str().map(|v| json_value(v).unwrap_or_default());
             *next = (*next).max(revision + 1);
             batch.push(KeyEvent { revision, key, value, prev });
