@@ -38,7 +38,7 @@ use kube::{
 pub use leader::{LeaderElector, Leadership};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 pub use tracker::{
     DEFAULT_RENEW_INTERVAL, Grant, LockState, LostReason, MIN_MARGIN, Tracker, deadline, default_margin,
 };
@@ -74,7 +74,22 @@ impl ClientError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, ClientError::Api { source: kube::Error::Api(s), .. } if s.code == 404)
     }
+
+    /// Worth retrying: no answer, no connection, or the server busy or failing (429, 5xx).
+    /// An answer that refuses (other 4xx) is not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Timeout { .. } => true,
+            ClientError::Api { source: kube::Error::Api(s), .. } => s.code == 429 || s.code >= 500,
+            ClientError::Api { source: kube::Error::Service(_) | kube::Error::HyperError(_), .. } => true,
+            ClientError::Api { .. } => false,
+        }
+    }
 }
+
+/// First and longest pause between retries of a write that failed transiently.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(4);
 
 /// Why `acquire` (or `adopt`) returned without a grant.
 #[derive(Debug, thiserror::Error)]
@@ -294,9 +309,12 @@ impl LockClient {
             })
         });
         let renew_time = session::next_renew_time(jiff::Timestamp::UNIX_EPOCH);
+        // The name is chosen here, not by the server (generateName), so that a create whose
+        // answer was lost can be sent again without leaving a duplicate queued.
+        let name = request_name(&opts.lock);
         let request = LockRequest {
             metadata: ObjectMeta {
-                generate_name: Some(format!("{}-", opts.lock)),
+                name: Some(name.clone()),
                 namespace: Some(self.namespace.clone()),
                 labels: Some(labels),
                 owner_references,
@@ -313,11 +331,42 @@ impl LockClient {
             status: None,
         };
         let params = PostParams { field_manager: Some(crate::api::CLIENT_MANAGER.into()), ..Default::default() };
+        // The deadline counts from the first attempt (an earlier one may be the one that landed).
         let sent_at = BootInstant::now();
         let requests = self.requests();
-        let created = self.call("creating the lock request", requests.create(&params, &request)).await?;
+        let started = tokio::time::Instant::now();
+        let mut pause = RETRY_FIRST;
+        let mut attempts = 0;
+        let created = loop {
+            attempts += 1;
+            match self.call("creating the lock request", requests.create(&params, &request)).await {
+                Ok(created) => break created,
+                // An earlier attempt landed although its answer was lost.
+                Err(ClientError::Api { source: kube::Error::Api(s), .. }) if s.code == 409 && attempts > 1 => {
+                    let existing = self.call("reading the lock request", requests.get(&name)).await?;
+                    if existing.spec.holder_identity != request.spec.holder_identity {
+                        return Err(AcquireError::Invalid {
+                            field: "request",
+                            message: format!("a lock request named {name} exists already and is not ours"),
+                        });
+                    }
+                    break existing;
+                }
+                // Retried while the API server is unreachable or busy, as long as the wait
+                // allows: a short outage must not fail a five-minute wait.
+                Err(e)
+                    if e.is_transient()
+                        && opts.wait_timeout.is_none_or(|t| started.elapsed() + pause < t)
+                        && !opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) =>
+                {
+                    warn!(lock = %opts.lock, request = %name, error = %e, retry_in = ?pause, "creating the lock request failed");
+                    tokio::time::sleep(pause).await; // back-off before the next attempt
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let now = BootInstant::now();
-        let name = created.name_any();
         let uid = created.uid().unwrap_or_default();
         debug!(lock = %opts.lock, request = %name, "lock request created");
         let mut tracker = Tracker::new(&name, &uid, opts.lease, opts.margin);
@@ -397,6 +446,26 @@ impl LockClient {
         pending.granted(opts.wait_timeout, opts.cancel.clone()).await
     }
 
+    /// Deletes a request that must not stay queued, retrying transient failures for up to a
+    /// minute.
+    async fn withdraw(&self, name: &str, uid: &str) {
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut pause = RETRY_FIRST;
+        loop {
+            match self.delete_request(name, Some(uid)).await {
+                Ok(_) => return,
+                Err(e) if e.is_transient() && tokio::time::Instant::now() + pause < give_up => {
+                    tokio::time::sleep(pause).await; // back-off before the next attempt
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+                Err(e) => {
+                    tracing::warn!(request = %name, error = %e, "could not withdraw the lock request; it stays until it expires");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Deletes a LockRequest by name (with its UID as precondition when given). A request
     /// already gone is not an error: `Ok(false)`.
     pub async fn delete_request(&self, name: &str, uid: Option<&str>) -> Result<bool, ClientError> {
@@ -413,6 +482,21 @@ impl LockClient {
             Err(e) => Err(e),
         }
     }
+}
+
+/// `<lock>-<5 random characters>`, like the server's generateName, within the 253 characters
+/// of a name.
+fn request_name(lock: &str) -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789"; // the server's own, no vowels
+    let mut bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let mut suffix = String::with_capacity(5);
+    for _ in 0..5 {
+        suffix.push(ALPHABET[(bits % ALPHABET.len() as u64) as usize] as char);
+        bits /= ALPHABET.len() as u64;
+    }
+    let prefix: String = lock.chars().take(253 - 6).collect();
+    format!("{}-{suffix}", prefix.trim_end_matches(['-', '.']))
 }
 
 /// Label values are at most 63 characters; longer lock names are cut (the label is only a
@@ -464,11 +548,13 @@ impl Inner {
                 LockState::Waiting { .. } => None,
             },
         });
-        // After a loss the request is left to the controller: it is gone, or final
+        // After a lost grant the request is left to the controller: it is gone, or final
         // (Expired/Rejected, deleted after the retention), or about to be expired — and an
         // expiry, unlike a delete, applies the lock delay, which is what a holder that
-        // overran its deadline deserves (its work may still be landing somewhere).
-        if before.is_lost() {
+        // overran its deadline deserves (its work may still be landing somewhere). A waiter
+        // that was never granted (its deadline passed while it waited) deletes its request:
+        // left queued, it would be granted later and hold the lock unused until it expires.
+        if lost_a_grant(&before) {
             return Ok(());
         }
         self.client.delete_request(&self.name, Some(&self.uid)).await?;
@@ -477,14 +563,20 @@ impl Inner {
     }
 }
 
+/// Whether the state is a loss of a grant this client knew of (as opposed to a waiter that
+/// lost its request before any grant reached it).
+fn lost_a_grant(state: &LockState) -> bool {
+    matches!(state, LockState::Lost { token: Some(_), .. })
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Dropped without release() or detach(): stop renewing and delete in the background
-        // (unless the lock was lost: then the controller finishes the request, as in release()).
+        // (unless a grant was lost: then the controller finishes the request, as in release()).
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
             task.abort();
-            if self.current().is_lost() {
+            if lost_a_grant(&self.current()) {
                 return;
             }
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -596,6 +688,12 @@ impl Pending {
         };
         if let Err(e) = inner.release().await {
             tracing::warn!(request = %inner.name, error = %e, "deleting the lock request after a failed acquire");
+            if e.is_transient() {
+                // Left queued it would be granted later and hold the lock unused until it
+                // expires: keep trying in the background (a caller usually asks again at once).
+                let (client, name, uid) = (inner.client.clone(), inner.name.clone(), inner.uid.clone());
+                tokio::spawn(async move { client.withdraw(&name, &uid).await });
+            }
         }
         inner.task = None;
         Err(error)
@@ -744,6 +842,16 @@ impl Guard {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn request_names_look_generated_and_fit() {
+        let a = super::request_name("db");
+        let b = super::request_name("db");
+        assert!(a.starts_with("db-") && a.len() == 8, "{a}");
+        assert_ne!(a, b, "random suffixes");
+        let long = super::request_name(&format!("{}.x", "a".repeat(246)));
+        assert!(long.len() <= 253 && !long.contains(".-"), "{long}");
+    }
+
     use super::*;
 
     #[test]

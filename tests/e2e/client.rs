@@ -378,6 +378,63 @@ async fn a_holder_cut_off_from_the_api_server_stops_at_its_deadline() {
     drop(controller);
 }
 
+/// A waiter whose own deadline passes while the API server is unreachable withdraws its
+/// request when it asks again: left queued, it would be granted later and hold the lock
+/// unused until it expired (found by a fault run, where controller restarts kept such a
+/// grant alive for over a minute).
+#[tokio::test]
+async fn a_waiter_past_its_deadline_withdraws_its_request() {
+    let env = TestEnv::private().await;
+    let _controller = env
+        .kubelock(Identity::Admin, "controller")
+        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", ""])
+        .spawn();
+    let locks: Api<Lock> = env.api(Identity::Admin).await;
+    let requests: Api<LockRequest> = env.api(Identity::Admin).await;
+    let lock = Lock::new("queue", LockSpec { permits: 1, lease_duration: "3s".into(), lock_delay: "0s".into() });
+    locks.create(&PostParams::default(), &lock).await.expect("creating the lock");
+    let (held, ran) = (env.log_dir().join("held"), env.log_dir().join("ran"));
+    let wrapper = |name: &str, file: &Path| {
+        env.kubelock(Identity::Admin, name)
+            .args(["--request-timeout", "1s", "run", "--lock", "queue", "--holder", name, "--grace", "1s", "--"])
+            .args(["sh", "-c"])
+            .arg(format!("touch {}; sleep 60", file.display()))
+            .spawn()
+    };
+    let holder = wrapper("holder", &held);
+    eventually("the holder to run its command", TIMEOUT, || async {
+        if held.exists() { Ok(()) } else { Err(holder.stderr_tail(5)) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut waiter = wrapper("waiter", &ran);
+    let queued =
+        wait_until(&locks, "queue", "a waiter", TIMEOUT, |l| l.status.as_ref().is_some_and(|s| s.waiting == 1))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    let first = queued.status.and_then(|s| s.queue.first().cloned()).expect("the waiter's request in the queue");
+
+    // Both lose their deadline (3s lease) while the API server is away.
+    let cp = env.control_plane();
+    cp.pause(kubelock::devenv::Component::ApiServer).expect("pausing kube-apiserver");
+    tokio::time::sleep(Duration::from_secs(5)).await; // the outage: longer than the lease
+    cp.resume(kubelock::devenv::Component::ApiServer).expect("resuming kube-apiserver");
+
+    // The waiter asked again with a new request and withdrew the first, which was never granted.
+    if let Err(e) = crate::support::wait_gone(&requests, &first, TIMEOUT).await {
+        let left = requests.get_opt(&first).await.ok().flatten().and_then(|r| r.status);
+        panic!("{e}: the first request is still there: {left:?}\nwaiter:\n{}", waiter.stderr_tail(10));
+    }
+    eventually("the waiter to run its command", TIMEOUT, || async {
+        if ran.exists() { Ok(()) } else { Err(waiter.stderr_tail(5)) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(waiter.stderr_tail(30).contains("asking again"), "{}", waiter.stderr_tail(30));
+    waiter.signal(Signal::TERM);
+    let _ = waiter.wait(TIMEOUT).await;
+}
+
 /// Exit codes: the command's own, 128+signal, 76 on wait timeout (request withdrawn), 77
 /// when rejected, 127 for a missing command, and SIGTERM to the wrapper reaches the command
 /// and releases the lock.

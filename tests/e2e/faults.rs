@@ -318,6 +318,8 @@ struct Work {
 struct Stats {
     grants: usize,
     errors: usize,
+    /// The first errors, for failure messages.
+    first_errors: Vec<String>,
     lost: usize,
     problems: Vec<String>,
 }
@@ -344,6 +346,9 @@ async fn contend(client: LockClient, who: String, w: Work, seed: u64, stall: Opt
             Ok(g) => g,
             Err(e) => {
                 stats.errors += 1;
+                if stats.first_errors.len() < 5 {
+                    stats.first_errors.push(format!("{:.3}s {e}", checker::now().as_secs_f64()));
+                }
                 note(format!("acquire failed: {e}"));
                 tokio::time::sleep(ms(&mut rng, 100, 500)).await; // back off, then try again
                 continue;
@@ -661,6 +666,18 @@ async fn run_holders(
     stats
 }
 
+/// The notes a contender left in the journal (for failure messages).
+fn notes_of(journal: &Journal, who: &str) -> Vec<String> {
+    let log = journal.snapshot();
+    log.reports
+        .iter()
+        .filter_map(|r| match r {
+            Report::Note { at, who: w, text } if w == who => Some(format!("{:.3}s {text}", at.as_secs_f64())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn total(stats: &[Stats]) -> Stats {
     let mut t = Stats::default();
     for s in stats {
@@ -862,6 +879,7 @@ async fn control_plane_outages_frozen_and_skewed_holders() {
     let stats: Vec<Stats> = join_all(tasks).await.into_iter().map(|r| r.expect("a contender panicked")).collect();
     let all = total(&stats);
     let faults = run.journal.snapshot().faults;
+    let journal = run.journal.clone();
     let summary = run.finish().await;
     println!("contenders: {} grants, {} lost, {} errors; skewed holder: {skewed}", all.grants, all.lost, all.errors);
     assert!(all.problems.is_empty(), "{:#?}", all.problems);
@@ -869,7 +887,14 @@ async fn control_plane_outages_frozen_and_skewed_holders() {
     assert_eq!(count(FaultKind::ApiServerKill), 1);
     assert_eq!(count(FaultKind::EtcdKill), 1);
     assert_eq!(count(FaultKind::HolderFreeze), 2, "two kubelock run holders frozen");
-    assert_eq!(count(FaultKind::RuntimePause), 1, "one stalled runtime");
+    let stalled = count(FaultKind::RuntimePause);
+    assert_eq!(
+        stalled,
+        1,
+        "one stalled runtime; the stalling contender: {:?}, its notes: {:#?}",
+        stats[9],
+        notes_of(&journal, "mutex-stalls")
+    );
     assert!(summary.expiries >= 3, "the frozen and stalled holders were expired: {summary}");
 }
 
