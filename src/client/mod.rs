@@ -13,14 +13,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Protocol (DECISIONS.md, "Client protocol"): a `LockRequest` is created (generateName
-//! `<lock>-`, label `kubelock.dev/lock`, `spec.renewTime`, `podRef` and an ownerReference
+//! Protocol (DECISIONS.md, "Client protocol"): a `LockRequest` is created (named
+//! `<lock>-<random>` by the client, so that a create whose answer was lost is retried
+//! without a duplicate; label `kubelock.dev/lock`, `spec.renewTime`, `podRef` and an ownerReference
 //! when the holder is a pod); the grant is awaited through two watches (the request by name,
 //! the Lock by name) — no polling; `spec.renewTime` is renewed every lease/3 while waiting
 //! and holding; the local deadline (boot time before the last successful write + lease −
 //! margin) is kept on `CLOCK_BOOTTIME` with a timerfd, so a frozen or suspended holder knows
 //! the moment it runs again that it no longer holds; release deletes the request with a UID
-//! precondition.
+//! precondition. A waiter whose deadline passed withdraws its request and asks again.
 
 mod clock;
 mod leader;
