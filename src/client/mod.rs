@@ -76,6 +76,11 @@ impl ClientError {
         matches!(self, ClientError::Api { source: kube::Error::Api(s), .. } if s.code == 404)
     }
 
+    /// The API server said 403.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, ClientError::Api { source: kube::Error::Api(s), .. } if s.code == 403)
+    }
+
     /// Worth retrying: no answer, no connection, or the server busy or failing (429, 5xx).
     /// An answer that refuses (other 4xx) is not.
     pub fn is_transient(&self) -> bool {
@@ -91,6 +96,8 @@ impl ClientError {
 /// First and longest pause between retries of a write that failed transiently.
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(4);
+/// How long creating a request is retried when no wait timeout bounds it.
+const CREATE_RETRY_LIMIT: Duration = Duration::from_secs(60);
 
 /// Why `acquire` (or `adopt`) returned without a grant.
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +294,16 @@ impl LockClient {
 
     /// Creates a LockRequest and starts renewing and watching it; does not wait.
     pub async fn request(&self, opts: &AcquireOptions) -> Result<Pending, AcquireError> {
+        let give_up = opts.wait_timeout.map(|t| tokio::time::Instant::now() + t);
+        self.request_until(opts, give_up).await
+    }
+
+    /// [`LockClient::request`], retrying the create until `give_up` at the latest.
+    async fn request_until(
+        &self,
+        opts: &AcquireOptions,
+        give_up: Option<tokio::time::Instant>,
+    ) -> Result<Pending, AcquireError> {
         opts.validate()?;
         let holder = if !opts.holder_identity.is_empty() {
             opts.holder_identity.clone()
@@ -334,37 +351,70 @@ impl LockClient {
         let params = PostParams { field_manager: Some(crate::api::CLIENT_MANAGER.into()), ..Default::default() };
         // The deadline counts from the first attempt (an earlier one may be the one that landed).
         let sent_at = BootInstant::now();
+        let first_send = tokio::time::Instant::now();
+        // Without a wait timeout, an API server that stays away for a minute is an error.
+        let give_up = give_up.or(Some(first_send + CREATE_RETRY_LIMIT));
         let requests = self.requests();
-        let started = tokio::time::Instant::now();
         let mut pause = RETRY_FIRST;
         let mut attempts = 0;
-        let created = loop {
+        let outcome = loop {
+            if opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+                break Err(AcquireError::Cancelled { lock: opts.lock.clone() });
+            }
             attempts += 1;
             match self.call("creating the lock request", requests.create(&params, &request)).await {
-                Ok(created) => break created,
+                Ok(created) => break Ok(created),
                 // An earlier attempt landed although its answer was lost.
                 Err(ClientError::Api { source: kube::Error::Api(s), .. }) if s.code == 409 && attempts > 1 => {
-                    let existing = self.call("reading the lock request", requests.get(&name)).await?;
-                    if existing.spec.holder_identity != request.spec.holder_identity {
-                        return Err(AcquireError::Invalid {
-                            field: "request",
-                            message: format!("a lock request named {name} exists already and is not ours"),
-                        });
+                    match self.call("reading the lock request", requests.get(&name)).await {
+                        Ok(existing)
+                            if existing.spec.holder_identity == request.spec.holder_identity
+                                && existing.spec.lock_name == request.spec.lock_name
+                                && existing.spec.permits == request.spec.permits =>
+                        {
+                            break Ok(existing);
+                        }
+                        Ok(_) => {
+                            break Err(AcquireError::Invalid {
+                                field: "request",
+                                message: format!("a lock request named {name} exists already and is not ours"),
+                            });
+                        }
+                        Err(e) => break Err(e.into()),
                     }
-                    break existing;
                 }
                 // Retried while the API server is unreachable or busy, as long as the wait
                 // allows: a short outage must not fail a five-minute wait.
                 Err(e)
                     if e.is_transient()
-                        && opts.wait_timeout.is_none_or(|t| started.elapsed() + pause < t)
-                        && !opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) =>
+                        && give_up.is_none_or(|g| tokio::time::Instant::now() + pause + self.request_timeout < g) =>
                 {
                     warn!(lock = %opts.lock, request = %name, error = %e, retry_in = ?pause, "creating the lock request failed");
-                    tokio::time::sleep(pause).await; // back-off before the next attempt
+                    let cancelled = async {
+                        match &opts.cancel {
+                            Some(c) => c.cancelled().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {} // back-off before the next attempt
+                        _ = cancelled => {}
+                    }
                     pause = (pause * 2).min(RETRY_MAX);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        let created = match outcome {
+            Ok(created) => created,
+            Err(e) => {
+                if attempts > 1 {
+                    // An earlier attempt may have landed unseen: nothing renews it, so it must not
+                    // stay queued (it would be granted and hold the lock unused until it expired).
+                    let (client, name) = (self.clone(), name.clone());
+                    tokio::spawn(async move { client.withdraw(&name, None).await });
+                }
+                return Err(e);
             }
         };
         let now = BootInstant::now();
@@ -372,7 +422,7 @@ impl LockClient {
         debug!(lock = %opts.lock, request = %name, "lock request created");
         let mut tracker = Tracker::new(&name, &uid, opts.lease, opts.margin);
         tracker.on_write_ok(sent_at, now, Some(&created));
-        Ok(self.start(opts.lock.clone(), tracker, false, renew_time))
+        Ok(self.start(opts.lock.clone(), tracker, false, renew_time, first_send))
     }
 
     /// Takes over a LockRequest created earlier (by `kubelock acquire` in an init container,
@@ -394,10 +444,17 @@ impl LockClient {
         let mut tracker = Tracker::new(request, existing.uid().unwrap_or_default(), lease, opts.margin);
         tracker.on_request(&existing, BootInstant::now());
         let last = existing.spec.renew_time.as_ref().map_or(jiff::Timestamp::UNIX_EPOCH, |t| t.0);
-        Ok(self.start(existing.spec.lock_name.clone(), tracker, true, last))
+        Ok(self.start(existing.spec.lock_name.clone(), tracker, true, last, tokio::time::Instant::now()))
     }
 
-    fn start(&self, lock: String, tracker: Tracker, renew_now: bool, last_renew: jiff::Timestamp) -> Pending {
+    fn start(
+        &self,
+        lock: String,
+        tracker: Tracker,
+        renew_now: bool,
+        last_renew: jiff::Timestamp,
+        last_send: tokio::time::Instant,
+    ) -> Pending {
         let (tx, rx) = watch::channel(tracker.state().clone());
         let cancel = CancellationToken::new();
         let ctx = session::SessionCtx {
@@ -407,6 +464,7 @@ impl LockClient {
             request_timeout: self.request_timeout,
             renew_now,
             last_renew,
+            last_send,
         };
         let name = tracker.name().to_string();
         let uid = tracker.uid().to_string();
@@ -423,8 +481,9 @@ impl LockClient {
     /// `wait_timeout` allows: see [`Tracker::waiting_deadline`].
     pub async fn acquire(&self, opts: AcquireOptions) -> Result<Guard, AcquireError> {
         let started = tokio::time::Instant::now();
+        let give_up = opts.wait_timeout.map(|t| started + t);
         loop {
-            let pending = self.request(&opts).await?;
+            let pending = self.request_until(&opts, give_up).await?;
             let remaining = opts.wait_timeout.map(|t| t.saturating_sub(started.elapsed()));
             match pending.granted(remaining, opts.cancel.clone()).await {
                 Err(AcquireError::NotGranted { reason: LostReason::DeadlinePassed, lock, request })
@@ -447,15 +506,17 @@ impl LockClient {
         pending.granted(opts.wait_timeout, opts.cancel.clone()).await
     }
 
-    /// Deletes a request that must not stay queued, retrying transient failures for up to a
-    /// minute.
-    async fn withdraw(&self, name: &str, uid: &str) {
+    /// Deletes a request that must not stay queued, retrying transient failures (and 403s)
+    /// for up to a minute.
+    async fn withdraw(&self, name: &str, uid: Option<&str>) {
         let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut pause = RETRY_FIRST;
         loop {
-            match self.delete_request(name, Some(uid)).await {
+            match self.delete_request(name, uid).await {
                 Ok(_) => return,
-                Err(e) if e.is_transient() && tokio::time::Instant::now() + pause < give_up => {
+                // 403 too: a kube-apiserver that just restarted refuses everything for a moment,
+                // until its RBAC cache is loaded (seen in fault runs).
+                Err(e) if (e.is_transient() || e.is_forbidden()) && tokio::time::Instant::now() + pause < give_up => {
                     tokio::time::sleep(pause).await; // back-off before the next attempt
                     pause = (pause * 2).min(RETRY_MAX);
                 }
@@ -689,11 +750,11 @@ impl Pending {
         };
         if let Err(e) = inner.release().await {
             tracing::warn!(request = %inner.name, error = %e, "deleting the lock request after a failed acquire");
-            if e.is_transient() {
+            if e.is_transient() || e.is_forbidden() {
                 // Left queued it would be granted later and hold the lock unused until it
                 // expires: keep trying in the background (a caller usually asks again at once).
                 let (client, name, uid) = (inner.client.clone(), inner.name.clone(), inner.uid.clone());
-                tokio::spawn(async move { client.withdraw(&name, &uid).await });
+                tokio::spawn(async move { client.withdraw(&name, Some(&uid)).await });
             }
         }
         inner.task = None;

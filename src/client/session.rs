@@ -35,6 +35,9 @@ pub(crate) struct SessionCtx {
     pub renew_now: bool,
     /// Last renewTime written (renewals write strictly increasing values).
     pub last_renew: jiff::Timestamp,
+    /// When the write the deadline counts from was sent (the first attempt of the create):
+    /// the renewal cadence counts from there too.
+    pub last_send: tokio::time::Instant,
 }
 
 /// A strictly increasing renewTime: now, or 1µs after the last one.
@@ -88,7 +91,7 @@ pub(crate) async fn run(
     let mut retry = RETRY_MIN;
     // The cadence: lease/3 after the send time of the last successful write. Recomputed on
     // every turn because the interval shrinks once the Lock's or the granted lease is known.
-    let mut last_ok_send = tokio::time::Instant::now();
+    let mut last_ok_send = ctx.last_send;
     let mut retry_at: Option<tokio::time::Instant> = ctx.renew_now.then(tokio::time::Instant::now);
 
     loop {
