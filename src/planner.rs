@@ -365,6 +365,13 @@ impl Plan {
         });
         self.events.last_mut().expect("just pushed")
     }
+
+    /// An event about a holder entry of the Lock that ends now, after holding for `held`.
+    fn holder_event(&mut self, kind: EventKind, reason: Reason, h: &Holder, held: Option<Duration>, message: String) {
+        let e = self.event(kind, reason, &h.request, &h.request_uid, &h.holder, Some(h.token), message);
+        e.held = held;
+        e.of_lock = true;
+    }
 }
 
 /// The Lock spec, parsed.
@@ -467,6 +474,11 @@ fn pod_state(req: &LockRequest, inputs: &Inputs<'_>) -> PodState {
         None if inputs.gone_pods.contains(name) => PodState::Gone(format!("pod {name} was deleted")),
         None => PodState::Unknown(name.clone()),
     }
+}
+
+/// The message of a clean release.
+fn released(h: &Holder) -> String {
+    format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token)
 }
 
 fn since(start: Timestamp, now: Timestamp) -> Duration {
@@ -612,18 +624,7 @@ fn plan_holders(
         let held = Some(since(h.granted_at.0, now.wall));
         let Some(req) = by_uid.get(h.request_uid.as_str()).copied() else {
             if inputs.gone.contains(&h.request_uid) {
-                let message = format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token);
-                let e = plan.event(
-                    EventKind::Released,
-                    Reason::Released,
-                    &h.request,
-                    &h.request_uid,
-                    &h.holder,
-                    Some(h.token),
-                    message,
-                );
-                e.held = held;
-                e.of_lock = true;
+                plan.holder_event(EventKind::Released, Reason::Released, h, held, released(h));
             } else {
                 // Not in the cache, but no deletion seen: the cache may lag. Keep the grant.
                 plan.checks.insert(Check::Request { name: h.request.clone(), uid: h.request_uid.clone() });
@@ -632,18 +633,7 @@ fn plan_holders(
             continue;
         };
         if req.metadata.deletion_timestamp.is_some() {
-            let message = format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token);
-            let e = plan.event(
-                EventKind::Released,
-                Reason::Released,
-                &h.request,
-                &h.request_uid,
-                &h.holder,
-                Some(h.token),
-                message,
-            );
-            e.held = held;
-            e.of_lock = true;
+            plan.holder_event(EventKind::Released, Reason::Released, h, held, released(h));
             continue;
         }
         if req.phase().is_final() {
@@ -661,9 +651,7 @@ fn plan_holders(
             pass.delay_starts |= reason.starts_lock_delay();
             let kind = if reason == Reason::Broken { EventKind::Broken } else { EventKind::Expired };
             let note = format!("{} lost token {}: {}", h.holder, h.token, status.message.unwrap_or_default());
-            let e = plan.event(kind, reason, &h.request, &h.request_uid, &h.holder, Some(h.token), note);
-            e.held = held;
-            e.of_lock = true;
+            plan.holder_event(kind, reason, h, held, note);
             continue;
         }
         let lease = duration::parse(&h.lease_duration).ok().filter(|d| !d.is_zero()).unwrap_or(FALLBACK_LEASE);
@@ -712,9 +700,7 @@ fn plan_holders(
                     lock_uid: Some(lock_uid),
                 };
                 plan.fence(req, desired_status(req, fate, now));
-                let e = plan.event(kind, reason, &h.request, &h.request_uid, &h.holder, Some(h.token), note);
-                e.held = held;
-                e.of_lock = true;
+                plan.holder_event(kind, reason, h, held, note);
             }
         }
     }

@@ -89,14 +89,7 @@ pub async fn cr_write_floor(locks: &Api<Lock>, budget: Budget) -> anyhow::Result
 /// the issue, a LockRequest for the same on a custom resource (2b).
 pub async fn handover_floor<K>(api: &Api<K>, make: impl Fn(&str) -> K, budget: Budget) -> anyhow::Result<Samples>
 where
-    K: kube::Resource
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: crate::Object,
 {
     let first = make("holder");
     let name = first.meta().name.clone().ok_or_else(|| anyhow!("the marker has no name"))?;

@@ -49,6 +49,24 @@ use serde_json::{Map, Value, json};
 
 use crate::stats::{Samples, fmt_dur, ratio};
 
+/// What the generic helpers need of an object kind (Lease, Lock, LockRequest).
+pub trait Object:
+    kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Object for K where
+    K: kube::Resource
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// When a latency measurement stops: after `samples`, or after `time`, whichever comes first.
 #[derive(Clone, Copy, Debug)]
 pub struct Budget {

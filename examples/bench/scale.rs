@@ -31,14 +31,7 @@ const CREATE_CONCURRENCY: usize = 64;
 /// Creates objects with bounded concurrency; returns how long it took.
 pub async fn create_all<K>(api: &Api<K>, objects: Vec<K>) -> anyhow::Result<Duration>
 where
-    K: kube::Resource
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: crate::Object,
 {
     let start = Instant::now();
     let results: Vec<Result<K, kube::Error>> = futures::stream::iter(objects.into_iter().map(|obj| {
