@@ -16,11 +16,10 @@ RUN apk add --no-cache musl-dev
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-# Cargo.toml declares the e2e test target: its sources must exist for the manifest to load.
-COPY tests ./tests
+# Without the `dev` feature: the local control plane of `kubelock dev` and the tests does not ship.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin kubelock \
+    cargo build --release --locked --no-default-features --bin kubelock \
  && install -D -m 0755 target/release/kubelock /out/kubelock
 
 # Run: no shell, no libc, no package manager; uid/gid 65532 ("nonroot").

@@ -7,7 +7,7 @@
 #   hack/demo.sh                 uses target/debug/kubelock (built if missing)
 #   KUBELOCK=/path/to/kubelock hack/demo.sh
 #
-# Needs what `kubelock dev` needs (hack/control-plane.sh install). Everything it starts is
+# Needs what `kubelock dev` needs (src/devenv/control-plane.sh install). Everything it starts is
 # stopped when it exits.
 set -euo pipefail
 

@@ -4,7 +4,7 @@
 #   - a C toolchain and curl (Debian packages gcc, libc6-dev, make, curl, ca-certificates):
 #     the `ring` crate compiles C, rustup and the readiness checks use curl;
 #   - Rust >= $MIN_RUST via rustup (into ~/.cargo) if cargo is missing or older;
-#   - etcd and kube-apiserver: `hack/control-plane.sh install` (the first time this builds
+#   - etcd and kube-apiserver: `src/devenv/control-plane.sh install` (the first time this builds
 #     kube-apiserver from Debian's source with Go 1.15, about 7 minutes, and caches it in
 #     ${KUBELOCK_CACHE:-${XDG_CACHE_HOME:-~/.cache}/kubelock}).
 # apt-get runs as root, or through sudo.
@@ -63,7 +63,7 @@ main() {
     for tool in cc make curl; do command -v "$tool" >/dev/null || die "$tool not found: install it"; done
   fi
   rust
-  "$HERE/control-plane.sh" install
+  "$HERE/../src/devenv/control-plane.sh" install
 }
 
 main "$@"

@@ -6,7 +6,8 @@
 //! - [`client`]: acquire, renew, release, local deadline; used by every tool below.
 //! - [`cli`], [`sidecar`]: the command-line tools and the pod sidecar.
 //! - [`telemetry`]: logs, metrics, admin server.
-//! - [`devenv`]: the local control plane used by `kubelock dev` and the tests.
+//! - `devenv` (cargo feature `dev`, on by default, off in the image): the local control plane
+//!   used by `kubelock dev`, the tests and the benchmarks.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod connect;
 pub mod controller;
+#[cfg(feature = "dev")]
 pub mod devenv;
 pub mod planner;
 pub mod sidecar;

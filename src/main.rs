@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
-use kubelock::{cli, connect::ClientArgs, controller, devenv, sidecar, telemetry};
+#[cfg(feature = "dev")]
+use kubelock::devenv;
+use kubelock::{cli, connect::ClientArgs, controller, sidecar, telemetry};
 
 #[derive(Parser, Debug)]
 #[command(name = "kubelock", version, about = "Kubernetes-native distributed locks: fenced, watch-driven, queue-fair")]
@@ -29,6 +31,7 @@ enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Start a local control plane (etcd + kube-apiserver), install the CRDs and run the controller.
+    #[cfg(feature = "dev")]
     Dev(devenv::DevArgs),
     /// Acquire a lock, run a command while holding it, release when it exits.
     Run(cli::RunArgs),
@@ -87,6 +90,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         }
         Command::Controller(args) => controller::run(args, &client).await.context("controller")?,
+        #[cfg(feature = "dev")]
         Command::Dev(args) => devenv::run_dev(args, &client).await.context("dev")?,
         Command::Run(args) => cli::run(args, &client).await?,
         Command::Sidecar(args) => sidecar::run(args, &client).await.context("sidecar")?,

@@ -53,7 +53,7 @@ use tokio::sync::Semaphore;
 use crate::{
     lock::{Fixture, controller_rules, create_request, requester_rules},
     support::{
-        Cmd, Identity, Proc, TIMEOUT, TestEnv,
+        Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv,
         checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
         eventually, wait_until,
     },

@@ -3,12 +3,13 @@
 //!
 //! Modules: `smoke` (the harness itself), `chart` (the Helm chart, RBAC and examples), `lock`
 //! (the controller), `client` (run, sidecar, CLI, plugin, library), `faults` (fault runs judged by the
-//! history checker, bad input). Add one module per area.
+//! history checker, bad input), `image` (the container image). Add one module per area.
 
 mod support;
 
 mod chart;
 mod client;
 mod faults;
+mod image;
 mod lock;
 mod smoke;

@@ -17,7 +17,7 @@
 //! - default: a local etcd + kube-apiserver started on first use ([`kubelock::devenv`]),
 //!   stopped when the binary exits (parent-death signal; a reaper removes its files);
 //! - `KUBELOCK_TEST_CONTROL_PLANE=DIR`: one started beforehand with
-//!   `hack/control-plane.sh up DIR` (saves its start-up time while iterating);
+//!   `src/devenv/control-plane.sh up DIR` (saves its start-up time while iterating);
 //! - `KUBELOCK_TEST_KUBECONFIG=FILE`: any cluster (kind, ...); FILE must be an admin that may
 //!   impersonate, the other identities are impersonated users `kubelock-<identity>`.
 //!
@@ -29,6 +29,7 @@ pub mod checker;
 pub mod etcd;
 pub mod history;
 pub mod process;
+pub mod servers;
 pub mod wait;
 
 use std::{
@@ -63,6 +64,8 @@ use tokio::sync::OnceCell;
 pub use kubelock::devenv::{Component, ControlPlane, ControlPlaneOptions, Identity};
 #[allow(unused_imports)]
 pub use process::{Cmd, Output, Proc, ProcessId};
+#[allow(unused_imports)]
+pub use servers::ServerFaults;
 #[allow(unused_imports)]
 pub use wait::{WaitError, eventually, wait_for, wait_gone, wait_until};
 

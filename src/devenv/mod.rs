@@ -1,7 +1,7 @@
 //! The local control plane used by `kubelock dev`, the tests and the benchmarks: a real etcd
 //! and kube-apiserver on free loopback ports, with one static-token identity per role.
 //!
-//! `hack/control-plane.sh` (embedded here, so the binary works outside the repository)
+//! `src/devenv/control-plane.sh` (embedded here, so the binary works outside the repository)
 //! prepares a state directory: certificates, tokens, kubeconfigs and one argument file per
 //! server. [`ControlPlane`] then runs the two servers itself so that it can kill and restart
 //! them for fault-injection tests.
@@ -15,15 +15,16 @@
 //!   directory and the tmpfs etcd data once the pipe closes, which also happens on SIGKILL;
 //! - `Drop` stops the servers (SIGTERM, then SIGKILL) and removes everything at once.
 
+mod dev;
+mod process;
+
 use std::{
-    ffi::OsStr,
-    fs,
-    io::{self, Write as _},
+    fs, io,
     net::SocketAddr,
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, ExitCode, ExitStatus, Stdio},
-    sync::{Mutex, MutexGuard, OnceLock, mpsc},
+    process::{Child, ChildStdin, ExitStatus, Stdio},
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -35,13 +36,15 @@ use kube::{
     runtime::wait::{await_condition, conditions},
 };
 
-use crate::{
-    connect::ClientArgs,
-    controller::{self, ControllerArgs},
+pub use self::{
+    dev::{DevArgs, run_dev},
+    process::{guarded_command, log_tail, spawn_guarded},
 };
+use self::process::{send_signal, spawn_reaper};
+use crate::controller;
 
 /// The control-plane script, embedded so that `kubelock dev` works from any directory.
-const SCRIPT: &str = include_str!("../hack/control-plane.sh");
+const SCRIPT: &str = include_str!("control-plane.sh");
 /// Field manager of the CRD installs made by `kubelock dev` and the tests.
 pub const DEV_MANAGER: &str = "kubelock-dev";
 /// Prefix of the state directories (under `$TMPDIR`).
@@ -130,7 +133,7 @@ impl std::fmt::Display for Component {
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
     #[error(
-        "no usable kube-apiserver ({reason}): run `make demo` (installs it first) or `hack/control-plane.sh \
+        "no usable kube-apiserver ({reason}): run `make demo` (installs it first) or `src/devenv/control-plane.sh \
          install` (builds v1.20.2 with Go 1.15, about 7 minutes), or set KUBE_APISERVER to such a binary"
     )]
     NoApiServer { reason: String },
@@ -142,7 +145,7 @@ pub enum DevError {
         #[source]
         source: io::Error,
     },
-    #[error("hack/control-plane.sh {step} failed ({status}): {stderr}")]
+    #[error("src/devenv/control-plane.sh {step} failed ({status}): {stderr}")]
     Script { step: &'static str, status: ExitStatus, stderr: String },
     #[error("state directory {dir}: {what}")]
     StateDir { dir: PathBuf, what: String },
@@ -190,65 +193,6 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DevError {
     move |source| DevError::Io { what, source }
 }
 
-// ---------------------------------------------------------------------------------------
-// Spawning children that die with this process.
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The long-lived thread every guarded child is forked from. It never exits, so the
-/// children's parent-death signal fires only when the whole process dies.
-fn spawner() -> &'static mpsc::Sender<Job> {
-    static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
-    SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        // If the thread cannot be created, `rx` is dropped and every spawn reports it.
-        let _ = std::thread::Builder::new().name("kubelock-spawner".into()).spawn(move || {
-            for job in rx {
-                job();
-            }
-        });
-        tx
-    })
-}
-
-/// A command that runs `program` under `setpriv --pdeathsig KILL` in its own process group
-/// (so a Ctrl-C meant for the parent reaches the parent alone, which then stops it in order).
-/// Spawn it with [`spawn_guarded`].
-pub fn guarded_command(program: impl AsRef<OsStr>) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--pdeathsig", "KILL", "--"]).arg(program).process_group(0);
-    cmd
-}
-
-/// Spawns `cmd` (normally from [`guarded_command`]) on the long-lived spawner thread, so
-/// that its parent-death signal fires when this process exits, not when the calling thread does.
-pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
-    let (tx, rx) = mpsc::channel();
-    spawner()
-        .send(Box::new(move || {
-            let _ = tx.send(cmd.spawn());
-        }))
-        .map_err(|_| io::Error::other("the kubelock-spawner thread is not running"))?;
-    rx.recv().map_err(|_| io::Error::other("the kubelock-spawner thread did not answer"))?
-}
-
-/// Sends `signal` to `pid` (ignoring a process that is already gone).
-fn send_signal(pid: u32, signal: rustix::process::Signal) -> io::Result<()> {
-    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
-        return Err(io::Error::other(format!("invalid pid {pid}")));
-    };
-    match rustix::process::kill_process(pid, signal) {
-        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Last `lines` lines of a log file (empty if it cannot be read).
-pub fn log_tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
 
 // ---------------------------------------------------------------------------------------
 // The control plane.
@@ -296,8 +240,11 @@ struct Server {
 
 impl Server {
     fn spawn(&mut self) -> Result<(), DevError> {
-        if self.child.is_some() {
+        if self.pid().is_some() {
             return Ok(());
+        }
+        if let Some(mut exited) = self.child.take() {
+            let _ = exited.wait();
         }
         let name = self.component.name();
         let (program, args) = self.args.split_first().ok_or_else(|| DevError::StateDir {
@@ -322,18 +269,11 @@ impl Server {
         Ok(())
     }
 
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self) -> Result<(), DevError> {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            child.wait().map_err(io_err(format!("waiting for {}", self.component)))?;
-            let _ = fs::remove_file(&self.pid_file);
-        }
-        Ok(())
+    /// The PID while the process runs (an exited one is reaped, and its status kept for
+    /// [`Server::exited`]).
+    fn pid(&mut self) -> Option<u32> {
+        let child = self.child.as_mut()?;
+        matches!(child.try_wait(), Ok(None)).then(|| child.id())
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL.
@@ -385,15 +325,15 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Prepares a state directory with `hack/control-plane.sh prepare`, starts etcd and
+    /// Prepares a state directory with `src/devenv/control-plane.sh prepare`, starts etcd and
     /// kube-apiserver and waits until `/readyz` answers.
     ///
     /// Cancel-safe: if the future is dropped half-way, what was started is stopped.
     pub async fn start(opts: ControlPlaneOptions) -> Result<ControlPlane, DevError> {
         for (what, hint) in [
             ("setpriv", "install util-linux"),
-            ("etcd", "run `hack/control-plane.sh install` (Debian package etcd-server)"),
-            ("openssl", "run `hack/control-plane.sh install`"),
+            ("etcd", "run `src/devenv/control-plane.sh install` (Debian package etcd-server)"),
+            ("openssl", "run `src/devenv/control-plane.sh install`"),
             ("bash", "install bash"),
             ("curl", "install curl"),
         ] {
@@ -461,7 +401,7 @@ impl ControlPlane {
     }
 
     /// Attaches to a control plane prepared and started by someone else (for example
-    /// `hack/control-plane.sh up DIR`). It can be used but not stopped or restarted, and
+    /// `src/devenv/control-plane.sh up DIR`). It can be used but not stopped or restarted, and
     /// dropping it leaves it running.
     pub async fn attach(dir: impl Into<PathBuf>, ready_timeout: Duration) -> Result<ControlPlane, DevError> {
         let dir = dir.into();
@@ -572,75 +512,24 @@ impl ControlPlane {
         crate::connect::client_from_config(self.config(identity).await?).map_err(DevError::from)
     }
 
-    /// PID of a server, if this process runs it and it is running.
+    /// PID of a server, if this process started it and it is running.
     pub fn pid(&self, component: Component) -> Option<u32> {
         self.lock(component).ok()?.pid()
     }
 
-    /// PID of etcd, if running (and started by this process).
-    pub fn etcd_pid(&self) -> Option<u32> {
-        self.pid(Component::Etcd)
-    }
-
-    /// PID of kube-apiserver, if running (and started by this process).
-    pub fn apiserver_pid(&self) -> Option<u32> {
-        self.pid(Component::ApiServer)
-    }
-
-    /// Kills a server with SIGKILL and reaps it. No-op if it is not running.
-    pub fn kill(&self, component: Component) -> Result<(), DevError> {
-        self.lock(component)?.kill()
-    }
-
-    /// Stops a server cleanly (SIGTERM, SIGKILL after 10 s). No-op if it is not running.
-    pub fn stop_server(&self, component: Component) -> Result<(), DevError> {
-        self.lock(component)?.stop(STOP_GRACE);
-        Ok(())
-    }
-
-    /// Pauses a server (SIGSTOP): it keeps its sockets but answers nothing.
-    pub fn pause(&self, component: Component) -> Result<(), DevError> {
-        self.signal(component, rustix::process::Signal::STOP)
-    }
-
-    /// Resumes a paused server (SIGCONT).
-    pub fn resume(&self, component: Component) -> Result<(), DevError> {
-        self.signal(component, rustix::process::Signal::CONT)
-    }
-
-    fn signal(&self, component: Component, signal: rustix::process::Signal) -> Result<(), DevError> {
-        let server = self.lock(component)?;
-        match server.pid() {
-            Some(pid) => send_signal(pid, signal).map_err(io_err(format!("signalling {component}"))),
-            None => Ok(()),
+    /// Starts a server again if it is not running (it exited, or was killed), with the same
+    /// flags, port and data, and waits until it serves: etcd until it accepts connections
+    /// (and kube-apiserver, if running, until `/readyz` says it reaches etcd again),
+    /// kube-apiserver until `/readyz` answers.
+    pub async fn restart(&self, component: Component) -> Result<(), DevError> {
+        self.start_server(component)?;
+        if component == Component::Etcd {
+            self.wait_etcd(self.ready_timeout).await?;
+            if self.pid(Component::ApiServer).is_none() {
+                return Ok(());
+            }
         }
-    }
-
-    /// SIGKILLs kube-apiserver.
-    pub fn kill_apiserver(&self) -> Result<(), DevError> {
-        self.kill(Component::ApiServer)
-    }
-
-    /// SIGKILLs etcd.
-    pub fn kill_etcd(&self) -> Result<(), DevError> {
-        self.kill(Component::Etcd)
-    }
-
-    /// (Re)starts kube-apiserver with the same flags and port and waits until it is ready.
-    pub async fn start_apiserver(&self) -> Result<(), DevError> {
-        self.start_server(Component::ApiServer)?;
         self.wait_ready(self.ready_timeout).await
-    }
-
-    /// (Re)starts etcd with the same data and port and waits until it accepts connections
-    /// (and, if kube-apiserver runs, until `/readyz` says it reaches etcd again).
-    pub async fn start_etcd(&self) -> Result<(), DevError> {
-        self.start_server(Component::Etcd)?;
-        self.wait_etcd(self.ready_timeout).await?;
-        if self.apiserver_pid().is_some() {
-            self.wait_ready(self.ready_timeout).await?;
-        }
-        Ok(())
     }
 
     async fn wait_etcd(&self, timeout: Duration) -> Result<(), DevError> {
@@ -740,44 +629,6 @@ impl Drop for ControlPlane {
     }
 }
 
-/// Starts the reaper: `sh` blocked reading a pipe whose only writer is this process. When
-/// this process exits, however it dies, the read returns and the reaper removes the state
-/// directory (unless `keep_dir`) and the tmpfs etcd data named in it. It runs in its own
-/// process group so that a Ctrl-C aimed at us does not reach it.
-fn spawn_reaper(dir: &Path, keep_dir: bool) -> Result<(Child, ChildStdin), DevError> {
-    const REAPER: &str = r#"
-cat >/dev/null
-dir=$1 keep=$2
-shm=$(cat "$dir/etcd-data-shm" 2>/dev/null || true)
-case $shm in /dev/shm/kubelock-etcd.*) ;; *) shm= ;; esac
-[ "$keep" = 1 ] && dir=
-for _ in 1 2 3 4 5 6 7 8 9 10; do
-  rm -rf -- $dir $shm 2>/dev/null
-  [ -z "$dir" ] || [ ! -e "$dir" ] || { sleep 0.2; continue; }
-  [ -z "$shm" ] || [ ! -e "$shm" ] || { sleep 0.2; continue; }
-  exit 0
-done
-"#;
-    let mut child = Command::new("sh")
-        .args(["-c", REAPER, "kubelock-reaper"])
-        .arg(dir)
-        .arg(if keep_dir { "1" } else { "0" })
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(io_err("starting the cleanup process (sh)"))?;
-    match child.stdin.take() {
-        Some(stdin) => Ok((child, stdin)),
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(DevError::Io { what: "starting the cleanup process".into(), source: io::Error::other("no stdin pipe") })
-        }
-    }
-}
-
 /// Runs `control-plane.sh STEP [DIR]`; returns its stdout.
 async fn run_script(
     script: &Path,
@@ -792,7 +643,7 @@ async fn run_script(
         .arg(script)
         .arg(step)
         .args(dir)
-        .env("KUBELOCK_SCRIPT_NAME", "hack/control-plane.sh");
+        .env("KUBELOCK_SCRIPT_NAME", "src/devenv/control-plane.sh");
     if let Some(path) = &opts.kube_apiserver {
         cmd.env("KUBE_APISERVER", path);
     }
@@ -861,125 +712,4 @@ pub async fn apply_crds(
             .map_err(|source| DevError::CrdWait { name: name.clone(), source })?;
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// `kubelock dev`.
-
-/// `kubelock dev` flags.
-#[derive(clap::Args, Debug)]
-pub struct DevArgs {
-    /// Use the cluster selected by --kubeconfig / $KUBECONFIG / --context instead of starting a
-    /// local control plane (CRDs are installed there and the controller runs here).
-    #[arg(long)]
-    pub use_cluster: bool,
-    /// Keep etcd's data on disk instead of tmpfs (slower; what benchmarks measure).
-    #[arg(long)]
-    pub etcd_on_disk: bool,
-    /// Keep the state directory (kubeconfigs, logs) after exiting.
-    #[arg(long)]
-    pub keep: bool,
-    /// How long to wait for the local API server to become ready.
-    #[arg(long, default_value = "90s", value_parser = crate::connect::parse_duration, value_name = "DURATION")]
-    pub ready_timeout: Duration,
-    #[command(flatten)]
-    pub controller: ControllerArgs,
-}
-
-/// Runs `kubelock dev` until SIGINT/SIGTERM, then stops everything it started.
-pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode, DevError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut sigterm = signal(SignalKind::terminate()).map_err(io_err("installing the SIGTERM handler"))?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(io_err("installing the SIGINT handler"))?;
-
-    let setup = async {
-        if args.use_cluster {
-            let (client, _ns) = client_args.client().await?;
-            Ok::<_, DevError>((client, None))
-        } else {
-            eprintln!("kubelock dev: starting etcd and kube-apiserver (about 10 s)...");
-            let opts = ControlPlaneOptions {
-                etcd_on_disk: args.etcd_on_disk,
-                keep_dir: args.keep,
-                ready_timeout: args.ready_timeout,
-                ..Default::default()
-            };
-            let cp = ControlPlane::start(opts).await?;
-            let client = cp.client(Identity::Admin).await?;
-            Ok((client, Some(cp)))
-        }
-    };
-    let (client, cp) = tokio::select! {
-        res = setup => res?,
-        _ = sigint.recv() => return Ok(ExitCode::from(130)),
-        _ = sigterm.recv() => return Ok(ExitCode::from(143)),
-    };
-    tokio::select! {
-        res = install_crds(&client, Duration::from_secs(60)) => res?,
-        _ = sigint.recv() => return Ok(ExitCode::from(130)),
-        _ = sigterm.recv() => return Ok(ExitCode::from(143)),
-    }
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let timeout = client_args.request_timeout;
-    let mut controller = tokio::spawn(controller::run_controller(client, args.controller, timeout, async move {
-        let _ = stop_rx.await;
-    }));
-
-    match &cp {
-        Some(cp) => {
-            println!("export KUBECONFIG={}", cp.kubeconfig(Identity::Admin).display());
-            eprintln!(
-                "kubelock dev: control plane ready at {}; CRDs installed; controller running.\n\
-                 kubelock dev: other identities: {}\n\
-                 kubelock dev: try `kubectl get locks -A`. Ctrl-C stops everything.",
-                cp.server(),
-                Identity::ALL[1..]
-                    .iter()
-                    .map(|id| cp.kubeconfig(*id).display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            );
-        }
-        None => {
-            eprintln!("kubelock dev: CRDs installed; controller running against the given cluster. Ctrl-C stops it.")
-        }
-    }
-    let _ = io::stdout().flush();
-
-    // Run until a signal, the controller ends, or a server dies.
-    let mut health = tokio::time::interval(Duration::from_secs(1));
-    let outcome: Result<ExitCode, DevError> = loop {
-        tokio::select! {
-            _ = sigint.recv() => break Ok(ExitCode::SUCCESS),
-            _ = sigterm.recv() => break Ok(ExitCode::SUCCESS),
-            res = &mut controller => {
-                return match res {
-                    Ok(Ok(())) => Ok(ExitCode::SUCCESS),
-                    Ok(Err(e)) => Err(e.into()),
-                    Err(e) => Err(DevError::ControllerTask(e)),
-                };
-            }
-            _ = health.tick() => {
-                if let Some(cp) = &cp
-                    && let Err(e) = cp.check()
-                {
-                    break Err(e);
-                }
-            }
-        }
-    };
-    eprintln!("kubelock dev: stopping");
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(Duration::from_secs(10), &mut controller).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "controller stopped with an error"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "controller task failed"),
-        Ok(Ok(Ok(()))) => {}
-        Err(_) => {
-            tracing::warn!("controller did not stop within 10s");
-            controller.abort();
-        }
-    }
-    drop(cp);
-    outcome
 }

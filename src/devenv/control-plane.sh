@@ -2,13 +2,13 @@
 # A real, local Kubernetes control plane (etcd + kube-apiserver) for kubelock's
 # tests, benchmarks and `kubelock dev`. No Docker, no kind: see README "Development".
 #
-#   hack/control-plane.sh install          etcd from Debian; kube-apiserver from $KUBE_APISERVER,
+#   src/devenv/control-plane.sh install          etcd from Debian; kube-apiserver from $KUBE_APISERVER,
 #                                          the cache, or built from Debian's source (Go 1.15)
-#   hack/control-plane.sh path             print the kube-apiserver binary that will be used
-#   hack/control-plane.sh prepare DIR      certificates, identities, kubeconfigs, argument files
-#   hack/control-plane.sh run [DIR]        prepare and run in the foreground until SIGINT/SIGTERM
-#   hack/control-plane.sh up [DIR]         run in the background; prints the admin KUBECONFIG
-#   hack/control-plane.sh down DIR         stop what `up` started and remove DIR
+#   src/devenv/control-plane.sh path             print the kube-apiserver binary that will be used
+#   src/devenv/control-plane.sh prepare DIR      certificates, identities, kubeconfigs, argument files
+#   src/devenv/control-plane.sh run [DIR]        prepare and run in the foreground until SIGINT/SIGTERM
+#   src/devenv/control-plane.sh up [DIR]         run in the background; prints the admin KUBECONFIG
+#   src/devenv/control-plane.sh down DIR         stop what `up` started and remove DIR
 #
 # Options (environment):
 #   KUBE_APISERVER   use this kube-apiserver binary (v1.20.x built with Go 1.15) instead of building
@@ -21,7 +21,10 @@ set -euo pipefail
 
 KUBE_VERSION=1.20.2
 CACHE="${KUBELOCK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubelock}"
-CACHED_APISERVER="$CACHE/kube-apiserver-v$KUBE_VERSION-go1.15"
+# Every Kubernetes binary built from one source tree with Go 1.15 (see build_kubernetes).
+KUBE_BIN="$CACHE/kubernetes-v$KUBE_VERSION-go1.15"
+KUBE_COMPONENTS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy"
+CACHED_APISERVER="$KUBE_BIN/kube-apiserver"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
@@ -103,11 +106,15 @@ EOF
   tree=$(find "$work/src" -maxdepth 1 -mindepth 1 -type d -name 'kubernetes-*' | head -n1)
   [ -n "$tree" ] || die "unpacked kubernetes source tree not found"
   (cd "$tree" && PATH="$goroot/bin:$PATH" GOROOT="$goroot" GOPATH="$tree/.go" GOFLAGS=-mod=vendor \
-    CGO_ENABLED=0 make WHAT=cmd/kube-apiserver >&2) || die "kube-apiserver build failed"
-  mkdir -p "$CACHE"
-  install -m 0755 "$tree/_output/bin/kube-apiserver" "$CACHED_APISERVER.tmp"
-  mv "$CACHED_APISERVER.tmp" "$CACHED_APISERVER"
-  log "cached $CACHED_APISERVER"
+    CGO_ENABLED=0 make WHAT="$(for c in $KUBE_COMPONENTS; do printf 'cmd/%s ' "$c"; done)" >&2) ||
+    die "kubernetes build failed"
+  local staging="$KUBE_BIN.tmp"
+  rm -rf "$staging"; mkdir -p "$staging"
+  for c in $KUBE_COMPONENTS; do install -m 0755 "$tree/_output/bin/$c" "$staging/$c"; done
+  # The pause container's source: the local node compiles its sandbox image from it.
+  install -m 0644 "$tree/build/pause/linux/pause.c" "$staging/pause.c"
+  rm -rf "$KUBE_BIN"; mv "$staging" "$KUBE_BIN"
+  log "cached $KUBE_BIN"
 }
 
 cmd_install() {

@@ -1,0 +1,124 @@
+//! `kubelock dev`: a local control plane, the CRDs and the controller in one command.
+
+use std::{io::{self, Write as _}, process::ExitCode, time::Duration};
+
+use super::{ControlPlane, ControlPlaneOptions, DevError, Identity, install_crds, io_err};
+use crate::{connect::ClientArgs, controller::{self, ControllerArgs}};
+
+/// `kubelock dev` flags.
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// Use the cluster selected by --kubeconfig / $KUBECONFIG / --context instead of starting a
+    /// local control plane (CRDs are installed there and the controller runs here).
+    #[arg(long)]
+    pub use_cluster: bool,
+    /// Keep etcd's data on disk instead of tmpfs (slower; what benchmarks measure).
+    #[arg(long)]
+    pub etcd_on_disk: bool,
+    /// Keep the state directory (kubeconfigs, logs) after exiting.
+    #[arg(long)]
+    pub keep: bool,
+    /// How long to wait for the local API server to become ready.
+    #[arg(long, default_value = "90s", value_parser = crate::connect::parse_duration, value_name = "DURATION")]
+    pub ready_timeout: Duration,
+    #[command(flatten)]
+    pub controller: ControllerArgs,
+}
+
+/// Runs `kubelock dev` until SIGINT/SIGTERM, then stops everything it started.
+pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode, DevError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(io_err("installing the SIGTERM handler"))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(io_err("installing the SIGINT handler"))?;
+
+    let setup = async {
+        if args.use_cluster {
+            let (client, _ns) = client_args.client().await?;
+            Ok::<_, DevError>((client, None))
+        } else {
+            eprintln!("kubelock dev: starting etcd and kube-apiserver (about 10 s)...");
+            let opts = ControlPlaneOptions {
+                etcd_on_disk: args.etcd_on_disk,
+                keep_dir: args.keep,
+                ready_timeout: args.ready_timeout,
+                ..Default::default()
+            };
+            let cp = ControlPlane::start(opts).await?;
+            let client = cp.client(Identity::Admin).await?;
+            Ok((client, Some(cp)))
+        }
+    };
+    let (client, cp) = tokio::select! {
+        res = setup => res?,
+        _ = sigint.recv() => return Ok(ExitCode::from(130)),
+        _ = sigterm.recv() => return Ok(ExitCode::from(143)),
+    };
+    tokio::select! {
+        res = install_crds(&client, Duration::from_secs(60)) => res?,
+        _ = sigint.recv() => return Ok(ExitCode::from(130)),
+        _ = sigterm.recv() => return Ok(ExitCode::from(143)),
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let timeout = client_args.request_timeout;
+    let mut controller = tokio::spawn(controller::run_controller(client, args.controller, timeout, async move {
+        let _ = stop_rx.await;
+    }));
+
+    match &cp {
+        Some(cp) => {
+            println!("export KUBECONFIG={}", cp.kubeconfig(Identity::Admin).display());
+            eprintln!(
+                "kubelock dev: control plane ready at {}; CRDs installed; controller running.\n\
+                 kubelock dev: other identities: {}\n\
+                 kubelock dev: try `kubectl get locks -A`. Ctrl-C stops everything.",
+                cp.server(),
+                Identity::ALL[1..]
+                    .iter()
+                    .map(|id| cp.kubeconfig(*id).display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        None => {
+            eprintln!("kubelock dev: CRDs installed; controller running against the given cluster. Ctrl-C stops it.")
+        }
+    }
+    let _ = io::stdout().flush();
+
+    // Run until a signal, the controller ends, or a server dies.
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    let outcome: Result<ExitCode, DevError> = loop {
+        tokio::select! {
+            _ = sigint.recv() => break Ok(ExitCode::SUCCESS),
+            _ = sigterm.recv() => break Ok(ExitCode::SUCCESS),
+            res = &mut controller => {
+                return match res {
+                    Ok(Ok(())) => Ok(ExitCode::SUCCESS),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(DevError::ControllerTask(e)),
+                };
+            }
+            _ = health.tick() => {
+                if let Some(cp) = &cp
+                    && let Err(e) = cp.check()
+                {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    eprintln!("kubelock dev: stopping");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(10), &mut controller).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "controller stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "controller task failed"),
+        Ok(Ok(Ok(()))) => {}
+        Err(_) => {
+            tracing::warn!("controller did not stop within 10s");
+            controller.abort();
+        }
+    }
+    drop(cp);
+    outcome
+}
