@@ -73,6 +73,22 @@ fn default_permits() -> i32 {
     1
 }
 
+impl LockRequestSpec {
+    /// One permit of `lock_name`, no holder identity, the Lock's lease, no renewal yet, no pod.
+    /// Set the other fields with struct update syntax:
+    /// `LockRequestSpec { permits: 2, ..LockRequestSpec::new("db") }`.
+    pub fn new(lock_name: impl Into<String>) -> Self {
+        Self {
+            lock_name: lock_name.into(),
+            holder_identity: String::new(),
+            permits: default_permits(),
+            lease_duration: None,
+            renew_time: None,
+            pod_ref: None,
+        }
+    }
+}
+
 /// A pod in the request's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
