@@ -3,10 +3,12 @@
 //!
 //! Types only: nothing here talks to the API server or imports the controller.
 
+mod conditions;
 pub mod duration;
 mod lock;
 mod request;
 
+pub use conditions::{ConditionType, LockReason, Reason, status_string};
 pub use lock::{Holder, Lock, LockSpec, LockStatus};
 pub use request::{LockRequest, LockRequestSpec, LockRequestStatus, NAME_PATTERN, Phase, PodRef};
 

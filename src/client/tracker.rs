@@ -20,7 +20,7 @@ use kube::ResourceExt as _;
 use serde::Serialize;
 
 use super::clock::BootInstant;
-use crate::api::{Lock, LockRequest, Phase, duration};
+use crate::api::{ConditionType, Lock, LockRequest, Phase, duration};
 
 /// The smallest safety margin taken off the lease by default.
 pub const MIN_MARGIN: Duration = Duration::from_millis(200);
@@ -302,7 +302,7 @@ impl Tracker {
                 }
             }
             Phase::Expired => {
-                let cond = status.conditions.iter().find(|c| c.type_ == "Granted");
+                let cond = ConditionType::Granted.find(&status.conditions);
                 let cause =
                     cond.map(|c| c.reason.clone()).filter(|r| !r.is_empty()).unwrap_or_else(|| "Expired".into());
                 let message = status.message.clone().or_else(|| cond.map(|c| c.message.clone())).unwrap_or_default();
@@ -616,9 +616,9 @@ mod tests {
         st.phase = Some(Phase::Expired);
         st.message = Some("broken by alice: maintenance".into());
         st.conditions = vec![Condition {
-            type_: "Granted".into(),
-            status: "False".into(),
-            reason: "Broken".into(),
+            type_: ConditionType::Granted.as_str().into(),
+            status: crate::api::status_string(false).into(),
+            reason: crate::api::Reason::Broken.as_str().into(),
             message: String::new(),
             last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
             observed_generation: None,

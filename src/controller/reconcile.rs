@@ -26,8 +26,8 @@ use super::{
     events::EventSink,
 };
 use crate::{
-    api::{self, CONTROLLER_MANAGER, Lock, LockRequest, LockRequestStatus},
-    planner::{self, Check, EventKind, Inputs, Now, Observations, Plan, PlanEvent, PodInfo, Reason, Settings},
+    api::{self, CONTROLLER_MANAGER, Lock, LockRequest, LockRequestStatus, Reason},
+    planner::{self, Check, EventKind, Inputs, Now, Observations, Plan, PlanEvent, PodInfo, Settings},
     telemetry::{Metrics, SumGauge},
 };
 

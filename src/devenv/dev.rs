@@ -1,9 +1,16 @@
 //! `kubelock dev`: a local control plane, the CRDs and the controller in one command.
 
-use std::{io::{self, Write as _}, process::ExitCode, time::Duration};
+use std::{
+    io::{self, Write as _},
+    process::ExitCode,
+    time::Duration,
+};
 
 use super::{ControlPlane, ControlPlaneOptions, DevError, Identity, install_crds, io_err};
-use crate::{connect::ClientArgs, controller::{self, ControllerArgs}};
+use crate::{
+    connect::ClientArgs,
+    controller::{self, ControllerArgs},
+};
 
 /// `kubelock dev` flags.
 #[derive(clap::Args, Debug)]

@@ -36,11 +36,11 @@ use kube::{
     runtime::wait::{await_condition, conditions},
 };
 
+use self::process::{send_signal, spawn_reaper};
 pub use self::{
     dev::{DevArgs, run_dev},
     process::{guarded_command, log_tail, spawn_guarded},
 };
-use self::process::{send_signal, spawn_reaper};
 use crate::controller;
 
 /// The control-plane script, embedded so that `kubelock dev` works from any directory.
@@ -192,7 +192,6 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DevError {
     let what = what.into();
     move |source| DevError::Io { what, source }
 }
-
 
 // ---------------------------------------------------------------------------------------
 // The control plane.

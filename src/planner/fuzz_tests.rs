@@ -15,8 +15,13 @@ use jiff::Timestamp;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::ResourceExt as _;
+
 use super::*;
-use crate::api::{self, LockRequest};
+use crate::api::{self, Holder, Lock, LockRequest, Phase};
 
 /// A JSON value of the wrong kind for any field.
 fn wrong_type() -> impl Strategy<Value = Value> {

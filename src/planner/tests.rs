@@ -6,8 +6,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ObjectMeta;
 use proptest::prelude::*;
 
-use super::*;
-use crate::api::{LockRequestSpec, LockSpec, PodRef};
+use std::{sync::Arc, time::Duration};
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::ResourceExt as _;
+
+use super::{spec::uid_of, *};
+use crate::api::{
+    BREAK_ANNOTATION, BROKEN_BY_ANNOTATION, Lock, LockRequest, LockRequestSpec, LockRequestStatus, LockSpec,
+    LockStatus, Phase, PodRef, Reason,
+};
 
 const T0: i64 = 1_800_000_000;
 

@@ -26,7 +26,9 @@ use rustix::process::Signal;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv, eventually, process::KUBELOCK, rule, wait_until};
+use crate::support::{
+    Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv, eventually, process::KUBELOCK, rule, wait_until,
+};
 
 /// A test namespace with a controller for it, a requester identity with a requester's
 /// rights, and some Locks.

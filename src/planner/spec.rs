@@ -1,0 +1,112 @@
+//! Reading the specs: a Lock's and a request's parameters, a request's identity, its
+//! place in the queue, a break asked for, the state of its pod.
+
+use std::{cmp::Ordering, collections::HashMap, time::Duration};
+
+use jiff::Timestamp;
+use kube::ResourceExt as _;
+
+use super::inputs::Inputs;
+use crate::api::{BREAK_ANNOTATION, BROKEN_BY_ANNOTATION, Lock, LockRequest, duration};
+
+/// The Lock spec, parsed.
+pub(super) struct LockParams {
+    pub permits: i64,
+    pub lease: Duration,
+    pub lock_delay: Duration,
+}
+
+pub(super) fn parse_lock_spec(lock: &Lock) -> Result<LockParams, String> {
+    if let Some(problem) = crate::api::malformed(lock) {
+        return Err(problem.to_string());
+    }
+    let spec = &lock.spec;
+    if spec.permits < 1 {
+        return Err(format!("spec.permits must be at least 1, got {}", spec.permits));
+    }
+    let lease = duration::parse(&spec.lease_duration).map_err(|e| format!("spec.leaseDuration: {e}"))?;
+    if lease.is_zero() {
+        return Err("spec.leaseDuration must be positive, got 0".into());
+    }
+    let lock_delay = duration::parse(&spec.lock_delay).map_err(|e| format!("spec.lockDelay: {e}"))?;
+    Ok(LockParams { permits: i64::from(spec.permits), lease, lock_delay })
+}
+
+/// A request's own spec, parsed (independently of its Lock).
+pub(super) struct RequestParams {
+    pub permits: i64,
+    pub lease: Option<Duration>,
+}
+
+pub(super) fn parse_request_spec(req: &LockRequest) -> Result<RequestParams, String> {
+    if let Some(problem) = crate::api::malformed_spec(req) {
+        return Err(problem.to_string());
+    }
+    if req.spec.permits < 1 {
+        return Err(format!("spec.permits must be at least 1, got {}", req.spec.permits));
+    }
+    let lease = match &req.spec.lease_duration {
+        None => None,
+        Some(text) => {
+            let d = duration::parse(text).map_err(|e| format!("spec.leaseDuration: {e}"))?;
+            if d.is_zero() {
+                return Err("spec.leaseDuration must be positive, got 0".into());
+            }
+            Some(d)
+        }
+    };
+    Ok(RequestParams { permits: i64::from(req.spec.permits), lease })
+}
+
+pub(crate) fn uid_of(req: &LockRequest) -> &str {
+    req.metadata.uid.as_deref().unwrap_or("")
+}
+
+pub(super) fn holder_identity(req: &LockRequest) -> String {
+    if req.spec.holder_identity.is_empty() { req.name_any() } else { req.spec.holder_identity.clone() }
+}
+
+pub(super) fn renewal_key(req: &LockRequest) -> (Option<i64>, Option<Timestamp>) {
+    (req.metadata.generation, req.spec.renew_time.as_ref().map(|t| t.0))
+}
+
+/// FIFO order: `creationTimestamp`, then (it has one-second resolution) the order in which
+/// the watch delivered the requests, then name.
+pub fn fifo(a: &LockRequest, b: &LockRequest, arrival: &HashMap<String, u64>) -> Ordering {
+    let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let seq = |r: &LockRequest| arrival.get(uid_of(r)).copied().unwrap_or(u64::MAX);
+    ta.cmp(&tb).then_with(|| seq(a).cmp(&seq(b))).then_with(|| a.name_any().cmp(&b.name_any()))
+}
+
+pub(super) fn break_message(req: &LockRequest) -> Option<String> {
+    let reason = req.annotations().get(BREAK_ANNOTATION)?;
+    let who = req.annotations().get(BROKEN_BY_ANNOTATION).map_or("unknown", String::as_str);
+    Some(format!("broken by {who}: {reason}"))
+}
+
+/// Where a request's pod stands.
+pub(super) enum PodState {
+    /// No podRef (or pods are not watched), or the pod is there and running.
+    Fine,
+    /// The pod is gone for good.
+    Gone(String),
+    /// The cache does not have it and nothing confirms it is gone.
+    Unknown(String),
+}
+
+pub(super) fn pod_state(req: &LockRequest, inputs: &Inputs<'_>) -> PodState {
+    let Some(pod_ref) = req.spec.pod_ref.as_ref().filter(|_| inputs.settings.watch_pods) else {
+        return PodState::Fine;
+    };
+    let name = &pod_ref.name;
+    match inputs.pods.get(name) {
+        Some(pod) if pod_ref.uid.as_ref().is_some_and(|uid| *uid != pod.uid) => {
+            PodState::Gone(format!("pod {name} was replaced by another pod of the same name"))
+        }
+        Some(pod) if pod.terminated => PodState::Gone(format!("pod {name} has terminated")),
+        Some(_) => PodState::Fine,
+        None if inputs.gone_pods.contains(name) => PodState::Gone(format!("pod {name} was deleted")),
+        None => PodState::Unknown(name.clone()),
+    }
+}

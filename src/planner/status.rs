@@ -1,0 +1,246 @@
+//! Building statuses: a request's from its fate, the Lock's conditions, and the retention
+//! of finished requests.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+use kube::ResourceExt as _;
+
+use super::{
+    QUEUE_WINDOW,
+    inputs::{Now, Settings},
+    outcome::{Deletion, Plan},
+    spec::uid_of,
+};
+use crate::api::{
+    ConditionType, Holder, LockReason, LockRequest, LockRequestStatus, LockStatus, Phase, Reason, status_string,
+};
+
+/// The message of a clean release.
+pub(super) fn released(h: &Holder) -> String {
+    format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token)
+}
+
+pub(super) fn since(start: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(start)).unwrap_or(Duration::ZERO)
+}
+
+pub(super) fn signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
+/// Builds a condition, keeping `lastTransitionTime` from the previous one unless the status flips.
+pub(super) fn condition(
+    previous: &[Condition],
+    type_: ConditionType,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = status_string(status).to_string();
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_.as_str() && c.status == status)
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.as_str().into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// The status a request should have.
+pub(super) enum Fate<'a> {
+    Holding { holder: &'a Holder, lock_uid: &'a str },
+    Waiting { position: usize, reason: Reason, message: String },
+    Finished { phase: Phase, reason: Reason, message: String, holder: Option<&'a Holder>, lock_uid: Option<&'a str> },
+}
+
+pub(super) fn desired_status(req: &LockRequest, fate: Fate<'_>, now: Now) -> LockRequestStatus {
+    let current = req.status.clone().unwrap_or_default();
+    let previous = current.conditions.as_slice();
+    match fate {
+        Fate::Holding { holder, lock_uid } => LockRequestStatus {
+            phase: Some(Phase::Granted),
+            token: Some(holder.token),
+            granted_at: Some(holder.granted_at.clone()),
+            lease_duration: Some(holder.lease_duration.clone()),
+            lock_uid: Some(lock_uid.to_string()),
+            position: None,
+            finished_at: None,
+            message: Some(format!("holding {} permit(s) with fencing token {}", holder.permits, holder.token)),
+            conditions: vec![condition(
+                previous,
+                ConditionType::Granted,
+                true,
+                Reason::Granted.as_str(),
+                format!("token {}", holder.token),
+                None,
+                now.wall,
+            )],
+        },
+        Fate::Waiting { position, reason, message } => {
+            let exact = position < QUEUE_WINDOW;
+            let position = i32::try_from(position).unwrap_or(i32::MAX);
+            let window = QUEUE_WINDOW as i32;
+            let position = match current.position {
+                // Beyond the window, refresh only every QUEUE_WINDOW places: fewer writes.
+                Some(p) if !exact && p >= position && p - position < window => p,
+                _ => position,
+            };
+            LockRequestStatus {
+                phase: Some(Phase::Pending),
+                position: Some(position),
+                message: Some(message.clone()),
+                conditions: vec![condition(
+                    previous,
+                    ConditionType::Granted,
+                    false,
+                    reason.as_str(),
+                    message,
+                    None,
+                    now.wall,
+                )],
+                ..Default::default()
+            }
+        }
+        Fate::Finished { phase, reason, message, holder, lock_uid } => {
+            let finished_at = if current.phase == Some(phase) { current.finished_at.clone() } else { None };
+            LockRequestStatus {
+                phase: Some(phase),
+                token: holder.map(|h| h.token).or(current.token),
+                granted_at: holder.map(|h| h.granted_at.clone()).or(current.granted_at),
+                lease_duration: holder.map(|h| h.lease_duration.clone()).or(current.lease_duration),
+                lock_uid: lock_uid.map(str::to_string).or(current.lock_uid),
+                position: None,
+                finished_at: finished_at.or(Some(MicroTime(now.wall))),
+                message: Some(message.clone()),
+                conditions: vec![condition(
+                    previous,
+                    ConditionType::Granted,
+                    false,
+                    reason.as_str(),
+                    message,
+                    None,
+                    now.wall,
+                )],
+            }
+        }
+    }
+}
+
+/// Requests this plan finishes are deleted after their retention: plan again then (the
+/// status write itself brings no reconcile).
+pub(super) fn wake_for_retention(plan: &mut Plan, settings: &Settings, now: Now) {
+    if plan.requests.iter().any(|u| u.status.phase.is_some_and(Phase::is_final)) {
+        plan.wake(now.mono + settings.finished_retention);
+    }
+}
+
+/// Finished requests only wait for their retention to pass.
+pub(super) fn retain_finished(req: &LockRequest, settings: &Settings, now: Now, plan: &mut Plan) {
+    let finished = req.status.as_ref().and_then(|s| s.finished_at.as_ref()).map_or(now.wall, |t| t.0);
+    let delete_at = finished.saturating_add(signed(settings.finished_retention)).unwrap_or(Timestamp::MAX);
+    if delete_at <= now.wall {
+        plan.deletions.push(Deletion { name: req.name_any(), uid: uid_of(req).into() });
+    } else {
+        plan.wake(now.mono + since(now.wall, delete_at));
+    }
+}
+
+pub(super) fn lock_conditions(
+    old: &LockStatus,
+    permits: Result<i64, &String>,
+    holders: &[Holder],
+    delayed: bool,
+    generation: Option<i64>,
+    now: Now,
+) -> Vec<Condition> {
+    let previous = old.conditions.as_slice();
+    let ready = match permits {
+        Ok(_) => condition(
+            previous,
+            ConditionType::Ready,
+            true,
+            LockReason::Reconciled.as_str(),
+            String::new(),
+            generation,
+            now.wall,
+        ),
+        Err(why) => condition(
+            previous,
+            ConditionType::Ready,
+            false,
+            LockReason::InvalidSpec.as_str(),
+            why.clone(),
+            generation,
+            now.wall,
+        ),
+    };
+    let held: i64 = holders.iter().map(|h| i64::from(h.permits)).sum();
+    let held = if !holders.is_empty() {
+        let of = permits.map_or(String::new(), |p| format!(" of {p}"));
+        condition(
+            previous,
+            ConditionType::Held,
+            true,
+            LockReason::Granted.as_str(),
+            format!("{held}{of} permit(s) held"),
+            generation,
+            now.wall,
+        )
+    } else if delayed {
+        condition(
+            previous,
+            ConditionType::Held,
+            false,
+            LockReason::LockDelay.as_str(),
+            "no grant until the lock delay after an expiry passes".into(),
+            generation,
+            now.wall,
+        )
+    } else {
+        condition(
+            previous,
+            ConditionType::Held,
+            false,
+            LockReason::Free.as_str(),
+            "no permit is held".into(),
+            generation,
+            now.wall,
+        )
+    };
+    vec![ready, held]
+}
+
+/// The statuses of the holders (new grants flagged, so they are written first) and of the
+/// waiting requests with their places.
+pub(super) fn request_statuses(
+    inputs: &super::Inputs<'_>,
+    old: &LockStatus,
+    lock_uid: &str,
+    holders: &[Holder],
+    waiting: &[(&LockRequest, Reason, String)],
+    plan: &mut Plan,
+) {
+    let now = inputs.now;
+    let by_uid: std::collections::HashMap<&str, &LockRequest> =
+        inputs.requests.iter().map(|r| (uid_of(r), r.as_ref())).collect();
+    for h in holders {
+        if let Some(req) = by_uid.get(h.request_uid.as_str()) {
+            let newly = old.holders.iter().all(|o| o.request_uid != h.request_uid);
+            plan.update(req, desired_status(req, Fate::Holding { holder: h, lock_uid }, now), newly);
+        }
+    }
+    for (position, (r, reason, message)) in waiting.iter().enumerate() {
+        let fate = Fate::Waiting { position, reason: *reason, message: message.clone() };
+        plan.update(r, desired_status(r, fate, now), false);
+    }
+    plan.requests.sort_by_key(|u| !u.granted);
+}
