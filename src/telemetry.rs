@@ -42,7 +42,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use prometheus_client::{
@@ -247,9 +247,4 @@ pub async fn serve_admin(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| AdminError { addr, source })?;
     tracing::info!(%addr, "admin server listening (/metrics /healthz /readyz)");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|source| AdminError { addr, source })
-}
-
-/// Time since `start`, for metrics.
-pub fn seconds(d: Duration) -> f64 {
-    d.as_secs_f64()
 }

@@ -1,9 +1,12 @@
 //! The controller: fetch -> plan -> compare-and-swap the Lock status -> mirror request statuses.
 
 mod cache;
+mod context;
 mod events;
-pub mod leader;
+pub mod lease;
 mod reconcile;
+mod record;
+mod writes;
 
 use std::{future::Future, net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
@@ -108,7 +111,7 @@ pub enum Error {
     #[error("the lock kept changing under us: gave up after {0} rounds")]
     Contention(usize),
     #[error(transparent)]
-    Leader(#[from] leader::LeaderError),
+    Leader(#[from] lease::LeaderError),
     #[error(transparent)]
     Admin(#[from] crate::telemetry::AdminError),
 }
@@ -250,7 +253,7 @@ pub async fn run_controller(
             .clone()
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .unwrap_or_else(|| "default".into());
-        leader::Elector::new(client.clone(), &ns, &args.leader_elect_lease, &identity, leader::Timings::default())
+        lease::Elector::new(client.clone(), &ns, &args.leader_elect_lease, &identity, lease::Timings::default())
     });
     let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
     if let Some(elector) = &elector {
@@ -286,7 +289,7 @@ pub async fn run_controller(
         handle.abort();
         let lost = handle.await.is_ok();
         if lost {
-            return Err(leader::LeaderError::Lost(args.leader_elect_lease.clone()).into());
+            return Err(lease::LeaderError::Lost(args.leader_elect_lease.clone()).into());
         }
         elector.release().await;
     }
