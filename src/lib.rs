@@ -4,7 +4,8 @@
 //! - [`planner`]: the pure grant decision.
 //! - [`controller`]: fetch, plan, compare-and-swap, mirror.
 //! - [`client`]: acquire, renew, release, local deadline; used by every tool below.
-//! - [`cli`], [`sidecar`]: the command-line tools and the pod sidecar.
+//! - [`cli`], [`sidecar`]: the command-line tools and the pod sidecar; [`pod`] and [`tools`]
+//!   what they share (the pod's identity and files, exit codes).
 //! - [`telemetry`]: logs, metrics, admin server.
 //! - `devenv` (cargo feature `dev`, on by default, off in the image): the local control plane
 //!   used by `kubelock dev`, the tests and the benchmarks.
@@ -18,5 +19,7 @@ pub mod controller;
 #[cfg(feature = "dev")]
 pub mod devenv;
 pub mod planner;
+pub mod pod;
 pub mod sidecar;
 pub mod telemetry;
+pub mod tools;

@@ -308,7 +308,7 @@ impl LockClient {
         let holder = if !opts.holder_identity.is_empty() {
             opts.holder_identity.clone()
         } else if let Some(pod) = &opts.pod_ref {
-            format!("pod/{}/{}", self.namespace, pod.name)
+            crate::pod::holder_identity(&self.namespace, &pod.name)
         } else {
             default_holder_identity()
         };

@@ -1,0 +1,376 @@
+//! `kubelock run`: a supervisor of the command it runs while holding the lock: it finds the
+//! command like execvp, places it in a process group, forwards signals, and stops it when
+//! the lock is lost.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use tokio::signal::unix::SignalKind;
+use tokio_util::sync::CancellationToken;
+
+use super::{CliError, RequestFlags, usage};
+use crate::{
+    api::duration,
+    client::{AcquireError, LockClient, LostReason},
+    connect::{ClientArgs, parse_duration},
+    tools::{EXIT_CANNOT_EXECUTE, EXIT_LOST, EXIT_NOT_FOUND, EXIT_REJECTED, EXIT_WAIT_TIMEOUT, flag_of},
+};
+
+/// How the command is placed in process groups.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProcessGroup {
+    /// `same` when kubelock runs in the foreground of a terminal (so the command can read
+    /// the terminal and Ctrl-C/Ctrl-Z work as usual), `own` otherwise.
+    #[default]
+    Auto,
+    /// The command leads its own process group; forwarded signals and the stop on loss go to
+    /// the whole group, so the command's own children are stopped too.
+    Own,
+    /// The command stays in kubelock's process group; signals go to the command's PID only.
+    Same,
+}
+
+const RUN_HELP: &str = "\
+The command runs with KUBELOCK_TOKEN (fencing token: pass it to everything you write),
+KUBELOCK_LOCK, KUBELOCK_LOCK_UID, KUBELOCK_REQUEST and KUBELOCK_NAMESPACE set.
+The lock is renewed while it runs and released as soon as it exits. If the lock is lost
+(lease deadline passed, expired by the controller, broken), the command gets SIGTERM,
+then SIGKILL after --grace. SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to it.
+
+Exit codes:
+  the command's own     it exited by itself while the lock was held
+  128+N                 it died from signal N
+  75                    the lock was lost while it ran
+  76                    --wait-timeout passed before the grant (request withdrawn)
+  77                    the controller rejected the request (e.g. more permits than the lock has)
+  126, 127              the command cannot be executed / was not found (nothing acquired)
+  130, 143              interrupted (SIGINT, SIGTERM) while waiting (request withdrawn)
+  2                     invalid flags;  1  other errors (cluster unreachable, RBAC)
+
+Example:
+  kubelock run --lock db-migrations --lease 15s --wait-timeout 5m -- ./migrate.sh";
+
+/// `kubelock run` flags.
+#[derive(clap::Args, Debug)]
+#[command(after_help = RUN_HELP)]
+pub struct RunArgs {
+    /// Lock to hold while the command runs.
+    #[arg(long, value_name = "NAME")]
+    pub lock: String,
+    #[command(flatten)]
+    pub request: RequestFlags,
+    /// After the lock is lost: time between SIGTERM and SIGKILL to the command.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub grace: Duration,
+    /// Process group of the command (see `auto`).
+    #[arg(long, value_enum, default_value_t = ProcessGroup::Auto)]
+    pub process_group: ProcessGroup,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// Finds `program` like execvp does; `Err(code)` with a message printed when it cannot run.
+fn resolve_command(program: &OsString) -> Result<PathBuf, ExitCode> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let executable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let path = Path::new(program);
+    if path.as_os_str().is_empty() {
+        eprintln!("kubelock: the command is empty");
+        return Err(ExitCode::from(EXIT_NOT_FOUND));
+    }
+    if path.components().count() > 1 || program.to_string_lossy().contains('/') {
+        if !path.exists() {
+            eprintln!("kubelock: {}: no such file", path.display());
+            return Err(ExitCode::from(EXIT_NOT_FOUND));
+        }
+        if !executable(path) {
+            eprintln!("kubelock: {}: not an executable file", path.display());
+            return Err(ExitCode::from(EXIT_CANNOT_EXECUTE));
+        }
+        return Ok(path.to_path_buf());
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&search) {
+        let candidate = dir.join(path);
+        if executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    eprintln!("kubelock: {}: command not found", path.display());
+    Err(ExitCode::from(EXIT_NOT_FOUND))
+}
+
+/// `setpriv`, if installed: used to give the command the parent-death signal SIGKILL, so
+/// that it cannot outlive a wrapper that is itself killed (and stops renewing).
+fn setpriv() -> Option<PathBuf> {
+    resolve_quiet("setpriv")
+}
+
+fn resolve_quiet(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let search = std::env::var_os("PATH")?;
+    std::env::split_paths(&search)
+        .map(|d| d.join(name))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// kubelock runs in the foreground process group of its controlling terminal.
+fn in_terminal_foreground() -> bool {
+    let stdin = std::io::stdin();
+    rustix::termios::isatty(&stdin)
+        && rustix::termios::tcgetpgrp(&stdin).is_ok_and(|pgrp| pgrp == rustix::process::getpgrp())
+}
+
+/// Where signals to the command go.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    pid: rustix::process::Pid,
+    group: bool,
+}
+
+impl Target {
+    fn send(self, signal: rustix::process::Signal) {
+        let r = if self.group {
+            rustix::process::kill_process_group(self.pid, signal)
+        } else {
+            rustix::process::kill_process(self.pid, signal)
+        };
+        if let Err(e) = r
+            && e != rustix::io::Errno::SRCH
+        {
+            eprintln!("kubelock: sending signal {} to the command: {e}", signal.as_raw());
+        }
+    }
+}
+
+/// Signals kubelock forwards to the command.
+pub(super) struct Forwarded {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl Forwarded {
+    pub(super) fn install() -> Result<Self, CliError> {
+        let s = |k| tokio::signal::unix::signal(k).map_err(CliError::Signals);
+        Ok(Self {
+            int: s(SignalKind::interrupt())?,
+            term: s(SignalKind::terminate())?,
+            hup: s(SignalKind::hangup())?,
+            quit: s(SignalKind::quit())?,
+        })
+    }
+
+    pub(super) async fn recv(&mut self) -> rustix::process::Signal {
+        use rustix::process::Signal;
+        tokio::select! {
+            _ = self.int.recv() => Signal::INT,
+            _ = self.term.recv() => Signal::TERM,
+            _ = self.hup.recv() => Signal::HUP,
+            _ = self.quit.recv() => Signal::QUIT,
+        }
+    }
+}
+
+fn exit_code_of(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => (c & 0xff) as u8,
+        (None, Some(sig)) => (128 + sig).min(255) as u8,
+        _ => 1,
+    }
+}
+
+/// `kubelock run --lock NAME -- CMD ARGS...`: acquire, run, release; see the module docs
+/// for exit codes.
+pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, CliError> {
+    let Some(program) = args.command.first() else {
+        return Ok(usage("no command given (kubelock run --lock NAME -- CMD ARGS...)"));
+    };
+    let program_path = match resolve_command(program) {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
+    // Bad flags are reported before anything talks to the cluster.
+    if let Err(AcquireError::Invalid { field, message }) = args.request.options(&args.lock, "").validate() {
+        return Ok(usage(format!("invalid {}: {message}", flag_of(field))));
+    }
+    let (kube, namespace) = client_args.client().await?;
+    let locks = LockClient::new(kube, &namespace).with_request_timeout(client_args.request_timeout);
+    let opts = args.request.options(&args.lock, &namespace);
+    let mut signals = Forwarded::install()?;
+
+    // 1. Acquire; SIGINT/SIGTERM while waiting withdraw the request.
+    let cancel = CancellationToken::new();
+    let mut acquire_opts = opts.clone();
+    acquire_opts.cancel = Some(cancel.clone());
+    let acquiring = locks.acquire(acquire_opts);
+    tokio::pin!(acquiring);
+    let mut interrupted = None;
+    let acquired = loop {
+        tokio::select! {
+            r = &mut acquiring => break r,
+            sig = signals.recv(), if interrupted.is_none() => {
+                interrupted = Some(sig);
+                cancel.cancel();
+            }
+        }
+    };
+    let guard = match acquired {
+        Ok(g) => g,
+        Err(AcquireError::Cancelled { .. }) => {
+            let sig = interrupted.map_or(2, |s| s.as_raw());
+            eprintln!("kubelock: interrupted while waiting for lock {}; request withdrawn", args.lock);
+            return Ok(ExitCode::from((128 + sig).min(255) as u8));
+        }
+        Err(e @ AcquireError::WaitTimeout { .. }) => {
+            eprintln!("kubelock: {e}; request withdrawn");
+            return Ok(ExitCode::from(EXIT_WAIT_TIMEOUT));
+        }
+        Err(e @ AcquireError::NotGranted { reason: LostReason::Rejected { .. }, .. }) => {
+            eprintln!("kubelock: {e}");
+            return Ok(ExitCode::from(EXIT_REJECTED));
+        }
+        Err(e @ AcquireError::NotGranted { .. }) => {
+            eprintln!("kubelock: {e}");
+            return Ok(ExitCode::from(EXIT_LOST));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(lock = %args.lock, request = %guard.request_name(), token = guard.token(), "running the command");
+
+    // 2. Run the command with the token in its environment.
+    let terminal_foreground = in_terminal_foreground();
+    let own_group = match args.process_group {
+        ProcessGroup::Own => true,
+        ProcessGroup::Same => false,
+        ProcessGroup::Auto => !terminal_foreground,
+    };
+    let mut command = match setpriv() {
+        Some(setpriv) => {
+            let mut c = tokio::process::Command::new(setpriv);
+            c.arg("--pdeathsig").arg("KILL").arg("--").arg(&program_path).args(&args.command[1..]);
+            c
+        }
+        None => {
+            let mut c = tokio::process::Command::new(&program_path);
+            c.args(&args.command[1..]);
+            c
+        }
+    };
+    command
+        .env("KUBELOCK_TOKEN", guard.token().to_string())
+        .env("KUBELOCK_LOCK", &args.lock)
+        .env("KUBELOCK_LOCK_UID", guard.lock_uid())
+        .env("KUBELOCK_REQUEST", guard.request_name())
+        .env("KUBELOCK_NAMESPACE", &namespace);
+    if own_group {
+        command.process_group(0);
+    }
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kubelock: starting {}: {e}", program_path.display());
+            if let Err(e) = guard.release().await {
+                eprintln!("kubelock: releasing lock {}: {e}", args.lock);
+            }
+            let code = if e.kind() == std::io::ErrorKind::NotFound { EXIT_NOT_FOUND } else { EXIT_CANNOT_EXECUTE };
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) else {
+        eprintln!("kubelock: the command exited before it could be watched");
+        let _ = guard.release().await;
+        return Ok(ExitCode::FAILURE);
+    };
+    let target = Target { pid, group: own_group };
+
+    // 3. Wait for the command; stop it if the lock is lost; forward signals.
+    let mut lost: Option<LostReason> = None;
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let status = loop {
+        tokio::select! {
+            biased;
+            reason = guard.lost(), if lost.is_none() => {
+                eprintln!(
+                    "kubelock: lock {} lost ({reason}); stopping the command (SIGTERM, SIGKILL after {})",
+                    args.lock, duration::format(args.grace)
+                );
+                target.send(rustix::process::Signal::TERM);
+                kill_at = Some(tokio::time::Instant::now() + args.grace);
+                lost = Some(reason);
+            }
+            _ = async { tokio::time::sleep_until(kill_at.expect("set")).await }, if kill_at.is_some() => {
+                eprintln!("kubelock: the command did not stop within {}; sending SIGKILL", duration::format(args.grace));
+                target.send(rustix::process::Signal::KILL);
+                kill_at = None;
+            }
+            status = child.wait() => break status,
+            sig = signals.recv() => {
+                // Sharing the terminal's foreground group, the command got Ctrl-C/Ctrl-\ from
+                // the terminal already: forwarding would deliver it twice.
+                let from_terminal_too = !own_group
+                    && terminal_foreground
+                    && matches!(sig, rustix::process::Signal::INT | rustix::process::Signal::QUIT);
+                if !from_terminal_too {
+                    target.send(sig);
+                }
+            }
+        }
+    };
+    let lost = lost.or_else(|| {
+        (!guard.is_holding()).then(|| guard.current()).and_then(|s| match s {
+            crate::client::LockState::Lost { reason, .. } => Some(reason),
+            _ => None,
+        })
+    });
+    let token = guard.token();
+    if let Err(e) = guard.release().await {
+        eprintln!("kubelock: releasing lock {}: {e} (the lease will expire)", args.lock);
+    }
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kubelock: waiting for the command: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if let Some(reason) = lost {
+        eprintln!(
+            "kubelock: exiting {EXIT_LOST}: lock {} (token {token}) was lost while the command ran: {reason}; the command ended with {status}",
+            args.lock
+        );
+        return Ok(ExitCode::from(EXIT_LOST));
+    }
+    Ok(ExitCode::from(exit_code_of(status)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_of_statuses() {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(exit_code_of(std::process::ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code_of(std::process::ExitStatus::from_raw(9)), 137);
+        assert_eq!(exit_code_of(std::process::ExitStatus::from_raw(15)), 143);
+    }
+
+    #[test]
+    fn resolves_commands_like_execvp() {
+        assert!(resolve_command(&"sh".into()).is_ok());
+        assert!(resolve_command(&"/bin/sh".into()).is_ok());
+        assert!(resolve_command(&"no-such-command-kubelock".into()).is_err());
+        let plain = std::env::temp_dir().join(format!("kubelock-not-executable-{}", std::process::id()));
+        std::fs::write(&plain, "x").unwrap();
+        assert!(resolve_command(&plain.clone().into_os_string()).is_err());
+        std::fs::remove_file(&plain).unwrap();
+    }
+}
