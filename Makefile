@@ -31,7 +31,7 @@ crds: ## Regenerate crds/ from the API types.
 	$(CARGO) run --quiet --bin kubelock -- crd > crds/kubelock.dev.yaml.tmp
 	mv crds/kubelock.dev.yaml.tmp crds/kubelock.dev.yaml
 
-lint: ## clippy (warnings are errors) and the rustfmt check.
+lint: ## clippy (warnings are errors) and the rustfmt check; CI runs it.
 	@command -v rustup >/dev/null && rustup component add clippy rustfmt 2>/dev/null || true
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings

@@ -1,4 +1,4 @@
-# Benchmarks (issue 6); included by the Makefile. Owned with examples/bench/.
+# Benchmarks; included by the Makefile. Owned with examples/bench/.
 #
 #   make bench                       full run, under 10 minutes on 2 cores
 #   make bench BENCH_QUICK=1         small sizes, about 2 minutes

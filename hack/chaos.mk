@@ -1,4 +1,4 @@
-# Fault injection (issue 7); included by the Makefile. Owned with tests/e2e/faults.rs.
+# Fault injection; included by the Makefile. Owned with tests/e2e/faults.rs.
 #
 #   make chaos                                  10 seeds x the three fault runs, 120 s workload each
 #   make chaos CHAOS_SEEDS=50 CHAOS_SECONDS=60  more seeds, shorter runs

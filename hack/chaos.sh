@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Long fault-injection runs (issue 7): the checker-judged fault runs of tests/e2e/faults.rs,
+# Long fault-injection runs: the checker-judged fault runs of tests/e2e/faults.rs,
 # once per seed, then a summary. `make chaos` calls this; see hack/chaos.mk for the knobs.
 #
 #   CHAOS_SEEDS    how many seeds (runs of each fault test)            default 10

@@ -1,4 +1,4 @@
-//! Model check of kubelock's grant protocol (DESIGN.md, "Grant protocol" and "Expiry without
+//! Model check of kubelock's grant protocol (docs/design.md, "Grant protocol" and "Expiry without
 //! trusting clocks") with the `stateright` model checker.
 //!
 //! **What is modelled.** One Lock in a store with compare-and-swap: every write gives the
@@ -36,7 +36,7 @@
 //! whose deadline is not final, comparing the client's renewTime with the controller's clock,
 //! a countdown that starts only at a renewal.
 //!
-//! **What the check found.** The client rules as DESIGN.md and DECISIONS.md state them are not
+//! **What the check found.** The client rules as first written are not
 //! safe: a waiter whose deadline passed (paused, say) keeps its request; granted meanwhile, it
 //! sends a renewal which lands just after a controller read that expires the grant; the answer
 //! gives the waiter a fresh deadline, it reads the Lock before the expiry is written, and acts
@@ -80,7 +80,7 @@ const CONTROLLERS: usize = 2;
 enum Variant {
     /// The protocol, with passing the local deadline final for waiters as well as holders.
     Correct,
-    /// The protocol as DESIGN.md and DECISIONS.md now read: passing the deadline is final
+    /// The protocol as first written: passing the deadline is final
     /// for a holder, but a waiter keeps its request, and a renewal answered after its
     /// deadline gives it a fresh one.
     WaiterDeadlineOpen,
@@ -120,7 +120,7 @@ struct Config {
     /// Expire by fencing first: before the Lock write that drops an expired holder, the
     /// controller marks its request `Expired` with the request's resourceVersion from its
     /// read (a renewal that landed since makes that fail, and the plan is dropped), so a
-    /// renewal that lands later is answered `Expired`. Not in DESIGN.md; an alternative fix.
+    /// renewal that lands later is answered `Expired`. The other fix, shipped as well.
     fence_expiry: bool,
     /// Also look for the situations the safety argument is about (`sometimes` properties);
     /// a separate, short search, so that the exhaustive one evaluates fewer properties.

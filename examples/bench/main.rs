@@ -851,7 +851,7 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
     println!("  Lease polling / kubelock handover       {}", fmt_ratio(&ratios["lease_polling_over_kubelock_mutex2"]));
     println!("  kubelock handover / etcd lock           {}", fmt_ratio(&ratios["kubelock_mutex2_over_etcd_lock"]));
     println!();
-    println!("targets (issue 6):");
+    println!("targets:");
     for (name, measured, goal, pass) in targets(r) {
         let verdict = match pass {
             Some(true) => "PASS",

@@ -1,4 +1,4 @@
-//! A requester speaking kubelock's protocol with plain kube-rs (DECISIONS.md, "Client
+//! A requester speaking kubelock's protocol with plain kube-rs (docs/design.md, "Client
 //! protocol"), so that the benchmark does not depend on the client library: create a
 //! LockRequest, watch the Lock and the request, count as granted at the first of "listed in
 //! `Lock.status.holders`" and "`phase: Granted`", delete the request to release.

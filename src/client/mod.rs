@@ -13,7 +13,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Protocol (DECISIONS.md, "Client protocol"): a `LockRequest` is created (named
+//! Protocol (docs/design.md, "Client protocol"): a `LockRequest` is created (named
 //! `<lock>-<random>` by the client, so that a create whose answer was lost is retried
 //! without a duplicate; label `kubelock.dev/lock`, `spec.renewTime`, `podRef` and an ownerReference
 //! when the holder is a pod); the grant is awaited through two watches (the request by name,

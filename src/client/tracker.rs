@@ -3,7 +3,7 @@
 //! no clock reads: every input carries the time it was observed, so the rules can be
 //! unit-tested without a server.
 //!
-//! The rules (DECISIONS.md, "Client protocol"):
+//! The rules (docs/design.md, "Client protocol"):
 //! - granted when the request (name and UID) is in `Lock.status.holders` (token from there)
 //!   or its own `status.phase` is `Granted`, whichever is seen first;
 //! - `base` = the boot time read *before* sending the last write (create or renewal) that

@@ -96,7 +96,7 @@ EOF
   (cd "$work/src" && private_apt "$work/apt" source --download-only kubernetes >&2) ||
     die "could not download Debian's kubernetes source package"
   # Go 1.15: kube-apiserver 1.20 built with Go >= 1.18 crashes decoding custom resources
-  # (vendored modern-go/reflect2 v1.0.1); see DESIGN.md.
+  # (vendored modern-go/reflect2 v1.0.1): seen here at the first create of a custom object.
   (cd "$work/go" && private_apt "$work/apt" download golang-1.15-go golang-1.15-src >&2) ||
     die "could not download golang-1.15-go from bullseye"
   for deb in "$work"/go/*.deb; do dpkg -x "$deb" "$work/go/root"; done

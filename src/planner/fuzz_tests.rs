@@ -396,7 +396,7 @@ proptest! {
 /// `Pending`). `a`'s holder lost its lease in the outage and the controller expired it
 /// (Lock CAS, then the `Expired` mirror). The next reconcile ran on a request cache that had
 /// not caught up with that mirror: `a` looked like a fresh waiter and was granted again, with
-/// a new token — an `Expired` request granted, which DECISIONS.md says is final.
+/// a new token — an `Expired` request granted, which is final (docs/design.md).
 #[test]
 fn a_request_whose_grant_ended_is_never_granted_again() {
     let mut lock =
