@@ -23,10 +23,14 @@ use kubelock::{
     client::{AcquireOptions, LeaderElector, Leadership, LockClient},
 };
 use rustix::process::Signal;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv, eventually, process::KUBELOCK, rule, wait_until};
+use crate::support::{
+    Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv, eventually,
+    fixtures::{free_port, http_get},
+    process::KUBELOCK,
+    rule, wait_until,
+};
 
 /// A test namespace with a controller for it, a requester identity with a requester's
 /// rights, and some Locks.
@@ -505,38 +509,20 @@ async fn run_propagates_exit_codes_times_out_and_forwards_signals() {
     );
 }
 
-/// A free loopback port (bound, then released for the process under test).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-/// GET on 127.0.0.1:port; `(status, body)`.
-async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.map_err(|e| e.to_string())?;
-    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(format!("bad response {buf:?}"))?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
-}
-
 async fn status_json(port: u16) -> Result<serde_json::Value, String> {
-    let (code, body) = http_get(port, "/status").await?;
-    if code != 200 {
-        return Err(format!("/status answered {code}"));
+    let response = http_get(port, "/status").await?;
+    if response.status != 200 {
+        return Err(format!("/status answered {}", response.status));
     }
-    serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
+    serde_json::from_str(&response.body).map_err(|e| format!("{e}: {}", response.body))
 }
 
 async fn await_ready(port: u16, want: u16, what: &str, timeout: Duration) -> Duration {
     let started = Instant::now();
     eventually(what, timeout, || async {
         match http_get(port, "/readyz").await {
-            Ok((c, _)) if c == want => Ok(()),
-            Ok((c, _)) => Err(format!("/readyz {c}")),
+            Ok(r) if r.status == want => Ok(()),
+            Ok(r) => Err(format!("/readyz {}", r.status)),
             Err(e) => Err(e),
         }
     })
@@ -614,7 +600,7 @@ async fn sidecar_readiness_follows_the_lock_and_sigterm_hands_over() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(http_get(pb, "/readyz").await.expect("readyz B").0, 503);
+    assert_eq!(http_get(pb, "/readyz").await.expect("readyz B").status, 503);
     assert_eq!(read_file(&db, "token"), None, "B has no token file while waiting");
 
     // Break A: A drops readiness and its files; B is granted.
@@ -706,7 +692,7 @@ async fn sidecar_adopts_the_request_of_an_init_container() {
             .await
             .expect("renewed");
     assert_eq!(renewed.phase(), Phase::Granted);
-    assert_eq!(http_get(port, "/readyz").await.expect("readyz").0, 200);
+    assert_eq!(http_get(port, "/readyz").await.expect("readyz").status, 200);
 }
 
 /// `kubectl lock ...`: the binary invoked as kubectl-lock honours --kubeconfig, --context, -n.

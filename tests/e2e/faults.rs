@@ -55,7 +55,9 @@ use crate::{
     support::{
         Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv,
         checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
-        eventually, wait_until,
+        eventually,
+        fixtures::{free_port, wait_ready},
+        wait_until,
     },
 };
 
@@ -153,13 +155,8 @@ impl FaultRun {
         self.journal.fault(FaultKind::ControllerStart, checker::now(), None, &name);
         let (journal, who) = (self.journal.clone(), name.clone());
         tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while Instant::now() < deadline {
-                if readyz(port).await {
-                    journal.fault(FaultKind::ControllerReady, checker::now(), None, &who);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await; // polling /readyz
+            if wait_ready(port, Duration::from_secs(120)).await {
+                journal.fault(FaultKind::ControllerReady, checker::now(), None, &who);
             }
         });
         self.controller_logs.push((name.clone(), self.env.log_dir().join(format!("{name}.stderr"))));
@@ -259,24 +256,6 @@ impl Drop for FaultRun {
     fn drop(&mut self) {
         self.keep_logs();
     }
-}
-
-/// A free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-/// Whether the admin server on `port` answers `/readyz` with 200.
-async fn readyz(port: u16) -> bool {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let probe = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.ok()?;
-        Some(answer.starts_with(b"HTTP/1.0 200") || answer.starts_with(b"HTTP/1.1 200"))
-    };
-    tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten().unwrap_or(false)
 }
 
 /// Appends the run's summary to `KUBELOCK_FAULT_REPORT` (one line, `key=value` fields).

@@ -18,7 +18,11 @@ use kubelock::api::{Lock, LockRequest, LockRequestSpec, LockSpec, Phase, PodRef}
 use rand::{RngExt as _, SeedableRng as _};
 
 use crate::support::{
-    Identity, TIMEOUT, TestEnv, eventually, history::LockHistory, process::Proc, rule, wait_for, wait_until,
+    Identity, TIMEOUT, TestEnv, eventually,
+    fixtures::{free_port, http_get},
+    history::LockHistory,
+    process::Proc,
+    rule, wait_for, wait_until,
 };
 
 /// What the controller needs in a namespace it watches (the chart grants the same).
@@ -489,7 +493,7 @@ async fn with_leader_election_one_replica_grants_and_a_standby_takes_over() {
 async fn metrics_health_and_events_are_served() {
     let env = TestEnv::new().await;
     env.grant(Identity::Controller, controller_rules()).await;
-    let port = portpicker();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let _controller = env
         .kubelock(Identity::Controller, "controller")
@@ -500,22 +504,8 @@ async fn metrics_health_and_events_are_served() {
     locks.create(&PostParams::default(), &Lock::new("m", LockSpec::default())).await.unwrap();
     create_request(&requests, "r", "m", 1, None).await;
     wait_until(&requests, "r", "granted", TIMEOUT, |r| r.phase() == Phase::Granted).await.unwrap();
-    let http = |path: &'static str| {
-        let addr = addr.clone();
-        async move {
-            let mut stream = tokio::net::TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
-            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-            stream
-                .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut body = String::new();
-            stream.read_to_string(&mut body).await.map_err(|e| e.to_string())?;
-            Ok::<String, String>(body)
-        }
-    };
     let metrics = eventually("metrics to count the grant", TIMEOUT, || async {
-        let body = http("/metrics").await?;
+        let body = http_get(port, "/metrics").await?.body;
         if body.contains("kubelock_grants_total 1") { Ok(body) } else { Err(body) }
     })
     .await
@@ -528,8 +518,8 @@ async fn metrics_health_and_events_are_served() {
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
-    assert!(http("/healthz").await.unwrap().starts_with("HTTP/1.0 200"));
-    assert!(http("/readyz").await.unwrap().starts_with("HTTP/1.0 200"));
+    assert!(http_get(port, "/healthz").await.unwrap().head.starts_with("HTTP/1.0 200"));
+    assert!(http_get(port, "/readyz").await.unwrap().head.starts_with("HTTP/1.0 200"));
     let events: Api<k8s_openapi::api::events::v1::Event> = env.api(Identity::Admin).await;
     let granted = eventually("a Granted event", TIMEOUT, || async {
         let list = events.list(&Default::default()).await.map_err(|e| e.to_string())?;
@@ -542,9 +532,4 @@ async fn metrics_health_and_events_are_served() {
     .unwrap();
     assert_eq!(granted.regarding.and_then(|r| r.name).as_deref(), Some("m"));
     assert!(granted.note.unwrap().contains("token 1"));
-}
-
-/// A free loopback port.
-fn portpicker() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }

@@ -18,7 +18,9 @@ use kube::{
 use kubelock::api::{Lock, LockSpec};
 use serde::Deserialize as _;
 
-use crate::support::{Cmd, Identity, ProcessId, ServerFaults as _, TIMEOUT, TestEnv, eventually, process::KUBELOCK, rule, wait_until};
+use crate::support::{
+    Cmd, Identity, ProcessId, ServerFaults as _, TIMEOUT, TestEnv, eventually, process::KUBELOCK, rule, wait_until,
+};
 
 fn lock(name: &str, permits: i32) -> Lock {
     Lock::new(name, LockSpec { permits, ..Default::default() })

@@ -22,11 +22,14 @@
 //!   impersonate, the other identities are impersonated users `kubelock-<identity>`.
 //!
 //! Tests that kill or pause the servers use [`TestEnv::private`]: a control plane of their own.
+//!
+//! The fixtures the test files share are in [`fixtures`].
 
 #![allow(dead_code)] // Not every test module uses every helper.
 
 pub mod checker;
 pub mod etcd;
+pub mod fixtures;
 pub mod history;
 pub mod process;
 pub mod servers;
