@@ -13,13 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
-use kube::{
-    Api, ResourceExt as _,
-    api::{ListParams, ObjectMeta, PostParams},
-};
+use kube::{Api, ResourceExt as _, api::ListParams};
 use kubelock::{
-    api::{Lock, LockRequest, LockSpec, Phase},
+    api::{Lock, LockRequest, Phase},
     client::{AcquireOptions, LeaderElector, Leadership, LockClient},
 };
 use rustix::process::Signal;
@@ -27,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{
     Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv, eventually,
-    fixtures::{free_port, http_get},
+    fixtures::{create_lock, create_pod, free_port, http_get, lock_with, requester_rules},
     process::KUBELOCK,
-    rule, wait_until,
+    wait_until,
 };
 
 /// A test namespace with a controller for it, a requester identity with a requester's
@@ -44,25 +40,14 @@ type LockDef<'a> = (&'a str, i32, &'a str, &'a str);
 
 async fn world(locks: &[LockDef<'_>]) -> World {
     let env = TestEnv::new().await;
-    env.grant(
-        Identity::Requester1,
-        vec![
-            rule(&["kubelock.dev"], &["lockrequests"], &["create", "get", "list", "watch", "patch", "delete"]),
-            rule(&["kubelock.dev"], &["locks"], &["get", "list", "watch"]),
-        ],
-    )
-    .await;
+    env.grant(Identity::Requester1, requester_rules()).await;
     let controller = env
         .kubelock(Identity::Admin, "controller")
         .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", ""])
         .spawn();
     let api: Api<Lock> = env.api(Identity::Admin).await;
     for (name, permits, lease, delay) in locks {
-        let lock = Lock::new(
-            name,
-            LockSpec { permits: *permits, lease_duration: lease.to_string(), lock_delay: delay.to_string() },
-        );
-        api.create(&PostParams::default(), &lock).await.unwrap_or_else(|e| panic!("creating lock {name}: {e}"));
+        create_lock(&api, lock_with(name, *permits, lease, delay)).await;
     }
     World { env, _controller: controller }
 }
@@ -351,8 +336,7 @@ async fn a_holder_cut_off_from_the_api_server_stops_at_its_deadline() {
         .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", ""])
         .spawn();
     let locks: Api<Lock> = env.api(Identity::Admin).await;
-    let lock = Lock::new("cut", LockSpec { permits: 1, lease_duration: "3s".into(), lock_delay: "0s".into() });
-    locks.create(&PostParams::default(), &lock).await.expect("creating the lock");
+    create_lock(&locks, lock_with("cut", 1, "3s", "0s")).await;
     let ready = env.log_dir().join("ready");
     let mut holder = env
         .kubelock(Identity::Admin, "holder")
@@ -395,8 +379,7 @@ async fn a_waiter_past_its_deadline_withdraws_its_request() {
         .spawn();
     let locks: Api<Lock> = env.api(Identity::Admin).await;
     let requests: Api<LockRequest> = env.api(Identity::Admin).await;
-    let lock = Lock::new("queue", LockSpec { permits: 1, lease_duration: "3s".into(), lock_delay: "0s".into() });
-    locks.create(&PostParams::default(), &lock).await.expect("creating the lock");
+    create_lock(&locks, lock_with("queue", 1, "3s", "0s")).await;
     let (held, ran) = (env.log_dir().join("held"), env.log_dir().join("ran"));
     let wrapper = |name: &str, file: &Path| {
         env.kubelock(Identity::Admin, name)
@@ -531,31 +514,9 @@ async fn await_ready(port: u16, want: u16, what: &str, timeout: Duration) -> Dur
     started.elapsed()
 }
 
-async fn create_pod(env: &TestEnv, name: &str) -> String {
-    let pods: Api<Pod> = env.api(Identity::Admin).await;
-    let pod = Pod {
-        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some("example.invalid/app:1".into()),
-                ..Default::default()
-            }],
-            automount_service_account_token: Some(false),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    pods.create(&PostParams::default(), &pod)
-        .await
-        .unwrap_or_else(|e| panic!("creating pod {name}: {e}"))
-        .uid()
-        .expect("uid")
-}
-
 impl World {
     async fn sidecar(&self, pod: &str, port: u16, dir: &Path) -> Proc {
-        let uid = create_pod(&self.env, pod).await;
+        let uid = create_pod(&self.env.api(Identity::Admin).await, pod).await.uid().expect("uid");
         self.env
             .kubelock(Identity::Requester1, &format!("sidecar-{pod}"))
             .env("POD_NAME", pod)
@@ -654,7 +615,7 @@ async fn sidecar_readiness_follows_the_lock_and_sigterm_hands_over() {
 async fn sidecar_adopts_the_request_of_an_init_container() {
     let w = world(&[("active", 1, "10s", "0s")]).await;
     let dir = w.path("shared");
-    let uid = create_pod(&w.env, "pod-i").await;
+    let uid = create_pod(&w.env.api(Identity::Admin).await, "pod-i").await.uid().expect("uid");
     let out = w
         .env
         .kubelock(Identity::Requester1, "init")

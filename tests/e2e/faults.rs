@@ -39,26 +39,25 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::{
     Api, ResourceExt as _,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
+    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
     runtime::{WatchStreamExt as _, watcher},
 };
 use kubelock::{
-    api::{Lock, LockRequest, LockSpec, Phase},
+    api::{Lock, LockRequest, Phase},
     client::{AcquireOptions, BootInstant, LockClient, LockState, default_margin},
 };
 use rand::{RngExt as _, SeedableRng as _, rngs::StdRng};
 use rustix::process::{Pid, Signal};
 use tokio::sync::Semaphore;
 
-use crate::{
-    lock::{Fixture, controller_rules, create_request, requester_rules},
-    support::{
-        Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv,
-        checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
-        eventually,
-        fixtures::{free_port, wait_ready},
-        wait_until,
+use crate::support::{
+    Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv,
+    checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
+    eventually,
+    fixtures::{
+        Fixture, controller_rules, create_lock, create_request, free_port, lock_with, requester_rules, wait_ready,
     },
+    wait_until,
 };
 
 /// One fault run at a time holds a control plane.
@@ -133,8 +132,7 @@ impl FaultRun {
     }
 
     async fn lock(&self, name: &str, permits: i32, lease: &str, delay: &str) {
-        let lock = Lock::new(name, LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into() });
-        self.locks.create(&PostParams::default(), &lock).await.unwrap_or_else(|e| panic!("creating lock {name}: {e}"));
+        create_lock(&self.locks, lock_with(name, permits, lease, delay)).await;
     }
 
     /// A controller process (`controller-N`), as the least-privileged controller identity.

@@ -1,5 +1,7 @@
-//! The fixtures the test files share: loopback ports, plain HTTP GETs and the readiness of a
-//! controller's admin server. A helper that only one test file uses stays in that file.
+//! The fixtures the test files share: Locks, LockRequests and Pods as the tests create them,
+//! the RBAC rule sets of kubelock's roles, a namespace with a controller ([`Fixture`]),
+//! the readiness of a controller's admin server, loopback ports and plain HTTP GETs. A helper
+//! that only one test file uses stays in that file.
 
 use std::{
     collections::BTreeSet,
@@ -7,7 +9,259 @@ use std::{
     time::{Duration, Instant},
 };
 
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, Pod, PodSpec},
+        rbac::v1::PolicyRule,
+    },
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
+use kube::{
+    Api, ResourceExt as _,
+    api::{DeleteParams, ObjectMeta, PostParams},
+};
+use kubelock::api::{Lock, LockRequest, LockRequestSpec, LockSpec, Phase};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::{Identity, Proc, TIMEOUT, TestEnv, rule, wait_until};
+
+// ---------------------------------------------------------------------------------------
+// Locks, requests, pods.
+
+/// A Lock of `permits` with the default lease (30s) and no lock delay.
+pub fn lock(name: &str, permits: i32) -> Lock {
+    Lock::new(name, LockSpec { permits, ..Default::default() })
+}
+
+/// A Lock of `permits` with lease `lease` and lock delay `delay` (Go durations: `30s`, `0s`).
+pub fn lock_with(name: &str, permits: i32, lease: &str, delay: &str) -> Lock {
+    Lock::new(name, LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into() })
+}
+
+/// Creates `lock` in `api`'s namespace; panics, naming it, if the API server refuses.
+pub async fn create_lock(api: &Api<Lock>, lock: Lock) -> Lock {
+    let name = lock.name_any();
+    api.create(&PostParams::default(), &lock).await.unwrap_or_else(|e| panic!("creating lock {name}: {e}"))
+}
+
+/// A LockRequest `name` for one permit of `lock`, held as `holder`, not renewed yet.
+pub fn request(name: &str, lock: &str, holder: &str) -> LockRequest {
+    LockRequest::new(name, LockRequestSpec { holder_identity: holder.into(), ..LockRequestSpec::new(lock) })
+}
+
+/// Creates the LockRequest `name` for `permits` of `lock`, held as `test/<name>` and renewed
+/// now, with a lease of its own if `lease` is given (else the Lock's); panics if refused.
+pub async fn create_request(
+    api: &Api<LockRequest>,
+    name: &str,
+    lock: &str,
+    permits: i32,
+    lease: Option<&str>,
+) -> LockRequest {
+    let spec = LockRequestSpec {
+        holder_identity: format!("test/{name}"),
+        permits,
+        lease_duration: lease.map(str::to_string),
+        renew_time: Some(MicroTime(Timestamp::now())),
+        ..LockRequestSpec::new(lock)
+    };
+    let request = LockRequest::new(name, spec);
+    api.create(&PostParams::default(), &request).await.unwrap_or_else(|e| panic!("creating request {name}: {e}"))
+}
+
+/// A Pod with one container. Nothing ever runs it (the local control plane has no nodes): it
+/// is there to be referenced by a request and deleted.
+pub fn pod(name: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("example.invalid/app:1".into()),
+                ..Default::default()
+            }],
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// Creates [`pod`] `name` in `api`'s namespace; panics if refused.
+pub async fn create_pod(api: &Api<Pod>, name: &str) -> Pod {
+    api.create(&PostParams::default(), &pod(name)).await.unwrap_or_else(|e| panic!("creating pod {name}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// RBAC.
+
+/// (API group, resource, verbs).
+type Calls<'a> = (&'a str, &'a str, &'a [&'a str]);
+
+/// The controller's API calls on Locks and LockRequests (src/controller).
+const CONTROLLER_CALLS: [Calls; 4] = [
+    ("kubelock.dev", "locks", &["get", "list", "watch"]),
+    ("kubelock.dev", "locks/status", &["update"]),
+    ("kubelock.dev", "lockrequests", &["get", "list", "watch", "delete"]),
+    ("kubelock.dev", "lockrequests/status", &["update"]),
+];
+
+/// The controller's API calls for requests bound to a pod, and for its Events.
+const CONTROLLER_POD_AND_EVENT_CALLS: [Calls; 2] =
+    [("", "pods", &["get", "list", "watch"]), ("events.k8s.io", "events", &["create", "patch"])];
+
+/// What the controller needs in a namespace it watches, as rules for [`TestEnv::grant`]: the
+/// calls the chart grants it ([`controller_rule_set`]), and its leader-election Lease.
+pub fn controller_rules() -> Vec<PolicyRule> {
+    CONTROLLER_CALLS
+        .iter()
+        .chain(&CONTROLLER_POD_AND_EVENT_CALLS)
+        .map(|(group, resource, verbs)| rule(&[group], &[resource], verbs))
+        .chain([rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "update"])])
+        .collect()
+}
+
+/// What a requester needs (the chart's `kubelock-requester` role).
+pub fn requester_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(&["kubelock.dev"], &["lockrequests"], &["create", "get", "list", "watch", "patch", "delete"]),
+        rule(&["kubelock.dev"], &["locks"], &["get", "list", "watch"]),
+    ]
+}
+
+/// Rules as a set of (group, resource, verb, resourceName) for exact comparison.
+pub type RuleSet = BTreeSet<(String, String, String, String)>;
+
+/// The rule set that `rules` grant.
+pub fn rule_set(rules: &[PolicyRule]) -> RuleSet {
+    let mut set = BTreeSet::new();
+    for r in rules {
+        let names = r.resource_names.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| vec![String::new()]);
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    for n in &names {
+                        set.insert((g.clone(), res.clone(), v.clone(), n.clone()));
+                    }
+                }
+            }
+        }
+    }
+    set
+}
+
+/// The rule set of `(group, resource, verbs, resourceName)` entries.
+fn rules(entries: &[(&str, &str, &[&str], &str)]) -> RuleSet {
+    entries
+        .iter()
+        .flat_map(|(g, r, verbs, n)| {
+            verbs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string(), n.to_string()))
+        })
+        .collect()
+}
+
+/// The controller's API calls, as the chart's controller role must grant them: nothing more,
+/// nothing less (`pods_and_events`: with the calls on pods and Events).
+pub fn controller_rule_set(pods_and_events: bool) -> RuleSet {
+    let more: &[Calls] = if pods_and_events { &CONTROLLER_POD_AND_EVENT_CALLS } else { &[] };
+    let entries: Vec<_> = CONTROLLER_CALLS.iter().chain(more).map(|(g, r, verbs)| (*g, *r, *verbs, "")).collect();
+    rules(&entries)
+}
+
+/// The chart's leader-election rules: get and update of the Lease `lease` only, and create.
+pub fn lease_rule_set(lease: &str) -> RuleSet {
+    rules(&[
+        ("coordination.k8s.io", "leases", &["get", "update"], lease),
+        ("coordination.k8s.io", "leases", &["create"], ""),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------
+// A namespace with the controller.
+
+/// A test namespace with the controller running in it, as its own least-privileged identity,
+/// and a requester identity with a requester's rights.
+pub struct Fixture {
+    pub env: TestEnv,
+    /// As the admin.
+    pub locks: Api<Lock>,
+    /// As `kubelock-requester-1`.
+    pub requests: Api<LockRequest>,
+    pub controllers: Vec<Proc>,
+}
+
+impl Fixture {
+    pub async fn new() -> Fixture {
+        Fixture::with(&[]).await
+    }
+
+    /// With extra controller flags.
+    pub async fn with(flags: &[&str]) -> Fixture {
+        let mut f = Fixture::without_controller().await;
+        f.start_controller(flags);
+        f
+    }
+
+    /// The namespace and identities, no controller yet.
+    pub async fn without_controller() -> Fixture {
+        let env = TestEnv::new().await;
+        env.grant(Identity::Controller, controller_rules()).await;
+        env.grant(Identity::Requester1, requester_rules()).await;
+        let locks = env.api(Identity::Admin).await;
+        let requests = env.api(Identity::Requester1).await;
+        Fixture { env, locks, requests, controllers: Vec::new() }
+    }
+
+    /// Starts one more controller process on this namespace (its identity, POD_NAME, is
+    /// `controller-N`).
+    pub fn start_controller(&mut self, flags: &[&str]) {
+        let name = format!("controller-{}", self.controllers.len());
+        let proc = self
+            .env
+            .kubelock(Identity::Controller, &name)
+            .env("POD_NAME", &name)
+            .args([
+                "controller",
+                "--watch-namespace",
+                self.env.ns(),
+                "--admin-addr",
+                "",
+                "--log",
+                "info,kubelock=debug",
+            ])
+            .args(flags)
+            .spawn();
+        self.controllers.push(proc);
+    }
+
+    /// Creates a Lock (see [`lock_with`]).
+    pub async fn lock(&self, name: &str, permits: i32, lease: &str, delay: &str) -> Lock {
+        create_lock(&self.locks, lock_with(name, permits, lease, delay)).await
+    }
+
+    /// Creates a request as the requester (see [`create_request`]).
+    pub async fn request(&self, name: &str, lock: &str, permits: i32) -> LockRequest {
+        create_request(&self.requests, name, lock, permits, None).await
+    }
+
+    pub async fn wait_phase(&self, name: &str, phase: Phase) -> LockRequest {
+        let what = format!("{name} to be {phase}");
+        wait_until(&self.requests, name, &what, TIMEOUT, |r| r.phase() == phase).await.unwrap_or_else(|e| {
+            self.env.dump();
+            panic!("{e}")
+        })
+    }
+
+    pub async fn release(&self, name: &str) {
+        self.requests.delete(name, &DeleteParams::default()).await.unwrap_or_else(|e| panic!("deleting {name}: {e}"));
+    }
+
+    pub async fn holders(&self, lock: &str) -> Vec<String> {
+        let lock = self.locks.get(lock).await.expect("reading the lock");
+        lock.status.unwrap_or_default().holders.into_iter().map(|h| h.request).collect()
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // Controller processes.
