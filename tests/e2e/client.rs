@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{
     Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv, eventually,
-    fixtures::{create_lock, create_pod, free_port, http_get, lock_with, requester_rules},
+    fixtures::{ControllerCmd, create_lock, create_pod, free_port, http_get, lock_with, requester_rules},
     process::KUBELOCK,
     wait_until,
 };
@@ -41,10 +41,7 @@ type LockDef<'a> = (&'a str, i32, &'a str, &'a str);
 async fn world(locks: &[LockDef<'_>]) -> World {
     let env = TestEnv::new().await;
     env.grant(Identity::Requester1, requester_rules()).await;
-    let controller = env
-        .kubelock(Identity::Admin, "controller")
-        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", ""])
-        .spawn();
+    let controller = ControllerCmd::new(&env, Identity::Admin, "controller").spawn();
     let api: Api<Lock> = env.api(Identity::Admin).await;
     for (name, permits, lease, delay) in locks {
         create_lock(&api, lock_with(name, *permits, lease, delay)).await;
@@ -331,10 +328,7 @@ async fn a_frozen_holder_loses_at_its_deadline_and_its_late_write_is_fenced_off(
 #[tokio::test]
 async fn a_holder_cut_off_from_the_api_server_stops_at_its_deadline() {
     let env = TestEnv::private().await;
-    let controller = env
-        .kubelock(Identity::Admin, "controller")
-        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", ""])
-        .spawn();
+    let controller = ControllerCmd::new(&env, Identity::Admin, "controller").spawn();
     let locks: Api<Lock> = env.api(Identity::Admin).await;
     create_lock(&locks, lock_with("cut", 1, "3s", "0s")).await;
     let ready = env.log_dir().join("ready");
@@ -373,10 +367,7 @@ async fn a_holder_cut_off_from_the_api_server_stops_at_its_deadline() {
 #[tokio::test]
 async fn a_waiter_past_its_deadline_withdraws_its_request() {
     let env = TestEnv::private().await;
-    let _controller = env
-        .kubelock(Identity::Admin, "controller")
-        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", ""])
-        .spawn();
+    let _controller = ControllerCmd::new(&env, Identity::Admin, "controller").spawn();
     let locks: Api<Lock> = env.api(Identity::Admin).await;
     let requests: Api<LockRequest> = env.api(Identity::Admin).await;
     create_lock(&locks, lock_with("queue", 1, "3s", "0s")).await;

@@ -55,7 +55,8 @@ use crate::support::{
     checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
     eventually,
     fixtures::{
-        Fixture, controller_rules, create_lock, create_request, free_port, lock_with, requester_rules, wait_ready,
+        ControllerCmd, Fixture, controller_rules, create_lock, create_request, free_port, lock_with, requester_rules,
+        wait_ready,
     },
     wait_until,
 };
@@ -135,20 +136,18 @@ impl FaultRun {
         create_lock(&self.locks, lock_with(name, permits, lease, delay)).await;
     }
 
-    /// A controller process (`controller-N`), as the least-privileged controller identity.
-    /// Its `/readyz` is polled in the background: the moment its caches are synced is
-    /// journaled (the checker counts start-up time until then).
+    /// A controller process (`controller-N`), as the least-privileged controller identity
+    /// (its logs are left out of the namespace dump: [`FaultRun::dump_controllers`] prints the
+    /// last ones). Its `/readyz` is polled in the background: the moment its caches are synced
+    /// is journaled (the checker counts start-up time until then).
     fn start_controller(&mut self) {
         let name = format!("controller-{}", self.controller_logs.len());
         let port = free_port();
-        let proc = Cmd::kubelock(&name, self.env.log_dir())
-            .arg("--kubeconfig")
-            .arg(self.env.kubeconfig(Identity::Controller))
-            .args(["-n", self.env.ns()])
-            .env_remove("KUBECONFIG")
-            .env("POD_NAME", &name)
-            .args(["controller", "--watch-namespace", self.env.ns(), "--log", "info"])
-            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+        let proc = ControllerCmd::new(&self.env, Identity::Controller, &name)
+            .pod_name()
+            .log("info")
+            .admin_port(port)
+            .undumped()
             .spawn();
         self.journal.fault(FaultKind::ControllerStart, checker::now(), None, &name);
         let (journal, who) = (self.journal.clone(), name.clone());

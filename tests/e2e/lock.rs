@@ -16,7 +16,9 @@ use rand::{RngExt as _, SeedableRng as _};
 
 use crate::support::{
     Identity, TIMEOUT, TestEnv, eventually,
-    fixtures::{Fixture, controller_rules, create_lock, create_pod, create_request, free_port, http_get, lock},
+    fixtures::{
+        ControllerCmd, Fixture, controller_rules, create_lock, create_pod, create_request, free_port, http_get, lock,
+    },
     history::LockHistory,
     wait_for, wait_until,
 };
@@ -353,11 +355,7 @@ async fn metrics_health_and_events_are_served() {
     let env = TestEnv::new().await;
     env.grant(Identity::Controller, controller_rules()).await;
     let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let _controller = env
-        .kubelock(Identity::Controller, "controller")
-        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", &addr])
-        .spawn();
+    let _controller = ControllerCmd::new(&env, Identity::Controller, "controller").admin_port(port).spawn();
     let locks: Api<Lock> = env.api(Identity::Admin).await;
     let requests: Api<LockRequest> = env.api(Identity::Admin).await;
     create_lock(&locks, lock("m", 1)).await;

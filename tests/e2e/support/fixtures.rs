@@ -1,7 +1,7 @@
 //! The fixtures the test files share: Locks, LockRequests and Pods as the tests create them,
 //! the RBAC rule sets of kubelock's roles, a namespace with a controller ([`Fixture`]),
-//! the readiness of a controller's admin server, loopback ports and plain HTTP GETs. A helper
-//! that only one test file uses stays in that file.
+//! controller processes ([`ControllerCmd`]) and their readiness, loopback ports and plain HTTP
+//! GETs. A helper that only one test file uses stays in that file.
 
 use std::{
     collections::BTreeSet,
@@ -217,19 +217,9 @@ impl Fixture {
     /// `controller-N`).
     pub fn start_controller(&mut self, flags: &[&str]) {
         let name = format!("controller-{}", self.controllers.len());
-        let proc = self
-            .env
-            .kubelock(Identity::Controller, &name)
-            .env("POD_NAME", &name)
-            .args([
-                "controller",
-                "--watch-namespace",
-                self.env.ns(),
-                "--admin-addr",
-                "",
-                "--log",
-                "info,kubelock=debug",
-            ])
+        let proc = ControllerCmd::new(&self.env, Identity::Controller, &name)
+            .pod_name()
+            .log("info,kubelock=debug")
             .args(flags)
             .spawn();
         self.controllers.push(proc);
@@ -265,6 +255,77 @@ impl Fixture {
 
 // ---------------------------------------------------------------------------------------
 // Controller processes.
+
+/// `kubelock controller --watch-namespace <ns>` on a test's namespace, as a child process:
+/// set up with the builder methods, started with [`ControllerCmd::spawn`].
+pub struct ControllerCmd<'a> {
+    env: &'a TestEnv,
+    id: Identity,
+    name: String,
+    pod_name: bool,
+    admin_addr: String,
+    args: Vec<String>,
+    dumped: bool,
+}
+
+impl<'a> ControllerCmd<'a> {
+    /// The controller as `id`; `name` names its logs. No admin server (`--admin-addr ""`).
+    pub fn new(env: &'a TestEnv, id: Identity, name: &str) -> ControllerCmd<'a> {
+        ControllerCmd {
+            env,
+            id,
+            name: name.into(),
+            pod_name: false,
+            admin_addr: String::new(),
+            args: Vec::new(),
+            dumped: true,
+        }
+    }
+
+    /// POD_NAME is its name: the identity it claims (leader election, Events).
+    pub fn pod_name(mut self) -> Self {
+        self.pod_name = true;
+        self
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on 127.0.0.1:`port` (see [`free_port`]).
+    pub fn admin_port(mut self, port: u16) -> Self {
+        self.admin_addr = format!("127.0.0.1:{port}");
+        self
+    }
+
+    /// `--log FILTER`.
+    pub fn log(self, filter: &str) -> Self {
+        self.args(&["--log", filter])
+    }
+
+    /// More controller flags.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Leaves its logs out of the failure dump of the namespace (see
+    /// [`TestEnv::kubelock_undumped`]).
+    pub fn undumped(mut self) -> Self {
+        self.dumped = false;
+        self
+    }
+
+    pub fn spawn(self) -> Proc {
+        let mut cmd = if self.dumped {
+            self.env.kubelock(self.id, &self.name)
+        } else {
+            self.env.kubelock_undumped(self.id, &self.name)
+        };
+        if self.pod_name {
+            cmd = cmd.env("POD_NAME", &self.name);
+        }
+        cmd.args(["controller", "--watch-namespace", self.env.ns(), "--admin-addr", &self.admin_addr])
+            .args(&self.args)
+            .spawn()
+    }
+}
 
 /// Whether the admin server on 127.0.0.1:`port` answers `/readyz` with 200 within a second.
 pub async fn readyz(port: u16) -> bool {
