@@ -18,7 +18,7 @@ use k8s_openapi::{
         authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
         coordination::v1::Lease,
         core::v1::{PodSpec, ServiceAccount},
-        rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject},
+        rbac::v1::{ClusterRole, Role, RoleBinding, RoleRef, Subject},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -28,10 +28,14 @@ use kube::{
     core::ApiResource,
     discovery::{Scope, pinned_kind},
 };
-use kubelock::api::{Lock, LockRequest, LockRequestSpec, LockSpec, Phase};
+use kubelock::api::{Lock, LockRequest, Phase};
 use serde_json::{Value, json};
 
-use crate::support::{Identity, Proc, TIMEOUT, TestEnv, eventually, wait_until};
+use crate::support::{
+    Identity, Proc, TIMEOUT, TestEnv, eventually,
+    fixtures::{self, controller_rule_set, lease_rule_set, lock_with, request, rule_set},
+    wait_until,
+};
 
 /// Timeout of one hack/helm.py run.
 const HELM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -456,11 +460,18 @@ async fn default_install_is_restricted_and_least_privilege() {
 
     // The controller's ClusterRole: exactly the API calls it makes.
     let role = Api::<ClusterRole>::all(client.clone()).get(&format!("{name}-controller")).await.expect("ClusterRole");
-    assert_eq!(rule_set(role.rules.as_deref().unwrap_or_default()), controller_rules(true), "controller ClusterRole");
+    assert_eq!(
+        rule_set(role.rules.as_deref().unwrap_or_default()),
+        controller_rule_set(true),
+        "controller ClusterRole"
+    );
     // The Lease: get/update by name only, plus an unscoped create.
     let lease_role =
         Api::<Role>::namespaced(client.clone(), env.ns()).get(&format!("{name}-leader-election")).await.expect("Role");
-    assert_eq!(rule_set(lease_role.rules.as_deref().unwrap_or_default()), lease_rules(&format!("{name}-controller")));
+    assert_eq!(
+        rule_set(lease_role.rules.as_deref().unwrap_or_default()),
+        lease_rule_set(&format!("{name}-controller"))
+    );
 
     // The user roles, aggregated into edit/admin and view.
     let roles = Api::<ClusterRole>::all(client.clone());
@@ -520,7 +531,7 @@ async fn namespace_scoped_install_is_enough_for_a_handover() {
     assert!(!kinds.contains("CustomResourceDefinition"), "crds.install=false still rendered CRDs");
     let role =
         Api::<Role>::namespaced(client.clone(), env.ns()).get(&format!("{name}-controller")).await.expect("Role");
-    assert_eq!(rule_set(role.rules.as_deref().unwrap_or_default()), controller_rules(true));
+    assert_eq!(rule_set(role.rules.as_deref().unwrap_or_default()), controller_rule_set(true));
     let cluster_role =
         Api::<ClusterRole>::all(client.clone()).get_opt(&format!("{name}-controller")).await.expect("get");
     assert!(cluster_role.is_none(), "namespace-scoped mode created a ClusterRole");
@@ -647,10 +658,7 @@ async fn requester_role_can_request_but_not_grant() {
     .unwrap_or_else(|e| panic!("{e}"));
 
     let admin_locks: Api<Lock> = env.api(Identity::Admin).await;
-    admin_locks
-        .create(&PostParams::default(), &Lock::new("shared", LockSpec { permits: 1, ..Default::default() }))
-        .await
-        .expect("Lock");
+    admin_locks.create(&PostParams::default(), &fixtures::lock("shared", 1)).await.expect("Lock");
     let locks: Api<Lock> = env.api(Identity::Requester1).await;
     let requests: Api<LockRequest> = env.api(Identity::Requester1).await;
 
@@ -675,10 +683,7 @@ async fn requester_role_can_request_but_not_grant() {
         "patch Lock status",
     );
     expect_forbidden(locks.delete("shared", &DeleteParams::default()).await.map(|_| ()), "delete the Lock");
-    expect_forbidden(
-        locks.create(&PostParams::default(), &Lock::new("mine", LockSpec::default())).await,
-        "create a Lock",
-    );
+    expect_forbidden(locks.create(&PostParams::default(), &fixtures::lock("mine", 1)).await, "create a Lock");
     let mut req = requests.get("mine").await.expect("get own request");
     req.status =
         Some(kubelock::api::LockRequestStatus { phase: Some(Phase::Granted), token: Some(1), ..Default::default() });
@@ -806,20 +811,6 @@ fn token_kubeconfig(env: &TestEnv, token: &str) -> PathBuf {
     path
 }
 
-fn request(name: &str, lock: &str, holder: &str) -> LockRequest {
-    LockRequest::new(
-        name,
-        LockRequestSpec {
-            lock_name: lock.into(),
-            holder_identity: holder.into(),
-            permits: 1,
-            lease_duration: None,
-            renew_time: None,
-            pod_ref: None,
-        },
-    )
-}
-
 fn phase(r: &LockRequest) -> Option<Phase> {
     r.status.as_ref().and_then(|s| s.phase)
 }
@@ -830,8 +821,7 @@ async fn handover(env: &TestEnv, controller: &Proc, name: &str) {
     let locks: Api<Lock> = env.api(Identity::Admin).await;
     let requests: Api<LockRequest> = env.api(Identity::Admin).await;
     let lock = format!("{name}-handover");
-    let spec = LockSpec { permits: 1, lease_duration: "5m".into(), ..Default::default() };
-    locks.create(&PostParams::default(), &Lock::new(&lock, spec)).await.expect("Lock");
+    locks.create(&PostParams::default(), &lock_with(&lock, 1, "5m", "0s")).await.expect("Lock");
     let log = || controller.stderr_tail(40);
     requests.create(&PostParams::default(), &request("first", &lock, "test/first")).await.expect("first");
     let first = wait_until(&requests, "first", "first granted", TIMEOUT, |r| phase(r) == Some(Phase::Granted))
@@ -903,59 +893,6 @@ async fn may(
         .await
         .expect("SubjectAccessReview");
     answer.status.is_some_and(|s| s.allowed)
-}
-
-/// Rules as a set of (group, resource, verb, resourceName) for exact comparison.
-type RuleSet = BTreeSet<(String, String, String, String)>;
-
-fn rule_set(rules: &[PolicyRule]) -> RuleSet {
-    let mut set = BTreeSet::new();
-    for r in rules {
-        let names = r.resource_names.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| vec![String::new()]);
-        for g in r.api_groups.iter().flatten() {
-            for res in r.resources.iter().flatten() {
-                for v in &r.verbs {
-                    for n in &names {
-                        set.insert((g.clone(), res.clone(), v.clone(), n.clone()));
-                    }
-                }
-            }
-        }
-    }
-    set
-}
-
-fn rules(entries: &[(&str, &str, &[&str], &str)]) -> RuleSet {
-    entries
-        .iter()
-        .flat_map(|(g, r, verbs, n)| {
-            verbs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string(), n.to_string()))
-        })
-        .collect()
-}
-
-/// The controller's API calls (DECISIONS.md; src/controller): nothing more, nothing less.
-fn controller_rules(pods_and_events: bool) -> RuleSet {
-    let mut set = rules(&[
-        ("kubelock.dev", "locks", &["get", "list", "watch"], ""),
-        ("kubelock.dev", "locks/status", &["update"], ""),
-        ("kubelock.dev", "lockrequests", &["get", "list", "watch", "delete"], ""),
-        ("kubelock.dev", "lockrequests/status", &["update"], ""),
-    ]);
-    if pods_and_events {
-        set.extend(rules(&[
-            ("", "pods", &["get", "list", "watch"], ""),
-            ("events.k8s.io", "events", &["create", "patch"], ""),
-        ]));
-    }
-    set
-}
-
-fn lease_rules(lease: &str) -> RuleSet {
-    rules(&[
-        ("coordination.k8s.io", "leases", &["get", "update"], lease),
-        ("coordination.k8s.io", "leases", &["create"], ""),
-    ])
 }
 
 /// `Api<DynamicObject>` for a rendered object's apiVersion and kind.

@@ -13,21 +13,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
-use kube::{
-    Api, ResourceExt as _,
-    api::{ListParams, ObjectMeta, PostParams},
-};
+use kube::{Api, ResourceExt as _, api::ListParams};
 use kubelock::{
-    api::{Lock, LockRequest, LockSpec, Phase},
+    api::{Lock, LockRequest, Phase},
     client::{AcquireOptions, LeaderElector, Leadership, LockClient},
 };
 use rustix::process::Signal;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv, eventually, process::KUBELOCK, rule, wait_until,
+    Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv, eventually,
+    fixtures::{ControllerCmd, create_lock, create_pod, free_port, http_get, lock_with, requester_rules},
+    process::KUBELOCK,
+    wait_until,
 };
 
 /// A test namespace with a controller for it, a requester identity with a requester's
@@ -42,25 +40,11 @@ type LockDef<'a> = (&'a str, i32, &'a str, &'a str);
 
 async fn world(locks: &[LockDef<'_>]) -> World {
     let env = TestEnv::new().await;
-    env.grant(
-        Identity::Requester1,
-        vec![
-            rule(&["kubelock.dev"], &["lockrequests"], &["create", "get", "list", "watch", "patch", "delete"]),
-            rule(&["kubelock.dev"], &["locks"], &["get", "list", "watch"]),
-        ],
-    )
-    .await;
-    let controller = env
-        .kubelock(Identity::Admin, "controller")
-        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", ""])
-        .spawn();
+    env.grant(Identity::Requester1, requester_rules()).await;
+    let controller = ControllerCmd::new(&env, Identity::Admin, "controller").spawn();
     let api: Api<Lock> = env.api(Identity::Admin).await;
     for (name, permits, lease, delay) in locks {
-        let lock = Lock::new(
-            name,
-            LockSpec { permits: *permits, lease_duration: lease.to_string(), lock_delay: delay.to_string() },
-        );
-        api.create(&PostParams::default(), &lock).await.unwrap_or_else(|e| panic!("creating lock {name}: {e}"));
+        create_lock(&api, lock_with(name, *permits, lease, delay)).await;
     }
     World { env, _controller: controller }
 }
@@ -344,13 +328,9 @@ async fn a_frozen_holder_loses_at_its_deadline_and_its_late_write_is_fenced_off(
 #[tokio::test]
 async fn a_holder_cut_off_from_the_api_server_stops_at_its_deadline() {
     let env = TestEnv::private().await;
-    let controller = env
-        .kubelock(Identity::Admin, "controller")
-        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", ""])
-        .spawn();
+    let controller = ControllerCmd::new(&env, Identity::Admin, "controller").spawn();
     let locks: Api<Lock> = env.api(Identity::Admin).await;
-    let lock = Lock::new("cut", LockSpec { permits: 1, lease_duration: "3s".into(), lock_delay: "0s".into() });
-    locks.create(&PostParams::default(), &lock).await.expect("creating the lock");
+    create_lock(&locks, lock_with("cut", 1, "3s", "0s")).await;
     let ready = env.log_dir().join("ready");
     let mut holder = env
         .kubelock(Identity::Admin, "holder")
@@ -387,14 +367,10 @@ async fn a_holder_cut_off_from_the_api_server_stops_at_its_deadline() {
 #[tokio::test]
 async fn a_waiter_past_its_deadline_withdraws_its_request() {
     let env = TestEnv::private().await;
-    let _controller = env
-        .kubelock(Identity::Admin, "controller")
-        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", ""])
-        .spawn();
+    let _controller = ControllerCmd::new(&env, Identity::Admin, "controller").spawn();
     let locks: Api<Lock> = env.api(Identity::Admin).await;
     let requests: Api<LockRequest> = env.api(Identity::Admin).await;
-    let lock = Lock::new("queue", LockSpec { permits: 1, lease_duration: "3s".into(), lock_delay: "0s".into() });
-    locks.create(&PostParams::default(), &lock).await.expect("creating the lock");
+    create_lock(&locks, lock_with("queue", 1, "3s", "0s")).await;
     let (held, ran) = (env.log_dir().join("held"), env.log_dir().join("ran"));
     let wrapper = |name: &str, file: &Path| {
         env.kubelock(Identity::Admin, name)
@@ -507,38 +483,20 @@ async fn run_propagates_exit_codes_times_out_and_forwards_signals() {
     );
 }
 
-/// A free loopback port (bound, then released for the process under test).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-/// GET on 127.0.0.1:port; `(status, body)`.
-async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.map_err(|e| e.to_string())?;
-    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(format!("bad response {buf:?}"))?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
-}
-
 async fn status_json(port: u16) -> Result<serde_json::Value, String> {
-    let (code, body) = http_get(port, "/status").await?;
-    if code != 200 {
-        return Err(format!("/status answered {code}"));
+    let response = http_get(port, "/status").await?;
+    if response.status != 200 {
+        return Err(format!("/status answered {}", response.status));
     }
-    serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
+    serde_json::from_str(&response.body).map_err(|e| format!("{e}: {}", response.body))
 }
 
 async fn await_ready(port: u16, want: u16, what: &str, timeout: Duration) -> Duration {
     let started = Instant::now();
     eventually(what, timeout, || async {
         match http_get(port, "/readyz").await {
-            Ok((c, _)) if c == want => Ok(()),
-            Ok((c, _)) => Err(format!("/readyz {c}")),
+            Ok(r) if r.status == want => Ok(()),
+            Ok(r) => Err(format!("/readyz {}", r.status)),
             Err(e) => Err(e),
         }
     })
@@ -547,31 +505,9 @@ async fn await_ready(port: u16, want: u16, what: &str, timeout: Duration) -> Dur
     started.elapsed()
 }
 
-async fn create_pod(env: &TestEnv, name: &str) -> String {
-    let pods: Api<Pod> = env.api(Identity::Admin).await;
-    let pod = Pod {
-        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some("example.invalid/app:1".into()),
-                ..Default::default()
-            }],
-            automount_service_account_token: Some(false),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    pods.create(&PostParams::default(), &pod)
-        .await
-        .unwrap_or_else(|e| panic!("creating pod {name}: {e}"))
-        .uid()
-        .expect("uid")
-}
-
 impl World {
     async fn sidecar(&self, pod: &str, port: u16, dir: &Path) -> Proc {
-        let uid = create_pod(&self.env, pod).await;
+        let uid = create_pod(&self.env.api(Identity::Admin).await, pod).await.uid().expect("uid");
         self.env
             .kubelock(Identity::Requester1, &format!("sidecar-{pod}"))
             .env("POD_NAME", pod)
@@ -616,7 +552,7 @@ async fn sidecar_readiness_follows_the_lock_and_sigterm_hands_over() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(http_get(pb, "/readyz").await.expect("readyz B").0, 503);
+    assert_eq!(http_get(pb, "/readyz").await.expect("readyz B").status, 503);
     assert_eq!(read_file(&db, "token"), None, "B has no token file while waiting");
 
     // Break A: A drops readiness and its files; B is granted.
@@ -670,7 +606,7 @@ async fn sidecar_readiness_follows_the_lock_and_sigterm_hands_over() {
 async fn sidecar_adopts_the_request_of_an_init_container() {
     let w = world(&[("active", 1, "10s", "0s")]).await;
     let dir = w.path("shared");
-    let uid = create_pod(&w.env, "pod-i").await;
+    let uid = create_pod(&w.env.api(Identity::Admin).await, "pod-i").await.uid().expect("uid");
     let out = w
         .env
         .kubelock(Identity::Requester1, "init")
@@ -708,7 +644,7 @@ async fn sidecar_adopts_the_request_of_an_init_container() {
             .await
             .expect("renewed");
     assert_eq!(renewed.phase(), Phase::Granted);
-    assert_eq!(http_get(port, "/readyz").await.expect("readyz").0, 200);
+    assert_eq!(http_get(port, "/readyz").await.expect("readyz").status, 200);
 }
 
 /// `kubectl lock ...`: the binary invoked as kubectl-lock honours --kubeconfig, --context, -n.

@@ -39,24 +39,26 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::{
     Api, ResourceExt as _,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
+    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
     runtime::{WatchStreamExt as _, watcher},
 };
 use kubelock::{
-    api::{Lock, LockRequest, LockSpec, Phase},
+    api::{Lock, LockRequest, Phase},
     client::{AcquireOptions, BootInstant, LockClient, LockState, default_margin},
 };
 use rand::{RngExt as _, SeedableRng as _, rngs::StdRng};
 use rustix::process::{Pid, Signal};
 use tokio::sync::Semaphore;
 
-use crate::{
-    lock::{Fixture, controller_rules, create_request, requester_rules},
-    support::{
-        Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv,
-        checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
-        eventually, wait_until,
+use crate::support::{
+    Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv,
+    checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
+    eventually,
+    fixtures::{
+        ControllerCmd, Fixture, controller_rules, create_lock, create_request, free_port, lock_with, requester_rules,
+        wait_ready,
     },
+    wait_until,
 };
 
 /// One fault run at a time holds a control plane.
@@ -131,35 +133,27 @@ impl FaultRun {
     }
 
     async fn lock(&self, name: &str, permits: i32, lease: &str, delay: &str) {
-        let lock = Lock::new(name, LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into() });
-        self.locks.create(&PostParams::default(), &lock).await.unwrap_or_else(|e| panic!("creating lock {name}: {e}"));
+        create_lock(&self.locks, lock_with(name, permits, lease, delay)).await;
     }
 
-    /// A controller process (`controller-N`), as the least-privileged controller identity.
-    /// Its `/readyz` is polled in the background: the moment its caches are synced is
-    /// journaled (the checker counts start-up time until then).
+    /// A controller process (`controller-N`), as the least-privileged controller identity
+    /// (its logs are left out of the namespace dump: [`FaultRun::dump_controllers`] prints the
+    /// last ones). Its `/readyz` is polled in the background: the moment its caches are synced
+    /// is journaled (the checker counts start-up time until then).
     fn start_controller(&mut self) {
         let name = format!("controller-{}", self.controller_logs.len());
         let port = free_port();
-        let proc = Cmd::kubelock(&name, self.env.log_dir())
-            .arg("--kubeconfig")
-            .arg(self.env.kubeconfig(Identity::Controller))
-            .args(["-n", self.env.ns()])
-            .env_remove("KUBECONFIG")
-            .env("POD_NAME", &name)
-            .args(["controller", "--watch-namespace", self.env.ns(), "--log", "info"])
-            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+        let proc = ControllerCmd::new(&self.env, Identity::Controller, &name)
+            .pod_name()
+            .log("info")
+            .admin_port(port)
+            .undumped()
             .spawn();
         self.journal.fault(FaultKind::ControllerStart, checker::now(), None, &name);
         let (journal, who) = (self.journal.clone(), name.clone());
         tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while Instant::now() < deadline {
-                if readyz(port).await {
-                    journal.fault(FaultKind::ControllerReady, checker::now(), None, &who);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await; // polling /readyz
+            if wait_ready(port, Duration::from_secs(120)).await {
+                journal.fault(FaultKind::ControllerReady, checker::now(), None, &who);
             }
         });
         self.controller_logs.push((name.clone(), self.env.log_dir().join(format!("{name}.stderr"))));
@@ -259,24 +253,6 @@ impl Drop for FaultRun {
     fn drop(&mut self) {
         self.keep_logs();
     }
-}
-
-/// A free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-/// Whether the admin server on `port` answers `/readyz` with 200.
-async fn readyz(port: u16) -> bool {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let probe = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.ok()?;
-        Some(answer.starts_with(b"HTTP/1.0 200") || answer.starts_with(b"HTTP/1.1 200"))
-    };
-    tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten().unwrap_or(false)
 }
 
 /// Appends the run's summary to `KUBELOCK_FAULT_REPORT` (one line, `key=value` fields).

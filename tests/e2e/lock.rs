@@ -6,142 +6,22 @@ use std::{collections::BTreeSet, time::Duration};
 
 use futures::future::join_all;
 use jiff::Timestamp;
-use k8s_openapi::{
-    api::core::v1::{Pod, PodSpec},
-    apimachinery::pkg::apis::meta::v1::MicroTime,
-};
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::MicroTime};
 use kube::{
     Api, ResourceExt as _,
-    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use kubelock::api::{Lock, LockRequest, LockRequestSpec, LockSpec, Phase, PodRef};
+use kubelock::api::{Lock, LockRequest, LockRequestSpec, Phase, PodRef};
 use rand::{RngExt as _, SeedableRng as _};
 
 use crate::support::{
-    Identity, TIMEOUT, TestEnv, eventually, history::LockHistory, process::Proc, rule, wait_for, wait_until,
+    Identity, TIMEOUT, TestEnv, eventually,
+    fixtures::{
+        ControllerCmd, Fixture, controller_rules, create_lock, create_pod, create_request, free_port, http_get, lock,
+    },
+    history::LockHistory,
+    wait_for, wait_until,
 };
-
-/// What the controller needs in a namespace it watches (the chart grants the same).
-pub fn controller_rules() -> Vec<k8s_openapi::api::rbac::v1::PolicyRule> {
-    vec![
-        rule(&["kubelock.dev"], &["locks"], &["get", "list", "watch"]),
-        rule(&["kubelock.dev"], &["locks/status"], &["update"]),
-        rule(&["kubelock.dev"], &["lockrequests"], &["get", "list", "watch", "delete"]),
-        rule(&["kubelock.dev"], &["lockrequests/status"], &["update"]),
-        rule(&[""], &["pods"], &["get", "list", "watch"]),
-        rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
-        rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "update"]),
-    ]
-}
-
-/// What a requester needs (the chart's `kubelock-requester` role).
-pub fn requester_rules() -> Vec<k8s_openapi::api::rbac::v1::PolicyRule> {
-    vec![
-        rule(&["kubelock.dev"], &["lockrequests"], &["create", "get", "list", "watch", "delete", "patch"]),
-        rule(&["kubelock.dev"], &["locks"], &["get", "list", "watch"]),
-    ]
-}
-
-/// A test namespace with the controller running in it, as its own least-privileged identity.
-pub struct Fixture {
-    pub env: TestEnv,
-    pub locks: Api<Lock>,
-    pub requests: Api<LockRequest>,
-    pub controllers: Vec<Proc>,
-}
-
-impl Fixture {
-    pub async fn new() -> Fixture {
-        Fixture::with(&[]).await
-    }
-
-    /// With extra controller flags.
-    pub async fn with(flags: &[&str]) -> Fixture {
-        let mut f = Fixture::without_controller().await;
-        f.start_controller(flags);
-        f
-    }
-
-    /// The namespace and identities, no controller yet.
-    pub async fn without_controller() -> Fixture {
-        let env = TestEnv::new().await;
-        env.grant(Identity::Controller, controller_rules()).await;
-        env.grant(Identity::Requester1, requester_rules()).await;
-        let locks = env.api(Identity::Admin).await;
-        let requests = env.api(Identity::Requester1).await;
-        Fixture { env, locks, requests, controllers: Vec::new() }
-    }
-
-    /// Starts one more controller process on this namespace (its identity, POD_NAME, is
-    /// `controller-N`).
-    pub fn start_controller(&mut self, flags: &[&str]) {
-        let name = format!("controller-{}", self.controllers.len());
-        let proc = self
-            .env
-            .kubelock(Identity::Controller, &name)
-            .env("POD_NAME", &name)
-            .args([
-                "controller",
-                "--watch-namespace",
-                self.env.ns(),
-                "--admin-addr",
-                "",
-                "--log",
-                "info,kubelock=debug",
-            ])
-            .args(flags)
-            .spawn();
-        self.controllers.push(proc);
-    }
-
-    pub async fn lock(&self, name: &str, permits: i32, lease: &str, delay: &str) -> Lock {
-        let lock = Lock::new(name, LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into() });
-        self.locks.create(&PostParams::default(), &lock).await.unwrap_or_else(|e| panic!("creating lock {name}: {e}"))
-    }
-
-    pub async fn request(&self, name: &str, lock: &str, permits: i32) -> LockRequest {
-        create_request(&self.requests, name, lock, permits, None).await
-    }
-
-    pub async fn wait_phase(&self, name: &str, phase: Phase) -> LockRequest {
-        let what = format!("{name} to be {phase}");
-        wait_until(&self.requests, name, &what, TIMEOUT, |r| r.phase() == phase).await.unwrap_or_else(|e| {
-            self.env.dump();
-            panic!("{e}")
-        })
-    }
-
-    pub async fn release(&self, name: &str) {
-        self.requests.delete(name, &DeleteParams::default()).await.unwrap_or_else(|e| panic!("deleting {name}: {e}"));
-    }
-
-    pub async fn holders(&self, lock: &str) -> Vec<String> {
-        let lock = self.locks.get(lock).await.expect("reading the lock");
-        lock.status.unwrap_or_default().holders.into_iter().map(|h| h.request).collect()
-    }
-}
-
-pub async fn create_request(
-    api: &Api<LockRequest>,
-    name: &str,
-    lock: &str,
-    permits: i32,
-    lease: Option<&str>,
-) -> LockRequest {
-    let request = LockRequest {
-        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
-        spec: LockRequestSpec {
-            lock_name: lock.into(),
-            holder_identity: format!("test/{name}"),
-            permits,
-            lease_duration: lease.map(str::to_string),
-            renew_time: Some(MicroTime(Timestamp::now())),
-            pod_ref: None,
-        },
-        status: None,
-    };
-    api.create(&PostParams::default(), &request).await.unwrap_or_else(|e| panic!("creating request {name}: {e}"))
-}
 
 async fn renew(api: &Api<LockRequest>, name: &str) {
     let patch = serde_json::json!({"spec": {"renewTime": MicroTime(Timestamp::now())}});
@@ -308,29 +188,14 @@ async fn deleting_the_holder_pod_releases_it() {
     let f = Fixture::new().await;
     f.lock("db", 1, "10m", "0s").await;
     let pods: Api<Pod> = f.env.api(Identity::Admin).await;
-    let pod = Pod {
-        metadata: ObjectMeta { name: Some("holder".into()), ..Default::default() },
-        spec: Some(PodSpec {
-            containers: vec![k8s_openapi::api::core::v1::Container {
-                name: "app".into(),
-                image: Some("busybox".into()),
-                ..Default::default()
-            }],
-            automount_service_account_token: Some(false),
-            ..Default::default()
-        }),
-        status: None,
-    };
-    let pod = pods.create(&PostParams::default(), &pod).await.expect("creating the pod");
+    let pod = create_pod(&pods, "holder").await;
     let mut request = LockRequest::new(
         "pod-holder",
         LockRequestSpec {
-            lock_name: "db".into(),
             holder_identity: "pod/holder".into(),
-            permits: 1,
-            lease_duration: None,
             renew_time: Some(MicroTime(Timestamp::now())),
             pod_ref: Some(PodRef { name: "holder".into(), uid: pod.uid() }),
+            ..LockRequestSpec::new("db")
         },
     );
     request.metadata.namespace = None;
@@ -489,33 +354,15 @@ async fn with_leader_election_one_replica_grants_and_a_standby_takes_over() {
 async fn metrics_health_and_events_are_served() {
     let env = TestEnv::new().await;
     env.grant(Identity::Controller, controller_rules()).await;
-    let port = portpicker();
-    let addr = format!("127.0.0.1:{port}");
-    let _controller = env
-        .kubelock(Identity::Controller, "controller")
-        .args(["controller", "--watch-namespace", env.ns(), "--admin-addr", &addr])
-        .spawn();
+    let port = free_port();
+    let _controller = ControllerCmd::new(&env, Identity::Controller, "controller").admin_port(port).spawn();
     let locks: Api<Lock> = env.api(Identity::Admin).await;
     let requests: Api<LockRequest> = env.api(Identity::Admin).await;
-    locks.create(&PostParams::default(), &Lock::new("m", LockSpec::default())).await.unwrap();
+    create_lock(&locks, lock("m", 1)).await;
     create_request(&requests, "r", "m", 1, None).await;
     wait_until(&requests, "r", "granted", TIMEOUT, |r| r.phase() == Phase::Granted).await.unwrap();
-    let http = |path: &'static str| {
-        let addr = addr.clone();
-        async move {
-            let mut stream = tokio::net::TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
-            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-            stream
-                .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut body = String::new();
-            stream.read_to_string(&mut body).await.map_err(|e| e.to_string())?;
-            Ok::<String, String>(body)
-        }
-    };
     let metrics = eventually("metrics to count the grant", TIMEOUT, || async {
-        let body = http("/metrics").await?;
+        let body = http_get(port, "/metrics").await?.body;
         if body.contains("kubelock_grants_total 1") { Ok(body) } else { Err(body) }
     })
     .await
@@ -528,8 +375,8 @@ async fn metrics_health_and_events_are_served() {
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
-    assert!(http("/healthz").await.unwrap().starts_with("HTTP/1.0 200"));
-    assert!(http("/readyz").await.unwrap().starts_with("HTTP/1.0 200"));
+    assert!(http_get(port, "/healthz").await.unwrap().head.starts_with("HTTP/1.0 200"));
+    assert!(http_get(port, "/readyz").await.unwrap().head.starts_with("HTTP/1.0 200"));
     let events: Api<k8s_openapi::api::events::v1::Event> = env.api(Identity::Admin).await;
     let granted = eventually("a Granted event", TIMEOUT, || async {
         let list = events.list(&Default::default()).await.map_err(|e| e.to_string())?;
@@ -542,9 +389,4 @@ async fn metrics_health_and_events_are_served() {
     .unwrap();
     assert_eq!(granted.regarding.and_then(|r| r.name).as_deref(), Some("m"));
     assert!(granted.note.unwrap().contains("token 1"));
-}
-
-/// A free loopback port.
-fn portpicker() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }

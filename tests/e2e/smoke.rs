@@ -15,16 +15,13 @@ use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::watcher,
 };
-use kubelock::api::{Lock, LockSpec};
+use kubelock::api::Lock;
 use serde::Deserialize as _;
 
 use crate::support::{
-    Cmd, Identity, ProcessId, ServerFaults as _, TIMEOUT, TestEnv, eventually, process::KUBELOCK, rule, wait_until,
+    Cmd, Identity, ProcessId, ServerFaults as _, TIMEOUT, TestEnv, eventually, fixtures::lock, process::KUBELOCK, rule,
+    wait_until,
 };
-
-fn lock(name: &str, permits: i32) -> Lock {
-    Lock::new(name, LockSpec { permits, ..Default::default() })
-}
 
 fn api_error(err: kube::Error) -> kube::core::Status {
     match err {

@@ -5,10 +5,11 @@
 //! revision after the last one it delivered, also across etcd restarts).
 //!
 //! It speaks etcd's JSON gateway (`POST /v3/watch`, newline-delimited JSON) over plain HTTP/1.0
-//! on the loopback endpoint of the local control plane: no gRPC stack, no extra crate.
+//! on the loopback endpoint of the local control plane: no gRPC stack.
 
 use std::time::Duration;
 
+use base64::{Engine as _, engine::general_purpose::STANDARD};
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -178,38 +179,13 @@ fn json_value(b64_text: &str) -> Result<Value, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("a stored value is not JSON ({e})"))
 }
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
+/// Standard base64 with padding: how etcd's JSON gateway carries keys and values.
 fn b64(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    STANDARD.encode(bytes)
 }
 
 fn unb64(text: &str) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|c| *c != b'=') {
-        let v = ALPHABET.iter().position(|a| *a == c).ok_or_else(|| format!("not base64: {c:?}"))? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
+    STANDARD.decode(text).map_err(|e| format!("not base64: {e}"))
 }
 
 #[test]

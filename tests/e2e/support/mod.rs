@@ -22,11 +22,15 @@
 //!   impersonate, the other identities are impersonated users `kubelock-<identity>`.
 //!
 //! Tests that kill or pause the servers use [`TestEnv::private`]: a control plane of their own.
+//!
+//! The fixtures the test files share (Locks, requests, controller processes, RBAC rule sets,
+//! ports, HTTP) are in [`fixtures`].
 
 #![allow(dead_code)] // Not every test module uses every helper.
 
 pub mod checker;
 pub mod etcd;
+pub mod fixtures;
 pub mod history;
 pub mod process;
 pub mod servers;
@@ -306,12 +310,17 @@ impl TestEnv {
     /// `kubelock --kubeconfig <id's> -n <ns> ...` as a child process; `name` names its logs,
     /// which a failure dump prints. Add arguments, then `.spawn()` or `.output(timeout)`.
     pub fn kubelock(&self, id: Identity, name: &str) -> Cmd {
+        self.kubelock_undumped(id, name).register_logs(self.logs.clone())
+    }
+
+    /// [`TestEnv::kubelock`] whose logs a failure dump leaves out: for a test that starts
+    /// dozens of such processes and prints the logs that matter itself.
+    pub fn kubelock_undumped(&self, id: Identity, name: &str) -> Cmd {
         Cmd::kubelock(name, self.log_dir())
             .arg("--kubeconfig")
             .arg(self.kubeconfig(id))
             .args(["-n", &self.ns])
             .env_remove("KUBECONFIG")
-            .register_logs(self.logs.clone())
     }
 
     /// Any program as a guarded child process, logs registered for the failure dump.
