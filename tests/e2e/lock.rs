@@ -390,3 +390,38 @@ async fn metrics_health_and_events_are_served() {
     assert_eq!(granted.regarding.and_then(|r| r.name).as_deref(), Some("m"));
     assert!(granted.note.unwrap().contains("token 1"));
 }
+
+/// The requests of a Lock that does not exist are counted like any other: a waiting request
+/// broken by an administrator and one rejected for its spec show in the metrics.
+#[tokio::test]
+async fn broken_and_rejected_requests_of_a_missing_lock_are_counted() {
+    let env = TestEnv::new().await;
+    env.grant(Identity::Controller, controller_rules()).await;
+    let port = free_port();
+    let _controller = ControllerCmd::new(&env, Identity::Controller, "controller").admin_port(port).spawn();
+    let requests: Api<LockRequest> = env.api(Identity::Admin).await;
+    create_request(&requests, "waiting", "ghost", 1, None).await;
+    wait_until(&requests, "waiting", "queued for the missing lock", TIMEOUT, |r| {
+        r.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Pending))
+    })
+    .await
+    .unwrap();
+    let annotations = serde_json::json!({"metadata": {"annotations": {
+        kubelock::api::BREAK_ANNOTATION: "maintenance", kubelock::api::BROKEN_BY_ANNOTATION: "admin"}}});
+    requests
+        .patch("waiting", &PatchParams::default(), &Patch::Merge(&annotations))
+        .await
+        .expect("annotating the break");
+    // Within the schema, but longer than the longest lease the controller honours.
+    create_request(&requests, "too-long", "ghost", 1, Some("8761h")).await;
+    wait_until(&requests, "waiting", "broken", TIMEOUT, |r| r.phase() == Phase::Expired).await.unwrap();
+    wait_until(&requests, "too-long", "rejected", TIMEOUT, |r| r.phase() == Phase::Rejected).await.unwrap();
+    eventually("both outcomes in the metrics", TIMEOUT, || async {
+        let body = http_get(port, "/metrics").await?.body;
+        let broken = body.contains(r#"kubelock_expirations_total{reason="Broken"} 1"#);
+        let rejected = body.contains(r#"kubelock_rejections_total{reason="InvalidSpec"} 1"#);
+        if broken && rejected { Ok(()) } else { Err(body) }
+    })
+    .await
+    .unwrap();
+}
