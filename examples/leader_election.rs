@@ -34,8 +34,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     break;
                 }
                 match &*leadership.borrow_and_update() {
-                    Leadership::Leading { token, .. } => println!("leading (token {token}): doing leader work"),
-                    Leadership::NotLeading => println!("not leading: standing by"),
+                    // Checked at the moment of acting: a term ends at its deadline even if no
+                    // new value has been published yet.
+                    Leadership::Leading(term) if term.is_current() => {
+                        println!("leading (token {}): doing leader work", term.token)
+                    }
+                    _ => println!("not leading: standing by"),
                 }
             }
         }

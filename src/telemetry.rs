@@ -70,6 +70,13 @@ pub struct ErrorLabel {
     pub category: &'static str,
 }
 
+/// An API the controller depends on.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabel {
+    /// `pods`, `leases`, `events`.
+    pub api: &'static str,
+}
+
 /// API write kind label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabel {
@@ -109,8 +116,10 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     /// Reconcile failures by error category.
     pub reconcile_errors: Family<ErrorLabel, Counter>,
-    /// Events dropped because the publishing queue was full.
+    /// Events not published: the queue was full, or the Events API refused or failed them.
     pub events_dropped: Counter,
+    /// 1 while an API the controller uses is forbidden or missing (it runs degraded).
+    pub api_unavailable: Family<ApiLabel, Gauge>,
     /// 1 while this replica leads (or runs without leader election).
     pub leader: Gauge,
 }
@@ -135,6 +144,7 @@ impl Metrics {
             reconcile_duration: latency(),
             reconcile_errors: Family::default(),
             events_dropped: Counter::default(),
+            api_unavailable: Family::default(),
             leader: Gauge::default(),
         };
         registry.register("grants", "Grants made", m.grants.clone());
@@ -155,7 +165,16 @@ impl Metrics {
         registry.register("reconciles", "Reconciles run", m.reconciles.clone());
         registry.register("reconcile_duration_seconds", "Reconcile duration", m.reconcile_duration.clone());
         registry.register("reconcile_errors", "Reconcile failures by error category", m.reconcile_errors.clone());
-        registry.register("events_dropped", "Events dropped because the queue was full", m.events_dropped.clone());
+        registry.register(
+            "events_dropped",
+            "Events not published (queue full, or refused or failed by the API server)",
+            m.events_dropped.clone(),
+        );
+        registry.register(
+            "api_unavailable",
+            "1 while an API the controller uses is forbidden or missing",
+            m.api_unavailable.clone(),
+        );
         registry.register("leader", "1 while this replica leads", m.leader.clone());
         Arc::new(m)
     }

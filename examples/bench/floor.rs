@@ -73,6 +73,7 @@ pub async fn cr_write_floor(locks: &Api<Lock>, budget: Budget) -> anyhow::Result
                 token,
                 granted_at: MicroTime(jiff::Timestamp::now()),
                 lease_duration: "30s".into(),
+                pod_ref: None,
             }],
             fencing_token: token,
             ..Default::default()

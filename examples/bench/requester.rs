@@ -29,12 +29,9 @@ pub fn request(lock: &str, name: Option<&str>, holder: &str) -> LockRequest {
     let mut req = LockRequest::new(
         "",
         LockRequestSpec {
-            lock_name: lock.into(),
             holder_identity: holder.into(),
-            permits: 1,
-            lease_duration: None,
             renew_time: Some(MicroTime(jiff::Timestamp::now())),
-            pod_ref: None,
+            ..LockRequestSpec::new(lock)
         },
     );
     req.metadata = ObjectMeta {

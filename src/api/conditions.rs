@@ -34,8 +34,11 @@ impl ConditionType {
 pub enum Reason {
     /// Granted.
     Granted,
-    /// The request was deleted: a clean release.
+    /// The holder released the request itself (`spec.released`, then deleted): a clean release.
     Released,
+    /// The request was deleted by someone else than its holder while held (no
+    /// `spec.released`): its permits stay taken until the holder's lease has passed.
+    Deleted,
     /// No renewal was observed for the whole lease.
     LeaseExpired,
     /// The holder pod is gone or terminated.
@@ -44,6 +47,9 @@ pub enum Reason {
     Broken,
     /// The Lock was deleted (or recreated) while this request held it.
     LockDeleted,
+    /// The request's `lockName`, `permits` or `podRef` was changed while it held the lock:
+    /// the grant made for the old spec ends.
+    SpecChanged,
     /// The grant ended while its status was not mirrored (seen after a controller restart).
     Lost,
     /// More permits asked than the Lock has.
@@ -60,6 +66,9 @@ pub enum Reason {
     LockNotFound,
     /// Queued: the request's pod has not been seen yet.
     PodNotFound,
+    /// Queued: the controller cannot read pods (RBAC, or the API is missing), so a request
+    /// bound to a pod cannot be granted.
+    PodsUnreadable,
 }
 
 impl Reason {
@@ -78,6 +87,8 @@ pub enum LockReason {
     InvalidSpec,
     /// Held: permits are granted.
     Granted,
+    /// Held: no grant goes on, but ended grants whose holders may still act keep permits.
+    Draining,
     /// Not held: the lock delay after an expiry holds back grants.
     LockDelay,
     /// Not held: no permit is granted.

@@ -26,6 +26,7 @@ use super::duration;
     doc = "A distributed lock: mutex, counting semaphore or read/write lock, granted by the kubelock controller.",
     printcolumn(name = "Permits", type_ = "integer", json_path = ".spec.permits", priority = 1),
     printcolumn(name = "Holders", type_ = "string", json_path = ".status.holders[*].holder"),
+    printcolumn(name = "Draining", type_ = "string", json_path = ".status.draining[*].holder", priority = 1),
     printcolumn(name = "Token", type_ = "integer", json_path = ".status.fencingToken"),
     printcolumn(name = "Waiting", type_ = "integer", json_path = ".status.waiting"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -80,8 +81,18 @@ pub struct LockStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<Holder>,
 
-    /// The last fencing token issued. Every grant increments it; it never decreases for the
-    /// life of this Lock (pair it with `metadata.uid` if the Lock can be recreated).
+    /// Grants that have ended but whose holder may still be acting: its request was deleted
+    /// by someone else, it was broken, its pod vanished without the kubelet reporting its
+    /// containers stopped, its request was changed, or its Lock was recreated. Their permits
+    /// stay taken until the controller has observed no renewal for their lease, the pod is
+    /// reported stopped, or the holder marks its request `released`; then `lockDelay` applies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<Draining>,
+
+    /// The last fencing token issued. Every grant takes a larger one: the last plus one, or
+    /// the controller's wall clock in milliseconds since the epoch if that is larger, so
+    /// tokens keep increasing for a Lock's name across its deletion and recreation and after
+    /// etcd is restored from a backup.
     #[serde(default)]
     pub fencing_token: i64,
 
@@ -130,11 +141,48 @@ pub struct Holder {
     /// The lease this grant was made with: the request's `leaseDuration`, capped at the
     /// Lock's at grant time. The holder must renew within it.
     pub lease_duration: String,
+    /// The pod the grant is bound to (the request's `podRef` at grant time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ref: Option<super::PodRef>,
+}
+
+/// A grant that has ended while its holder may still be acting (see `status.draining`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Draining {
+    /// Name of the LockRequest whose grant ended.
+    pub request: String,
+    /// Its UID.
+    #[serde(rename = "requestUID")]
+    pub request_uid: String,
+    /// Its holder identity.
+    pub holder: String,
+    /// Permits it still occupies.
+    pub permits: i32,
+    /// The fencing token of the grant that ended.
+    pub token: i64,
+    /// The grant's lease: how long after the last renewal the controller saw the holder may
+    /// still act.
+    pub lease_duration: String,
+    /// The pod the grant was bound to, if any: its permits are freed as soon as the kubelet
+    /// reports it stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ref: Option<super::PodRef>,
+    /// Why the grant ended (`Deleted`, `Broken`, `PodGone`, `SpecChanged`, `LockDeleted`).
+    pub reason: String,
+    /// When the grant ended (the controller's wall clock; informational).
+    pub ended_at: MicroTime,
 }
 
 impl Lock {
     /// Permits currently granted.
     pub fn granted_permits(&self) -> i64 {
         self.status.as_ref().map_or(0, |s| s.holders.iter().map(|h| i64::from(h.permits)).sum())
+    }
+
+    /// Permits taken: granted, and held by grants that are draining.
+    pub fn taken_permits(&self) -> i64 {
+        self.granted_permits()
+            + self.status.as_ref().map_or(0, |s| s.draining.iter().map(|d| i64::from(d.permits)).sum())
     }
 }

@@ -9,7 +9,7 @@ mod lock;
 mod request;
 
 pub use conditions::{ConditionType, LockReason, Reason, status_string};
-pub use lock::{Holder, Lock, LockSpec, LockStatus};
+pub use lock::{Draining, Holder, Lock, LockSpec, LockStatus};
 pub use request::{LockRequest, LockRequestSpec, LockRequestStatus, NAME_PATTERN, Phase, PodRef};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -211,6 +211,7 @@ pub fn placeholder_request(value: &serde_json::Value) -> LockRequest {
             lease_duration: None,
             renew_time: None,
             pod_ref: None,
+            released: false,
         },
     )
 }

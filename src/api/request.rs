@@ -63,10 +63,21 @@ pub struct LockRequestSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_time: Option<MicroTime>,
 
-    /// The holder is this pod: the grant is released as soon as the pod is deleted or has
-    /// terminated (phase Succeeded or Failed), without waiting for the lease.
+    /// The holder is this pod: the grant ends when the pod is deleted, replaced or has
+    /// terminated. Its permits are freed at once when the kubelet has reported that none of
+    /// the pod's containers runs any more (phase Succeeded or Failed, or every container
+    /// terminated before the pod was deleted); a pod that vanished otherwise (force-deleted,
+    /// its node lost) may still be running, so its permits stay taken until the lease passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_ref: Option<PodRef>,
+
+    /// Set by the holder itself, once it has stopped acting, right before it deletes the
+    /// request (`kubelock release`, the client library, `kubelock run`, the sidecar): its
+    /// permits go to the next waiter at once. A request deleted without it (by someone else,
+    /// `kubectl delete`, the garbage collector) keeps its permits taken until its lease has
+    /// passed since the last renewal the controller saw, since its holder may still be acting.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 fn default_permits() -> i32 {
@@ -85,6 +96,7 @@ impl LockRequestSpec {
             lease_duration: None,
             renew_time: None,
             pod_ref: None,
+            released: false,
         }
     }
 }

@@ -193,6 +193,7 @@ mod tests {
                 token: 12,
                 granted_at: MicroTime(jiff::Timestamp::from_second(999_990).unwrap()),
                 lease_duration: "30s".into(),
+                pod_ref: None,
             }],
             ..Default::default()
         });

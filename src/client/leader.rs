@@ -12,8 +12,10 @@
 //! tokio::spawn(elector.run(shutdown.clone()));
 //! while leadership.changed().await.is_ok() {
 //!     match &*leadership.borrow() {
-//!         Leadership::Leading { token, .. } => println!("leading, token {token}"),
-//!         Leadership::NotLeading => println!("standing by"),
+//!         // Check `is_current()` right before acting: the term may have passed its deadline
+//!         // since this value was published (a stalled consumer reads stale values).
+//!         Leadership::Leading(term) if term.is_current() => println!("leading, token {}", term.token),
+//!         _ => println!("standing by"),
 //!     }
 //! }
 //! # }
@@ -25,28 +27,67 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{AcquireError, AcquireOptions, LockClient};
+use super::{AcquireError, AcquireOptions, BootInstant, LockClient, LockState};
 
 /// Whether this process leads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Leadership {
     /// Not leading (waiting for the lock, or between terms).
     NotLeading,
-    /// Leading with this fencing token (new and larger for every term).
-    Leading {
-        /// Fencing token of the term.
-        token: i64,
-        /// The Lock's UID.
-        lock_uid: String,
-        /// The LockRequest of the term.
-        request: String,
-    },
+    /// Leading in this term (until its deadline: check [`Term::is_current`] before acting).
+    Leading(Term),
 }
 
 impl Leadership {
-    /// Leading.
+    /// Leading now: in a term whose local deadline has not passed (checked on
+    /// `CLOCK_BOOTTIME` at the call, so a value read late is not taken for leadership).
     pub fn is_leading(&self) -> bool {
-        matches!(self, Leadership::Leading { .. })
+        matches!(self, Leadership::Leading(term) if term.is_current())
+    }
+}
+
+/// One term of leadership: one grant of the lock.
+#[derive(Clone)]
+pub struct Term {
+    /// Fencing token of the term (new and larger for every term).
+    pub token: i64,
+    /// The Lock's UID.
+    pub lock_uid: String,
+    /// The LockRequest of the term.
+    pub request: String,
+    state: watch::Receiver<LockState>,
+}
+
+impl Term {
+    /// Still leading: the grant holds and its local deadline has not passed, now.
+    pub fn is_current(&self) -> bool {
+        self.state.borrow().is_holding_at(BootInstant::now())
+    }
+
+    /// The term's local deadline (it moves on with each renewal); `None` once it is over.
+    pub fn deadline(&self) -> Option<BootInstant> {
+        match &*self.state.borrow() {
+            LockState::Holding { deadline, .. } => Some(*deadline),
+            _ => None,
+        }
+    }
+}
+
+impl PartialEq for Term {
+    fn eq(&self, other: &Self) -> bool {
+        (self.token, &self.lock_uid, &self.request) == (other.token, &other.lock_uid, &other.request)
+    }
+}
+
+impl Eq for Term {}
+
+impl std::fmt::Debug for Term {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Term")
+            .field("token", &self.token)
+            .field("request", &self.request)
+            .field("current", &self.is_current())
+            .finish()
     }
 }
 
@@ -86,11 +127,12 @@ impl LeaderElector {
             match self.client.acquire(opts).await {
                 Ok(guard) => {
                     backoff = BACKOFF_MIN;
-                    self.tx.send_replace(Leadership::Leading {
+                    self.tx.send_replace(Leadership::Leading(Term {
                         token: guard.token(),
                         lock_uid: guard.lock_uid().to_string(),
                         request: guard.request_name().to_string(),
-                    });
+                        state: guard.state(),
+                    }));
                     tokio::select! {
                         reason = guard.lost() => {
                             self.tx.send_replace(Leadership::NotLeading);

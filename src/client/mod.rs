@@ -20,8 +20,10 @@
 //! the Lock by name) — no polling; `spec.renewTime` is renewed every lease/3 while waiting
 //! and holding; the local deadline (boot time before the last successful write + lease −
 //! margin) is kept on `CLOCK_BOOTTIME` with a timerfd, so a frozen or suspended holder knows
-//! the moment it runs again that it no longer holds; release deletes the request with a UID
-//! precondition. A waiter whose deadline passed withdraws its request and asks again.
+//! the moment it runs again that it no longer holds; release marks the request
+//! `spec.released` and then deletes it, both with a UID precondition (a request deleted
+//! unmarked keeps its permits for its lease). A waiter whose deadline passed withdraws its
+//! request and asks again.
 
 mod clock;
 mod leader;
@@ -34,9 +36,9 @@ pub use clock::{BootInstant, BootTimer};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use kube::{
     Api, ResourceExt as _,
-    api::{DeleteParams, ObjectMeta, PostParams, Preconditions},
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
 };
-pub use leader::{LeaderElector, Leadership};
+pub use leader::{LeaderElector, Leadership, Term};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -345,6 +347,7 @@ impl LockClient {
                 lease_duration: opts.lease.map(duration::format),
                 renew_time: Some(MicroTime(renew_time)),
                 pod_ref: opts.pod_ref.clone(),
+                released: false,
             },
             status: None,
         };
@@ -506,13 +509,13 @@ impl LockClient {
         pending.granted(opts.wait_timeout, opts.cancel.clone()).await
     }
 
-    /// Deletes a request that must not stay queued, retrying transient failures (and 403s)
-    /// for up to a minute.
+    /// Releases a request that must not stay queued (its requester does not act on it),
+    /// retrying transient failures (and 403s) for up to a minute.
     async fn withdraw(&self, name: &str, uid: Option<&str>) {
         let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut pause = RETRY_FIRST;
         loop {
-            match self.delete_request(name, uid).await {
+            match self.release_request(name, uid).await {
                 Ok(_) => return,
                 // 403 too: a kube-apiserver that just restarted refuses everything for a moment,
                 // until its RBAC cache is loaded (seen in fault runs).
@@ -528,8 +531,35 @@ impl LockClient {
         }
     }
 
-    /// Deletes a LockRequest by name (with its UID as precondition when given). A request
-    /// already gone is not an error: `Ok(false)`.
+    /// The holder's own release of a request: marks it `spec.released` (the controller then
+    /// frees its permits at once), then deletes it. Call it only once nothing acts on the
+    /// grant any more. A request already gone is not an error: `Ok(false)`.
+    pub async fn release_request(&self, name: &str, uid: Option<&str>) -> Result<bool, ClientError> {
+        let mut patch = serde_json::json!({ "spec": { "released": true } });
+        if let Some(uid) = uid {
+            // The UID acts as a precondition: a request recreated under the name refuses it.
+            patch["metadata"] = serde_json::json!({ "uid": uid });
+        }
+        let params = PatchParams { field_manager: Some(crate::api::CLIENT_MANAGER.into()), ..Default::default() };
+        let requests = self.requests();
+        match self.call("marking the lock request released", requests.patch(name, &params, &Patch::Merge(&patch))).await
+        {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => return Ok(false),
+            // 409, or 422 "metadata.uid: field is immutable": another request has the name now.
+            Err(ClientError::Api { source: kube::Error::Api(s), .. })
+                if s.code == 409 || (s.code == 422 && s.message.contains("metadata.uid")) =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        self.delete_request(name, uid).await
+    }
+
+    /// Deletes a LockRequest by name (with its UID as precondition when given), without
+    /// marking it released: the controller then keeps a grant's permits until its lease has
+    /// passed (see [`LockClient::release_request`]). A request already gone: `Ok(false)`.
     pub async fn delete_request(&self, name: &str, uid: Option<&str>) -> Result<bool, ClientError> {
         let params = DeleteParams {
             preconditions: uid.map(|u| Preconditions { uid: Some(u.into()), resource_version: None }),
@@ -610,42 +640,35 @@ impl Inner {
                 LockState::Waiting { .. } => None,
             },
         });
-        // After a lost grant the request is left to the controller: it is gone, or final
-        // (Expired/Rejected, deleted after the retention), or about to be expired — and an
-        // expiry, unlike a delete, applies the lock delay, which is what a holder that
-        // overran its deadline deserves (its work may still be landing somewhere). A waiter
-        // that was never granted (its deadline passed while it waited) deletes its request:
-        // left queued, it would be granted later and hold the lock unused until it expires.
-        if lost_a_grant(&before) {
+        // Nothing acts on the grant any more (the caller says so by releasing): mark the
+        // request released and delete it. After a lost grant this frees permits that may
+        // still be draining (the lock delay applies after such an end anyway); a waiter that
+        // was never granted must not stay queued either (it would be granted later and hold
+        // the lock unused until it expired). A request already gone needs nothing.
+        if matches!(&before, LockState::Lost { reason: LostReason::RequestDeleted, .. }) {
             return Ok(());
         }
-        self.client.delete_request(&self.name, Some(&self.uid)).await?;
+        self.client.release_request(&self.name, Some(&self.uid)).await?;
         info!(lock = %self.lock, request = %self.name, "lock released");
         Ok(())
     }
 }
 
-/// Whether the state is a loss of a grant this client knew of (as opposed to a waiter that
-/// lost its request before any grant reached it).
-fn lost_a_grant(state: &LockState) -> bool {
-    matches!(state, LockState::Lost { token: Some(_), .. })
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Dropped without release() or detach(): stop renewing and delete in the background
-        // (unless a grant was lost: then the controller finishes the request, as in release()).
+        // Dropped without release() or detach(): its owner no longer acts on it. Stop
+        // renewing and release in the background, as release() does.
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
             task.abort();
-            if lost_a_grant(&self.current()) {
+            if matches!(self.current(), LockState::Lost { reason: LostReason::RequestDeleted, .. }) {
                 return;
             }
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 let client = self.client.clone();
                 let (name, uid) = (self.name.clone(), self.uid.clone());
                 handle.spawn(async move {
-                    if let Err(e) = client.delete_request(&name, Some(&uid)).await {
+                    if let Err(e) = client.release_request(&name, Some(&uid)).await {
                         tracing::warn!(request = %name, error = %e, "deleting the dropped lock request failed");
                     }
                 });
@@ -883,9 +906,10 @@ impl Guard {
         }
     }
 
-    /// Stops renewing and deletes the request (UID precondition): a clean release, the next
-    /// waiter is granted at once. After a loss it only stops: the controller expires the
-    /// request (with the lock delay) and deletes it after its retention.
+    /// Stops renewing, marks the request released and deletes it (UID precondition): a clean
+    /// release, the next waiter is granted at once. Call it once nothing acts on the grant
+    /// any more. After a loss it also ends the drain of the grant's permits (the lock delay
+    /// still applies after such an end).
     pub async fn release(mut self) -> Result<(), ClientError> {
         let mut inner = self.inner.take().expect("present until consumed");
         let r = inner.release().await;

@@ -59,7 +59,8 @@ pub enum LostReason {
         /// The controller's message.
         message: String,
     },
-    /// The request was deleted (or recreated under the same name) by someone else.
+    /// The request was deleted, recreated under the same name, or marked released by someone
+    /// else.
     RequestDeleted,
     /// A Lock status written after our grant no longer lists us.
     RemovedFromLock,
@@ -283,7 +284,12 @@ impl Tracker {
         if self.state.is_lost() {
             return;
         }
-        if obj.uid().as_deref() != Some(self.uid.as_str()) || obj.name_any() != self.name {
+        // Recreated under our name, being deleted, or released by someone else: ours is gone.
+        if obj.uid().as_deref() != Some(self.uid.as_str())
+            || obj.name_any() != self.name
+            || obj.metadata.deletion_timestamp.is_some()
+            || obj.spec.released
+        {
             self.lose(LostReason::RequestDeleted);
             return;
         }
@@ -451,6 +457,7 @@ mod tests {
                 lease_duration: None,
                 renew_time: None,
                 pod_ref: None,
+                released: false,
             },
         );
         r.metadata.uid = Some(uid.into());
@@ -483,6 +490,7 @@ mod tests {
                     token: *t,
                     granted_at: MicroTime(jiff::Timestamp::UNIX_EPOCH),
                     lease_duration: "10s".into(),
+                    pod_ref: None,
                 })
                 .collect(),
             ..Default::default()

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{ContainerState, ContainerStatus, Pod, PodSpec, PodStatus};
 use kube::{
     Resource, ResourceExt,
     api::ObjectMeta,
@@ -42,7 +42,8 @@ pub fn strip_meta(meta: &mut ObjectMeta) {
     }
 }
 
-/// Reduces a pod to what `podRef` checks need: name, namespace, UID, phase.
+/// Reduces a pod to what `podRef` checks need: name, namespace, UID, deletion, the node it
+/// was bound to, its phase, and whether each container runs (not why or since when).
 pub fn strip_pod(pod: &mut Pod) {
     let meta = ObjectMeta {
         name: pod.metadata.name.take(),
@@ -52,8 +53,30 @@ pub fn strip_pod(pod: &mut Pod) {
         deletion_timestamp: pod.metadata.deletion_timestamp.take(),
         ..Default::default()
     };
-    let phase = pod.status.as_mut().and_then(|s| s.phase.take());
-    *pod = Pod { metadata: meta, spec: None, status: Some(PodStatus { phase, ..Default::default() }) };
+    let node_name = pod.spec.as_mut().and_then(|s| s.node_name.take());
+    // A running container keeps a `running` state; any other keeps an empty one.
+    let strip = |statuses: Option<Vec<ContainerStatus>>| {
+        statuses.map(|list| {
+            list.into_iter()
+                .map(|c| {
+                    let running = c.state.and_then(|s| s.running).map(|_| Default::default());
+                    ContainerStatus {
+                        name: c.name,
+                        state: Some(ContainerState { running, ..Default::default() }),
+                        ..Default::default()
+                    }
+                })
+                .collect()
+        })
+    };
+    let status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        container_statuses: strip(s.container_statuses),
+        init_container_statuses: strip(s.init_container_statuses),
+        ..Default::default()
+    });
+    let spec = node_name.map(|n| PodSpec { node_name: Some(n), ..Default::default() });
+    *pod = Pod { metadata: meta, spec, status };
 }
 
 /// The key of a Lock: namespace and name.
@@ -134,6 +157,7 @@ struct Fingerprint {
     generation: Option<i64>,
     deleting: bool,
     break_request: Option<String>,
+    released: bool,
 }
 
 impl Fingerprint {
@@ -143,24 +167,28 @@ impl Fingerprint {
             generation: req.metadata.generation,
             deleting: req.metadata.deletion_timestamp.is_some(),
             break_request: req.annotations().get(crate::api::BREAK_ANNOTATION).cloned(),
+            released: req.spec.released,
         }
     }
 }
 
+/// Deletions observed: when, and what the last state said.
 #[derive(Default)]
 struct Tombstones {
-    requests: HashMap<String, Instant>,
+    /// Per request UID: whether its last state carried `spec.released` (unknown: false).
+    requests: HashMap<String, (Instant, bool)>,
     locks: HashMap<String, Instant>,
-    pods: HashMap<PodKey, Instant>,
+    /// Per pod: whether its last state showed it stopped (unknown: false).
+    pods: HashMap<PodKey, (Instant, bool)>,
 }
 
 impl Tombstones {
     fn prune(&mut self) {
         let cutoff = Instant::now().checked_sub(TOMBSTONE_TTL);
         if let Some(cutoff) = cutoff {
-            self.requests.retain(|_, t| *t > cutoff);
+            self.requests.retain(|_, (t, _)| *t > cutoff);
             self.locks.retain(|_, t| *t > cutoff);
-            self.pods.retain(|_, t| *t > cutoff);
+            self.pods.retain(|_, (t, _)| *t > cutoff);
         }
     }
 }
@@ -177,6 +205,8 @@ pub struct Cache {
     tombstones: Mutex<Tombstones>,
     /// First list done: locks, requests, pods.
     synced: [AtomicBool; 3],
+    /// Why pods cannot be watched, while they cannot (RBAC, or the API is missing).
+    pods_unreadable: Mutex<Option<String>>,
     /// True once all three are.
     all_synced: tokio::sync::watch::Sender<bool>,
 }
@@ -192,6 +222,7 @@ impl Cache {
             index: Mutex::default(),
             tombstones: Mutex::default(),
             synced: [AtomicBool::new(false), AtomicBool::new(false), pods_synced],
+            pods_unreadable: Mutex::new(None),
             all_synced: tokio::sync::watch::Sender::new(false),
         }
     }
@@ -245,7 +276,9 @@ impl Cache {
             }
             watcher::Event::Delete(req) => {
                 if let Some(uid) = req.uid() {
-                    self.tombstones.lock().expect("tombstones lock poisoned").requests.insert(uid, Instant::now());
+                    let released = req.spec.released;
+                    let mut tombstones = self.tombstones.lock().expect("tombstones lock poisoned");
+                    tombstones.requests.insert(uid, (Instant::now(), released));
                 }
                 if let Some(uid) = req.uid() {
                     index.arrival.remove(&uid);
@@ -288,7 +321,8 @@ impl Cache {
                 let mut tombstones = self.tombstones.lock().expect("tombstones lock poisoned");
                 let now = Instant::now();
                 for uid in vanished {
-                    tombstones.requests.insert(uid, now);
+                    // Vanished during a relist: the last state is not known.
+                    tombstones.requests.insert(uid, (now, false));
                 }
                 tombstones.prune();
                 locks.into_iter().collect()
@@ -338,7 +372,8 @@ impl Cache {
             watcher::Event::Apply(pod) => locks_of(pod),
             watcher::Event::Delete(pod) => {
                 let key = (pod.namespace().unwrap_or_default(), pod.name_any());
-                self.tombstones.lock().expect("tombstones lock poisoned").pods.insert(key, Instant::now());
+                let stopped = pod_info(pod).stopped;
+                self.tombstones.lock().expect("tombstones lock poisoned").pods.insert(key, (Instant::now(), stopped));
                 locks_of(pod)
             }
             watcher::Event::InitDone => {
@@ -349,14 +384,16 @@ impl Cache {
         }
     }
 
-    /// Whether a request UID was seen deleted.
-    pub fn request_gone(&self, uid: &str) -> bool {
-        self.tombstones.lock().expect("tombstones lock poisoned").requests.contains_key(uid)
+    /// Whether a request UID was seen deleted, and if so whether its last state carried
+    /// `spec.released`.
+    pub fn request_gone(&self, uid: &str) -> Option<bool> {
+        self.tombstones.lock().expect("tombstones lock poisoned").requests.get(uid).map(|(_, released)| *released)
     }
 
-    /// Records a request UID as deleted (a quorum read found it gone).
+    /// Records a request UID as deleted (a quorum read found it gone: its last state unknown).
     pub fn mark_request_gone(&self, uid: &str) {
-        self.tombstones.lock().expect("tombstones lock poisoned").requests.insert(uid.to_string(), Instant::now());
+        let mut tombstones = self.tombstones.lock().expect("tombstones lock poisoned");
+        tombstones.requests.entry(uid.to_string()).or_insert((Instant::now(), false));
     }
 
     /// UIDs of deleted Locks seen recently.
@@ -364,28 +401,72 @@ impl Cache {
         self.tombstones.lock().expect("tombstones lock poisoned").locks.keys().cloned().collect()
     }
 
-    /// What the caches know about the pods named by these requests.
-    pub fn pods_for(
+    /// What the caches know about these pods: those present, and those seen deleted with
+    /// whether their last state showed them stopped.
+    pub fn pods_for<'a>(
         &self,
         ns: &str,
-        requests: &[Arc<LockRequest>],
-    ) -> (std::collections::BTreeMap<String, PodInfo>, HashSet<String>) {
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> (std::collections::BTreeMap<String, PodInfo>, HashMap<String, bool>) {
         let mut pods = std::collections::BTreeMap::new();
-        let mut gone = HashSet::new();
+        let mut gone = HashMap::new();
         let Some(store) = &self.pods else { return (pods, gone) };
         let tombstones = self.tombstones.lock().expect("tombstones lock poisoned");
-        for name in requests.iter().filter_map(|r| r.spec.pod_ref.as_ref()).map(|p| &p.name) {
+        for name in names {
             match store.get(&ObjectRef::new(name).within(ns)) {
                 Some(pod) => {
-                    pods.insert(name.clone(), pod_info(&pod));
+                    pods.insert(name.to_string(), pod_info(&pod));
                 }
-                None if tombstones.pods.contains_key(&(ns.to_string(), name.clone())) => {
-                    gone.insert(name.clone());
+                None => {
+                    if let Some((_, stopped)) = tombstones.pods.get(&(ns.to_string(), name.to_string())) {
+                        gone.insert(name.to_string(), *stopped);
+                    }
                 }
-                None => {}
             }
         }
         (pods, gone)
+    }
+
+    /// A request of this namespace by name, if cached (a holder's request re-pointed to
+    /// another Lock is no longer filed under this one).
+    pub fn request(&self, ns: &str, name: &str) -> Option<Arc<LockRequest>> {
+        self.requests.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// UIDs of the Locks of a namespace that exist, among `uids`.
+    pub fn existing_locks(&self, ns: &str, uids: &HashSet<String>) -> HashSet<String> {
+        if uids.is_empty() {
+            return HashSet::new();
+        }
+        self.locks
+            .state()
+            .iter()
+            .filter(|l| l.namespace().as_deref() == Some(ns))
+            .filter_map(|l| l.uid())
+            .filter(|u| uids.contains(u))
+            .collect()
+    }
+
+    /// The Locks with a request bound to a pod.
+    pub fn locks_with_pods(&self) -> Vec<LockKey> {
+        let index = self.index.lock().expect("index lock poisoned");
+        index.by_pod.values().flatten().cloned().collect::<HashSet<_>>().into_iter().collect()
+    }
+
+    /// Why pods cannot be watched now, if they cannot.
+    pub fn pods_unreadable(&self) -> Option<String> {
+        self.pods_unreadable.lock().expect("pods lock poisoned").clone()
+    }
+
+    /// Records that pods cannot be listed (`why`), or can again (`None`). While they cannot,
+    /// the pod store does not hold back readiness: Locks whose requests have no pod are
+    /// served, and requests bound to a pod wait with a condition that says why.
+    pub fn set_pods_unreadable(&self, why: Option<String>) {
+        let unreadable = why.is_some();
+        *self.pods_unreadable.lock().expect("pods lock poisoned") = why;
+        if unreadable {
+            self.mark_synced(2);
+        }
     }
 
     /// Whether every store has finished its first list.
@@ -409,10 +490,25 @@ impl Cache {
 }
 
 /// The planner's view of a pod.
+///
+/// Stopped means no container of it runs, as the kubelet reported: it never reached a node
+/// (no kubelet ever ran it), or it terminated (Succeeded or Failed: nothing runs again), or it
+/// was being deleted and the kubelet reports every container it started as not running
+/// (during a graceful deletion nothing is started again).
 pub fn pod_info(pod: &Pod) -> PodInfo {
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    let terminated = matches!(phase, Some("Succeeded" | "Failed"));
+    let unbound = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none();
+    let none_running = status.is_some_and(|s| {
+        let all = s.container_statuses.iter().flatten().chain(s.init_container_statuses.iter().flatten());
+        s.container_statuses.as_ref().is_some_and(|c| !c.is_empty())
+            && all.into_iter().all(|c| c.state.as_ref().is_none_or(|st| st.running.is_none()))
+    });
+    let deleting = pod.metadata.deletion_timestamp.is_some();
     PodInfo {
         uid: pod.meta().uid.clone().unwrap_or_default(),
-        terminated: matches!(phase, Some("Succeeded" | "Failed")),
+        terminated,
+        stopped: terminated || unbound || (deleting && none_running),
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     planner::{EventKind, PlanEvent},
-    telemetry::Metrics,
+    telemetry::{ApiLabel, Metrics},
 };
 
 /// Events waiting to be published at most.
@@ -30,7 +30,10 @@ impl EventSink {
         let (tx, mut rx) = mpsc::channel::<(ObjectReference, Option<ObjectReference>, PlanEvent)>(QUEUE);
         let reporter = Reporter { controller: crate::api::CONTROLLER_MANAGER.into(), instance };
         let recorder = Recorder::new(client, reporter);
+        let task_metrics = metrics.clone();
         tokio::spawn(async move {
+            let metrics = task_metrics;
+            let mut refused = false;
             while let Some((regarding, related, event)) = rx.recv().await {
                 let type_ = match event.kind {
                     EventKind::Granted | EventKind::Released => EventType::Normal,
@@ -43,8 +46,24 @@ impl EventSink {
                     action: event.reason.as_str().into(),
                     secondary: related,
                 };
-                if let Err(e) = recorder.publish(&ev, &regarding).await {
-                    tracing::debug!(error = %e, "publishing event");
+                match recorder.publish(&ev, &regarding).await {
+                    Ok(()) => {
+                        if refused {
+                            refused = false;
+                            metrics.api_unavailable.get_or_create(&ApiLabel { api: "events" }).set(0);
+                        }
+                    }
+                    Err(e) => {
+                        metrics.events_dropped.inc();
+                        let gone = matches!(&e, kube::Error::Api(s) if s.code == 403 || s.code == 404);
+                        if gone && !refused {
+                            refused = true;
+                            metrics.api_unavailable.get_or_create(&ApiLabel { api: "events" }).set(1);
+                            tracing::warn!(error = %e, "the Events API refuses our events; they are dropped (counted in kubelock_events_dropped_total)");
+                        } else {
+                            tracing::debug!(error = %e, "publishing event");
+                        }
+                    }
                 }
             }
         });

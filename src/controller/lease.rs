@@ -43,7 +43,12 @@ impl Default for Timings {
 pub enum LeaderError {
     #[error("lost the leader-election lease {0}")]
     Lost(String),
+    #[error("leader election on lease {lease} is not possible: {why}")]
+    Unavailable { lease: String, why: String },
 }
+
+/// Refusals in a row (403, 404) after which leader election is given up as unavailable.
+const REFUSALS: u32 = 3;
 
 /// One replica's view of the election.
 pub struct Elector {
@@ -134,21 +139,35 @@ impl Elector {
         }
     }
 
-    /// Waits until this replica leads. Standbys retry every `retry`.
-    pub async fn acquire(&self) {
+    /// Waits until this replica leads (standbys retry every `retry`), or until the Lease API
+    /// refused us a few times in a row (403: RBAC; 404: no such API): then leader election
+    /// is unavailable, which the caller may run without (safety never depends on it).
+    pub async fn acquire(&self) -> Result<(), LeaderError> {
         let mut logged = false;
+        let mut refusals = 0;
         loop {
             match self.try_acquire().await {
                 Ok(true) => {
                     tracing::info!(lease = %self.name, identity = %self.identity, "became leader");
-                    return;
+                    return Ok(());
                 }
                 Ok(false) if !logged => {
                     tracing::info!(lease = %self.name, "another replica leads; standing by");
                     logged = true;
+                    refusals = 0;
                 }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election"),
+                Ok(false) => refusals = 0,
+                Err(kube::Error::Api(s)) if s.code == 403 || s.code == 404 => {
+                    refusals += 1;
+                    tracing::warn!(code = s.code, error = %s.message, "leader election refused");
+                    if refusals >= REFUSALS {
+                        return Err(LeaderError::Unavailable { lease: self.name.clone(), why: s.message.clone() });
+                    }
+                }
+                Err(e) => {
+                    refusals = 0;
+                    tracing::warn!(error = %e, "leader election");
+                }
             }
             tokio::time::sleep(self.timings.retry).await;
         }

@@ -34,8 +34,11 @@ use crate::{
     api::{self, Lock, LockRequest},
     connect::{ClientArgs, parse_duration},
     planner::Settings,
-    telemetry::Metrics,
+    telemetry::{ApiLabel, Metrics},
 };
+
+/// How long in-flight reconciles may run on after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// `kubelock controller` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -201,6 +204,21 @@ where
     })
 }
 
+/// Why a watch's list was refused for good (403 Forbidden, 404 no such API), if it was: the
+/// sentence a request's condition shows.
+fn unreadable(e: &watcher::Error) -> Option<String> {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s,
+        _ => return None,
+    };
+    match status.code {
+        403 => Some(format!("the controller may not list pods ({})", status.message)),
+        404 => Some("the API server has no pods API".to_string()),
+        _ => None,
+    }
+}
+
 fn channel_stream<T: Send + 'static>(
     mut rx: mpsc::UnboundedReceiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
@@ -256,11 +274,19 @@ pub async fn run_controller(
         lease::Elector::new(client.clone(), &ns, &args.leader_elect_lease, &identity, lease::Timings::default())
     });
     let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
-    if let Some(elector) = &elector {
+    let mut elector = elector;
+    if let Some(e) = &elector {
         synced.store(true, std::sync::atomic::Ordering::Release); // a standby is healthy
-        tokio::select! {
-            _ = elector.acquire() => {}
+        let acquired = tokio::select! {
+            r = e.acquire() => r,
             _ = token.cancelled() => return Ok(()),
+        };
+        if let Err(why) = acquired {
+            // Safety never depends on leading (every grant is a CAS): serve rather than
+            // stand by forever. Several replicas doing so only cost conflicts.
+            tracing::error!(error = %why, "running without leader election");
+            metrics.api_unavailable.get_or_create(&ApiLabel { api: "leases" }).set(1);
+            elector = None;
         }
         synced.store(false, std::sync::atomic::Ordering::Release);
     }
@@ -368,7 +394,9 @@ async fn run_active(
         })
         .applied_objects();
 
-    // Pods named by podRef: a change reconciles the Locks whose requests name them.
+    // Pods named by podRef: a change reconciles the Locks whose requests name them. A
+    // controller that may not list pods (RBAC of a namespace-scoped install, an API it cannot
+    // reach) serves the Locks it can: requests bound to a pod wait with a condition saying so.
     if args.watch_pods {
         let pods = watcher(scoped::<Pod>(client.clone(), ns), watcher::Config::default())
             .default_backoff()
@@ -377,6 +405,10 @@ async fn run_active(
             .inspect_ok({
                 let (ctx, lock_tx, mark_synced) = (ctx.clone(), lock_tx.clone(), mark_synced.clone());
                 move |event| {
+                    if matches!(event, watcher::Event::InitDone) && ctx.cache.pods_unreadable().is_some() {
+                        tracing::info!("pods can be read again");
+                        ctx.cache.set_pods_unreadable(None);
+                    }
                     for key in ctx.cache.on_pod_event(event) {
                         let _ = lock_tx.send(key);
                     }
@@ -384,12 +416,30 @@ async fn run_active(
                 }
             });
         let token = token.clone();
+        let (ctx, lock_tx, mark_synced) = (ctx.clone(), lock_tx.clone(), mark_synced.clone());
         tokio::spawn(async move {
             tokio::select! {
-                _ = pods.for_each(|event| async move {
+                _ = pods.for_each(|event| {
                     if let Err(e) = event {
-                        tracing::warn!(error = %e, "pod watch");
+                        let refused = unreadable(&e);
+                        let first = ctx.cache.pods_unreadable().is_none();
+                        if let Some(why) = refused {
+                            if first {
+                                tracing::error!(error = %e, "cannot list pods: serving the locks whose requests have no podRef; requests bound to a pod wait");
+                                ctx.metrics.api_unavailable.get_or_create(&ApiLabel { api: "pods" }).set(1);
+                                ctx.cache.set_pods_unreadable(Some(why));
+                                mark_synced();
+                                for key in ctx.cache.locks_with_pods() {
+                                    let _ = lock_tx.send(key);
+                                }
+                            }
+                        } else {
+                            tracing::warn!(error = %e, "pod watch");
+                        }
+                    } else if ctx.cache.pods_unreadable().is_none() {
+                        ctx.metrics.api_unavailable.get_or_create(&ApiLabel { api: "pods" }).set(0);
                     }
+                    std::future::ready(())
                 }) => {}
                 _ = token.cancelled() => {}
             }
@@ -420,5 +470,16 @@ async fn run_active(
             }
         });
     tracing::info!(namespace = ns.unwrap_or("<all>"), "controller running");
-    futures::join!(lock_controller, orphan_controller);
+    // Stops promptly when told to, whatever a reconcile waits on: in-flight work gets a grace
+    // period (a CAS half done is safe to abandon: the next controller plans again).
+    let running = async { futures::join!(lock_controller, orphan_controller) };
+    tokio::pin!(running);
+    tokio::select! {
+        _ = &mut running => {}
+        _ = token.cancelled() => {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut running).await.is_err() {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "reconciles still running at shutdown; stopping anyway");
+            }
+        }
+    }
 }

@@ -44,8 +44,8 @@ pub(super) struct Reads {
     pub gone: HashSet<String>,
     /// Pods as read.
     pods: BTreeMap<String, PodInfo>,
-    /// Pod names found gone.
-    gone_pods: HashSet<String>,
+    /// Pods found gone (their last state unknown: not known to be stopped).
+    gone_pods: HashMap<String, bool>,
 }
 
 impl Reads {
@@ -83,7 +83,7 @@ impl Reads {
                         self.pods.insert(name.clone(), pod_info(&pod));
                     }
                     None => {
-                        self.gone_pods.insert(name.clone());
+                        self.gone_pods.insert(name.clone(), false);
                     }
                 },
             }
@@ -110,22 +110,57 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
     let mut reads = Reads::default();
     for _ in 0..MAX_ROUNDS {
         let uid = lock.uid().unwrap_or_default();
-        let mut requests: Vec<Arc<LockRequest>> =
-            ctx.cache.requests_for(&key).into_iter().map(|r| ctx.newest_request(r)).collect();
+        let status = lock.status.clone().unwrap_or_default();
+        let mut requests: Vec<Arc<LockRequest>> = ctx.cache.requests_for(&key);
+        // A holder's (or draining grant's) request that names another Lock now still
+        // belongs to this one's decision.
+        let granted: Vec<(&str, &str)> = status
+            .holders
+            .iter()
+            .map(|h| (h.request.as_str(), h.request_uid.as_str()))
+            .chain(status.draining.iter().map(|d| (d.request.as_str(), d.request_uid.as_str())))
+            .collect();
+        for (name, uid) in &granted {
+            if !requests.iter().any(|r| r.uid().as_deref() == Some(*uid))
+                && let Some(r) = ctx.cache.request(&ns, name).filter(|r| r.uid().as_deref() == Some(*uid))
+            {
+                requests.push(r);
+            }
+        }
         for r in requests.iter_mut() {
+            *r = ctx.newest_request(r.clone());
             if let Some(read) = r.uid().and_then(|u| reads.requests.get(&u)) {
                 *r = read.clone();
             }
         }
-        let (mut pods, mut gone_pods) = ctx.cache.pods_for(&ns, &requests);
+        let pod_names = requests
+            .iter()
+            .filter_map(|r| r.spec.pod_ref.as_ref())
+            .chain(status.holders.iter().filter_map(|h| h.pod_ref.as_ref()))
+            .chain(status.draining.iter().filter_map(|d| d.pod_ref.as_ref()))
+            .map(|p| p.name.as_str());
+        let (mut pods, mut gone_pods) = ctx.cache.pods_for(&ns, pod_names);
         pods.extend(reads.pods.clone());
-        gone_pods.extend(reads.gone_pods.iter().cloned());
+        for (name, stopped) in &reads.gone_pods {
+            gone_pods.entry(name.clone()).or_insert(*stopped);
+        }
         let mut gone: HashSet<String> = reads.gone.clone();
-        for h in lock.status.iter().flat_map(|s| &s.holders) {
-            if ctx.cache.request_gone(&h.request_uid) {
-                gone.insert(h.request_uid.clone());
+        let mut released: HashSet<String> = HashSet::new();
+        for (_, uid) in &granted {
+            if let Some(was_released) = ctx.cache.request_gone(uid) {
+                gone.insert(uid.to_string());
+                if was_released {
+                    released.insert(uid.to_string());
+                }
             }
         }
+        let foreign: HashSet<String> = requests
+            .iter()
+            .filter_map(|r| r.status.as_ref()?.lock_uid.clone())
+            .filter(|u| Some(u.as_str()) != lock.uid().as_deref())
+            .collect();
+        let other_locks = ctx.cache.existing_locks(&ns, &foreign);
+        let pods_unreadable = ctx.cache.pods_unreadable();
         let fresh: HashSet<String> = reads.requests.keys().cloned().collect();
         let observations =
             ctx.observations.lock().expect("observations lock poisoned").get(&uid).cloned().unwrap_or_default();
@@ -137,8 +172,11 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
             requests: &requests,
             fresh: &fresh,
             gone: &gone,
+            released: &released,
             pods: &pods,
             gone_pods: &gone_pods,
+            pods_unreadable: pods_unreadable.as_deref(),
+            other_locks: &other_locks,
             arrival: &arrival,
             observations: &observations,
             settings: &ctx.settings,

@@ -1,32 +1,208 @@
-//! The holders pass: releases, expiries, breaks and pods gone; the lock delay they start;
-//! and requests whose grant ended while their status did not say so.
+//! The holders pass: how each grant ends, and when the permits of an ended grant are free.
+//!
+//! One rule for every end: permits are freed only when the ended holder can no longer act.
+//! - Its own release (`spec.released`) frees them at once, with no lock delay.
+//! - A lease that passed with no renewal observed frees them (the holder's own deadline has
+//!   passed too), and so does a bound pod that the kubelet reported stopped.
+//! - Every other end (a delete by someone else, a break, a pod that vanished unconfirmed, a
+//!   changed spec, a Lock recreated) moves the grant to `status.draining`: its permits stay
+//!   taken until the controller has observed no renewal for its lease since the last renewal
+//!   it saw before the end, its pod is reported stopped, or its holder marks it released.
+//!
+//! The lock delay follows every end the holder did not report itself, from the moment the
+//! permits are free. And requests whose grant ended while their status did not say so.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::ResourceExt as _;
 
 use super::{
     FALLBACK_LEASE,
     inputs::{DelayObservation, Inputs, Observations, Renewal},
     outcome::{Check, EventKind, Finish, Plan},
     spec::{PodState, break_message, holder_identity, pod_state, renewal_key, uid_of},
-    status::{Fate, desired_status, released, signed, since},
+    status::{Fate, desired_status, released, signed, since, truncate_to_micros},
 };
-use crate::api::{ConditionType, Holder, LockRequest, LockStatus, Phase, Reason, duration};
+use crate::api::{ConditionType, Draining, Holder, LockRequest, LockStatus, Phase, PodRef, Reason, duration};
 
-/// The current holders, after releases and expiries.
-/// Ending a grant for this reason starts the lock delay (it was not a clean release).
-fn starts_lock_delay(reason: Reason) -> bool {
-    matches!(reason, Reason::LeaseExpired | Reason::PodGone | Reason::Broken)
+/// The holders after this pass, the grants still draining, and what the queue must skip.
+pub(super) struct HolderPass {
+    /// Grants that go on.
+    pub kept: Vec<Holder>,
+    /// Ended grants whose holder may still act: their permits stay taken.
+    pub draining: Vec<Draining>,
+    /// UIDs of requests that are (or just stopped being) holders or draining: not queued.
+    pub handled: HashSet<String>,
+    /// Permits were freed by an end the holder did not report itself: the lock delay starts.
+    pub delay_starts: bool,
 }
 
-pub(super) struct HolderPass {
-    pub kept: Vec<Holder>,
-    /// UIDs of requests that are (or just stopped being) holders: not queued again.
-    pub handled: HashSet<String>,
-    /// A grant ended in a way that starts the lock delay.
-    pub delay_starts: bool,
+/// How one grant ends in this plan.
+enum End {
+    /// It goes on.
+    Keep,
+    /// Its holder released it (`spec.released`): free at once, no lock delay.
+    Release,
+    /// Its holder can no longer act (lease passed, pod reported stopped): free now, then the
+    /// lock delay.
+    Free { kind: EventKind, reason: Reason, message: String },
+    /// Its holder may still act: the permits drain. `restart`: nothing of the holder's last
+    /// renewal is known for sure (its request vanished), so the lease counts from now.
+    Drain { kind: EventKind, reason: Reason, message: String, restart: bool },
+}
+
+/// The lease recorded with a grant.
+fn lease_of(recorded: &str) -> Duration {
+    duration::parse(recorded).ok().filter(|d| !d.is_zero()).unwrap_or(FALLBACK_LEASE)
+}
+
+/// When the controller last observed this request renew (the grant counts as one), and
+/// the renewal key it saw; a changed key counts as a renewal observed now.
+fn observed(inputs: &Inputs<'_>, uid: &str, req: Option<&LockRequest>) -> Renewal {
+    let (generation, renew_time) = req.map(renewal_key).unwrap_or_default();
+    let at = match inputs.observations.renewals.get(uid) {
+        Some(r) if req.is_none() || (r.generation == generation && r.renew_time == renew_time) => r.at,
+        _ => inputs.now.mono,
+    };
+    Renewal { generation, renew_time, at }
+}
+
+/// What the spec of a granted request no longer matches in its grant, if anything.
+fn changed_spec(h: &Holder, req: &LockRequest, lock_name: &str) -> Option<String> {
+    if req.spec.lock_name != lock_name {
+        return Some(format!("spec.lockName was changed to {} while it held {lock_name}", req.spec.lock_name));
+    }
+    if req.spec.permits != h.permits {
+        return Some(format!("spec.permits was changed from {} to {} while held", h.permits, req.spec.permits));
+    }
+    // Grants recorded before holder entries carried the pod are bound to the request's pod.
+    if h.pod_ref.is_some() && req.spec.pod_ref != h.pod_ref {
+        return Some("spec.podRef was changed while held".to_string());
+    }
+    None
+}
+
+/// The pod a grant is bound to: the one recorded with it, else the request's.
+fn bound_pod<'a>(recorded: Option<&'a PodRef>, req: Option<&'a LockRequest>) -> Option<&'a PodRef> {
+    recorded.or_else(|| req.and_then(|r| r.spec.pod_ref.as_ref()))
+}
+
+fn end_of(h: &Holder, req: Option<&LockRequest>, inputs: &Inputs<'_>, seen: &Renewal, plan: &mut Plan) -> End {
+    let now = inputs.now;
+    let Some(req) = req else {
+        if inputs.released.contains(&h.request_uid) {
+            return End::Release;
+        }
+        if inputs.gone.contains(&h.request_uid) {
+            let message = "its request was deleted by someone else than its holder".to_string();
+            return End::Drain { kind: EventKind::Expired, reason: Reason::Deleted, message, restart: true };
+        }
+        // Not in the cache, but no deletion seen: the cache may lag. Keep the grant.
+        plan.checks.insert(Check::Request { name: h.request.clone(), uid: h.request_uid.clone() });
+        return End::Keep;
+    };
+    if req.spec.released {
+        return End::Release;
+    }
+    if req.metadata.deletion_timestamp.is_some() {
+        let message = "its request is being deleted by someone else than its holder".to_string();
+        return End::Drain { kind: EventKind::Expired, reason: Reason::Deleted, message, restart: false };
+    }
+    if req.phase().is_final() {
+        // Its end is already written on the request (a fence whose Lock write did not
+        // follow: a conflict, or a controller that stopped in between): finish it here.
+        let status = req.status.clone().unwrap_or_default();
+        let cause = ConditionType::Granted.find(&status.conditions).and_then(|c| c.reason.parse::<Reason>().ok());
+        let message = status.message.unwrap_or_default();
+        return match cause {
+            Some(Reason::LeaseExpired) => End::Free { kind: EventKind::Expired, reason: Reason::LeaseExpired, message },
+            Some(reason @ Reason::Broken) => End::Drain { kind: EventKind::Broken, reason, message, restart: false },
+            Some(reason @ (Reason::PodGone | Reason::LockDeleted | Reason::SpecChanged | Reason::Deleted)) => {
+                End::Drain { kind: EventKind::Expired, reason, message, restart: false }
+            }
+            _ => End::Drain { kind: EventKind::Expired, reason: Reason::Lost, message, restart: false },
+        };
+    }
+    if let Some(message) = changed_spec(h, req, &inputs.lock.name_any()) {
+        return End::Drain { kind: EventKind::Expired, reason: Reason::SpecChanged, message, restart: false };
+    }
+    if let Some(message) = break_message(req) {
+        return End::Drain { kind: EventKind::Broken, reason: Reason::Broken, message, restart: false };
+    }
+    match pod_state(bound_pod(h.pod_ref.as_ref(), Some(req)), inputs) {
+        PodState::Gone { why, stopped: true } => {
+            return End::Free { kind: EventKind::Expired, reason: Reason::PodGone, message: why };
+        }
+        PodState::Gone { why, stopped: false } => {
+            let message = format!("{why}; it may still be running");
+            return End::Drain { kind: EventKind::Expired, reason: Reason::PodGone, message, restart: false };
+        }
+        PodState::Unknown(pod) => {
+            plan.checks.insert(Check::Pod(pod));
+            return End::Keep;
+        }
+        PodState::Fine => {}
+    }
+    let lease = lease_of(&h.lease_duration);
+    if now.mono.saturating_sub(seen.at) < lease {
+        return End::Keep;
+    }
+    if !inputs.fresh.contains(&h.request_uid) {
+        // Confirm with a quorum read that no renewal is stuck in a lagging watch.
+        plan.checks.insert(Check::Request { name: h.request.clone(), uid: h.request_uid.clone() });
+        return End::Keep;
+    }
+    let message = format!("no renewal observed for {}", duration::format(lease));
+    End::Free { kind: EventKind::Expired, reason: Reason::LeaseExpired, message }
+}
+
+/// Writes a grant's end on its request before the Lock says so (see
+/// `outcome::RequestUpdate::fence`), unless the request is gone, going or already final.
+fn fence_end(
+    req: Option<&LockRequest>,
+    h: &Holder,
+    reason: Reason,
+    message: &str,
+    lock_uid: &str,
+    inputs: &Inputs<'_>,
+    plan: &mut Plan,
+) {
+    let Some(req) = req.filter(|r| r.metadata.deletion_timestamp.is_none() && !r.phase().is_final()) else {
+        return;
+    };
+    let fate = Fate::Finished {
+        phase: Phase::Expired,
+        reason,
+        message: message.to_string(),
+        holder: Some(h),
+        lock_uid: Some(lock_uid),
+    };
+    plan.fence(req, desired_status(req, fate, inputs.now));
+}
+
+fn draining_entry(h: &Holder, pod_ref: Option<&PodRef>, reason: Reason, now: Timestamp) -> Draining {
+    Draining {
+        request: h.request.clone(),
+        request_uid: h.request_uid.clone(),
+        holder: h.holder.clone(),
+        permits: h.permits,
+        token: h.token,
+        lease_duration: h.lease_duration.clone(),
+        pod_ref: pod_ref.cloned(),
+        reason: reason.as_str().to_string(),
+        ended_at: MicroTime(truncate_to_micros(now)),
+    }
+}
+
+/// The requests a grant of this Lock may refer to, by UID: those naming it, and those whose
+/// grant it holds although they now name another Lock (a re-pointed request).
+fn requests_by_uid<'a>(inputs: &Inputs<'a>) -> HashMap<&'a str, &'a LockRequest> {
+    inputs.requests.iter().map(|r| (uid_of(r), r.as_ref())).collect()
 }
 
 pub(super) fn plan_holders(
@@ -37,94 +213,151 @@ pub(super) fn plan_holders(
     obs: &mut Observations,
 ) -> HolderPass {
     let now = inputs.now;
-    let by_uid: std::collections::HashMap<&str, &LockRequest> =
-        inputs.requests.iter().map(|r| (uid_of(r), r.as_ref())).collect();
-    let mut pass = HolderPass { kept: Vec::new(), handled: HashSet::new(), delay_starts: false };
+    let by_uid = requests_by_uid(inputs);
+    let mut pass = HolderPass { kept: Vec::new(), draining: Vec::new(), handled: HashSet::new(), delay_starts: false };
     for h in &old.holders {
         if !pass.handled.insert(h.request_uid.clone()) {
             continue; // a duplicate entry (hand-edited status): keep the first
         }
+        let req = by_uid.get(h.request_uid.as_str()).copied();
+        let seen = observed(inputs, &h.request_uid, req);
         let held = Some(since(h.granted_at.0, now.wall));
-        let Some(req) = by_uid.get(h.request_uid.as_str()).copied() else {
-            if inputs.gone.contains(&h.request_uid) {
+        match end_of(h, req, inputs, &seen, plan) {
+            End::Keep => {
+                plan.wake(seen.at + lease_of(&h.lease_duration));
+                obs.renewals.insert(h.request_uid.clone(), seen);
+                pass.kept.push(h.clone());
+            }
+            End::Release => {
                 plan.holder_event(EventKind::Released, Reason::Released, h, held, released(h));
-            } else {
-                // Not in the cache, but no deletion seen: the cache may lag. Keep the grant.
-                plan.checks.insert(Check::Request { name: h.request.clone(), uid: h.request_uid.clone() });
-                pass.kept.push(h.clone());
             }
-            continue;
-        };
-        if req.metadata.deletion_timestamp.is_some() {
-            plan.holder_event(EventKind::Released, Reason::Released, h, held, released(h));
-            continue;
-        }
-        if req.phase().is_final() {
-            // Its end is already written on the request (a fence whose Lock write did not
-            // follow: a conflict, or a controller that stopped in between): finish it here.
-            let status = req.status.clone().unwrap_or_default();
-            let cause = ConditionType::Granted.find(&status.conditions).and_then(|c| c.reason.parse::<Reason>().ok());
-            let reason = match cause {
-                Some(r @ (Reason::LeaseExpired | Reason::PodGone | Reason::Broken | Reason::LockDeleted)) => r,
-                _ => Reason::Lost,
-            };
-            pass.delay_starts |= starts_lock_delay(reason);
-            let kind = if reason == Reason::Broken { EventKind::Broken } else { EventKind::Expired };
-            let note = format!("{} lost token {}: {}", h.holder, h.token, status.message.unwrap_or_default());
-            plan.holder_event(kind, reason, h, held, note);
-            continue;
-        }
-        let lease = duration::parse(&h.lease_duration).ok().filter(|d| !d.is_zero()).unwrap_or(FALLBACK_LEASE);
-        let (generation, renew_time) = renewal_key(req);
-        let seen = match inputs.observations.renewals.get(&h.request_uid) {
-            Some(r) if r.generation == generation && r.renew_time == renew_time => r.at,
-            _ => now.mono,
-        };
-        let ended = if let Some(message) = break_message(req) {
-            Some((EventKind::Broken, Reason::Broken, message))
-        } else {
-            match pod_state(req, inputs) {
-                PodState::Gone(why) => Some((EventKind::Expired, Reason::PodGone, why)),
-                PodState::Unknown(pod) => {
-                    plan.checks.insert(Check::Pod(pod));
-                    None
-                }
-                PodState::Fine if now.mono.saturating_sub(seen) >= lease => {
-                    if inputs.fresh.contains(&h.request_uid) {
-                        let message = format!("no renewal observed for {}", duration::format(lease));
-                        Some((EventKind::Expired, Reason::LeaseExpired, message))
-                    } else {
-                        // Confirm with a quorum read that no renewal is stuck in a lagging watch.
-                        plan.checks.insert(Check::Request { name: h.request.clone(), uid: h.request_uid.clone() });
-                        None
-                    }
-                }
-                PodState::Fine => None,
-            }
-        };
-        match ended {
-            None => {
-                obs.renewals.insert(h.request_uid.clone(), Renewal { generation, renew_time, at: seen });
-                plan.wake(seen + lease);
-                pass.kept.push(h.clone());
-            }
-            Some((kind, reason, message)) => {
+            End::Free { kind, reason, message } => {
                 obs.ended.insert(h.request_uid.clone());
-                pass.delay_starts |= starts_lock_delay(reason);
+                pass.delay_starts = true;
+                fence_end(req, h, reason, &message, lock_uid, inputs, plan);
                 let note = format!("{} lost token {}: {message}", h.holder, h.token);
-                let fate = Fate::Finished {
-                    phase: Phase::Expired,
-                    reason,
-                    message,
-                    holder: Some(h),
-                    lock_uid: Some(lock_uid),
-                };
-                plan.fence(req, desired_status(req, fate, now));
+                plan.holder_event(kind, reason, h, held, note);
+            }
+            End::Drain { kind, reason, message, restart } => {
+                obs.ended.insert(h.request_uid.clone());
+                fence_end(req, h, reason, &message, lock_uid, inputs, plan);
+                let at = if restart { now.mono } else { seen.at };
+                obs.renewals.insert(h.request_uid.clone(), Renewal { at, ..seen });
+                plan.wake(at + lease_of(&h.lease_duration));
+                let pod = bound_pod(h.pod_ref.as_ref(), req);
+                pass.draining.push(draining_entry(h, pod, reason, now.wall));
+                let note = format!(
+                    "{} lost token {}: {message}; its permits drain until it can no longer act",
+                    h.holder, h.token
+                );
                 plan.holder_event(kind, reason, h, held, note);
             }
         }
     }
+    for d in &old.draining {
+        if !pass.handled.insert(d.request_uid.clone()) {
+            continue;
+        }
+        match drain(d, by_uid.get(d.request_uid.as_str()).copied(), inputs, plan, obs, &mut pass) {
+            Some(d) => pass.draining.push(d),
+            None => {
+                obs.drained.insert(d.request_uid.clone());
+            }
+        }
+    }
     pass
+}
+
+/// One draining grant: kept while its holder may still act; `None` once its permits are free.
+fn drain(
+    d: &Draining,
+    req: Option<&LockRequest>,
+    inputs: &Inputs<'_>,
+    plan: &mut Plan,
+    obs: &mut Observations,
+    pass: &mut HolderPass,
+) -> Option<Draining> {
+    let now = inputs.now;
+    if req.is_some_and(|r| r.spec.released) || inputs.released.contains(&d.request_uid) {
+        return None; // its holder says it stopped acting
+    }
+    let stopped = match pod_state(bound_pod(d.pod_ref.as_ref(), None), inputs) {
+        PodState::Gone { stopped, .. } => stopped,
+        PodState::Unknown(pod) => {
+            plan.checks.insert(Check::Pod(pod));
+            false
+        }
+        PodState::Fine => false,
+    };
+    // The countdown from the last renewal seen before the end; renewals after the end do not
+    // count (they are answered Expired, or refused). After a restart it starts again.
+    let at = inputs.observations.renewals.get(&d.request_uid).map_or(now.mono, |r| r.at);
+    let lease = lease_of(&d.lease_duration);
+    if stopped || now.mono.saturating_sub(at) >= lease {
+        pass.delay_starts = true;
+        return None;
+    }
+    let (generation, renew_time) = req.map(renewal_key).unwrap_or_default();
+    obs.renewals.insert(d.request_uid.clone(), Renewal { generation, renew_time, at });
+    obs.ended.insert(d.request_uid.clone());
+    plan.wake(at + lease);
+    Some(d.clone())
+}
+
+/// Grants made by an earlier Lock of this name (deleted and recreated): their holders may
+/// still act on whatever this Lock's name guards, so they drain here too, unless their Lock
+/// still exists under another name (the request was re-pointed) or they drained already.
+pub(super) fn drain_earlier_grants(
+    inputs: &Inputs<'_>,
+    lock_uid: &str,
+    plan: &mut Plan,
+    obs: &mut Observations,
+    pass: &mut HolderPass,
+) {
+    let now = inputs.now;
+    let name = inputs.lock.name_any();
+    for r in inputs.requests.iter().map(AsRef::as_ref) {
+        let uid = uid_of(r);
+        if inputs.observations.drained.contains(uid) {
+            obs.drained.insert(uid.to_string()); // remembered while the request lingers
+        }
+        let status = r.status.clone().unwrap_or_default();
+        let (Some(token), Some(granted_by)) = (status.token, status.lock_uid.as_deref()) else { continue };
+        if uid.is_empty()
+            || granted_by == lock_uid
+            || r.spec.lock_name != name
+            || r.spec.released
+            || pass.handled.contains(uid)
+            || inputs.other_locks.contains(granted_by)
+            || !matches!(r.phase(), Phase::Granted | Phase::Expired)
+        {
+            continue;
+        }
+        if obs.drained.contains(uid) {
+            continue;
+        }
+        let holder = Holder {
+            request: r.name_any(),
+            request_uid: uid.to_string(),
+            holder: holder_identity(r),
+            permits: r.spec.permits,
+            token,
+            granted_at: status.granted_at.clone().unwrap_or(MicroTime(now.wall)),
+            lease_duration: status.lease_duration.clone().unwrap_or_else(|| duration::format(FALLBACK_LEASE)),
+            pod_ref: r.spec.pod_ref.clone(),
+        };
+        if r.phase() == Phase::Granted {
+            finish_stale_grant(r, inputs, lock_uid, &name, plan);
+        }
+        let entry = draining_entry(&holder, r.spec.pod_ref.as_ref(), Reason::LockDeleted, now.wall);
+        pass.handled.insert(uid.to_string());
+        match drain(&entry, Some(r), inputs, plan, obs, pass) {
+            Some(d) => pass.draining.push(d),
+            None => {
+                obs.drained.insert(uid.to_string());
+            }
+        }
+    }
 }
 
 /// The lock delay after an expiry: returns whether it holds back grants now, and the
@@ -139,7 +372,8 @@ pub(super) fn plan_delay(
 ) -> Option<MicroTime> {
     let now = inputs.now;
     if starts && !lock_delay.is_zero() {
-        let until = now.wall.saturating_add(signed(lock_delay)).unwrap_or(Timestamp::MAX);
+        // As the API stores it (microseconds): the next plan must recognize its own delay.
+        let until = truncate_to_micros(now.wall.saturating_add(signed(lock_delay)).unwrap_or(Timestamp::MAX));
         obs.delay = Some(DelayObservation { until, at: now.mono });
         plan.wake(now.mono + lock_delay);
         return Some(MicroTime(until));
@@ -182,7 +416,7 @@ pub(super) fn finish_stale_grant(
             plan.checks.insert(Check::Lock); // is this Lock really a newer one?
             return;
         }
-        (Reason::LockDeleted, format!("lock {lock_name} was deleted and recreated while held"))
+        (Reason::LockDeleted, format!("its grant was made by another Lock than the current {lock_name}"))
     };
     let note = format!("{} lost token {}: {message}", holder_identity(r), status.token.unwrap_or_default());
     let e = plan.finish(r, inputs.now, Finish { kind: EventKind::Expired, phase: Phase::Expired, reason, message });

@@ -49,6 +49,9 @@ pub struct Observations {
     /// finished or gone: a cache that has not caught up with our own `Expired` mirror (or a
     /// mirror that failed) must not make them look like new waiters. Expired is final.
     pub ended: BTreeSet<String>,
+    /// Requests (UIDs) granted by an earlier Lock of this name whose holders can no longer act
+    /// (their drain ended): not drained again while they linger, finished, until retention.
+    pub drained: BTreeSet<String>,
 }
 
 /// A holder's heartbeat as last observed.
@@ -78,6 +81,10 @@ pub struct PodInfo {
     pub uid: String,
     /// Phase Succeeded or Failed: its containers will not run again.
     pub terminated: bool,
+    /// None of its containers runs, as far as the kubelet reported: it never reached a node,
+    /// or it terminated, or it was being deleted and every container it started has
+    /// terminated. A pod that vanished with this unset may still be running somewhere.
+    pub stopped: bool,
 }
 
 /// Everything one plan looks at. Built by the controller from its caches and quorum reads.
@@ -93,10 +100,19 @@ pub struct Inputs<'a> {
     pub fresh: &'a HashSet<String>,
     /// UIDs of requests known to be deleted (a watched deletion, or a quorum read's 404).
     pub gone: &'a HashSet<String>,
+    /// UIDs of deleted requests whose last state carried `spec.released`: released by their
+    /// holder before they were deleted.
+    pub released: &'a HashSet<String>,
     /// Pods in the Lock's namespace, by name, as far as the controller knows them.
     pub pods: &'a BTreeMap<String, PodInfo>,
-    /// Names of pods known not to exist (a watched deletion, or a quorum read's 404).
-    pub gone_pods: &'a HashSet<String>,
+    /// Pods known not to exist (a watched deletion, or a quorum read's 404), by name, with
+    /// whether their last known state shows them stopped (only a watched deletion tells).
+    pub gone_pods: &'a HashMap<String, bool>,
+    /// Why the controller cannot read pods, if it cannot: requests bound to a pod then wait.
+    pub pods_unreadable: Option<&'a str>,
+    /// UIDs of the other Locks of the namespace that exist: a request granted by one of them
+    /// was re-pointed here, it is not a grant left behind by an earlier Lock of this name.
+    pub other_locks: &'a HashSet<String>,
     /// Per request UID: the order in which the controller's watch first delivered it (etcd
     /// commit order). Breaks ties between requests created in the same second.
     pub arrival: &'a HashMap<String, u64>,

@@ -69,23 +69,26 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
     let params = spec::parse_lock_spec(lock);
     plan.invalid_spec = params.as_ref().err().cloned();
 
-    // Tokens continue from the highest ever seen for this Lock UID, even if the status was
-    // reset by hand while a request still remembers a higher token.
-    let mut token = old.fencing_token.max(old.holders.iter().map(|h| h.token).max().unwrap_or(0));
-    for s in requests.iter().filter_map(|r| r.status.as_ref()) {
-        if s.lock_uid.as_deref() == Some(lock_uid.as_str()) {
-            token = token.max(s.token.unwrap_or(0));
-        }
-    }
+    // Tokens continue from the highest ever seen for this Lock's name, even if the status was
+    // reset (by hand, a restore, the Lock recreated) while a request still remembers a higher
+    // token; `queue::next_token` adds the wall clock as a floor.
+    let token = old
+        .holders
+        .iter()
+        .map(|h| h.token)
+        .chain(old.draining.iter().map(|d| d.token))
+        .chain(requests.iter().filter(|r| r.spec.lock_name == lock.name_any()).filter_map(|r| r.status.as_ref()?.token))
+        .fold(old.fencing_token, i64::max);
 
-    // 1 and 2: holders, and the lock delay their ends start.
-    let pass = holders::plan_holders(&inputs, &old, &lock_uid, &mut plan, &mut obs);
+    // 1 and 2: holders, how their grants end and drain, and the lock delay their ends start.
+    let mut pass = holders::plan_holders(&inputs, &old, &lock_uid, &mut plan, &mut obs);
+    holders::drain_earlier_grants(&inputs, &lock_uid, &mut plan, &mut obs, &mut pass);
     let lock_delay = params.as_ref().map_or(std::time::Duration::ZERO, |p| p.lock_delay);
     let delayed_until = holders::plan_delay(&inputs, &old, lock_delay, pass.delay_starts, &mut plan, &mut obs);
     // 3: the queue.
     let queue = queue::enqueue(&inputs, &pass.handled, &params, &lock_uid, &mut plan, &mut obs);
     // 4: grants, strictly in queue order.
-    let granted = queue::grant(&inputs, queue, pass, &params, delayed_until.is_some(), token, &mut plan, &mut obs);
+    let granted = queue::grant(&inputs, queue, &pass, &params, delayed_until.is_some(), token, &mut plan, &mut obs);
     // Request statuses (new grants first), then the Lock's.
     status::request_statuses(&inputs, &old, &lock_uid, &granted.holders, &granted.waiting, &mut plan);
     status::wake_for_retention(&mut plan, inputs.settings, now);
@@ -94,11 +97,13 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
             &old,
             params.as_ref().map(|p| p.permits),
             &granted.holders,
+            &pass.draining,
             delayed_until.is_some(),
             lock.metadata.generation,
             now,
         ),
         holders: granted.holders,
+        draining: pass.draining,
         fencing_token: granted.token,
         waiting: i32::try_from(granted.waiting.len()).unwrap_or(i32::MAX),
         queue: granted.waiting.iter().take(QUEUE_WINDOW).map(|(r, _, _)| r.name_any()).collect(),

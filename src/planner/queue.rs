@@ -32,8 +32,12 @@ pub(super) fn enqueue<'a>(
     let mut queue: Vec<&LockRequest> = Vec::new();
     for r in inputs.requests.iter().map(Arc::as_ref) {
         let uid = uid_of(r);
-        if uid.is_empty() || handled.contains(uid) || r.metadata.deletion_timestamp.is_some() {
-            continue;
+        if uid.is_empty()
+            || handled.contains(uid)
+            || r.metadata.deletion_timestamp.is_some()
+            || r.spec.lock_name != lock_name
+        {
+            continue; // a holder's (handled above), going, or re-pointed to another Lock
         }
         if inputs.observations.ended.contains(uid) && r.phase() == Phase::Pending {
             // A grant we ended whose request still reads Pending (its grant was never mirrored,
@@ -55,6 +59,13 @@ pub(super) fn enqueue<'a>(
                 continue;
             }
             Phase::Pending => {}
+        }
+        if r.spec.released {
+            // Withdrawn by its requester before any grant reached it.
+            let message = "withdrawn by its requester".to_string();
+            let end = Finish { kind: EventKind::Released, phase: Phase::Expired, reason: Reason::Released, message };
+            plan.finish(r, now, end);
+            continue;
         }
         if let Some(end) = refusal(r, inputs, params, &lock_name) {
             plan.finish(r, now, end);
@@ -79,9 +90,9 @@ fn refusal(r: &LockRequest, inputs: &Inputs<'_>, params: &Result<LockParams, Str
             Reason::TooManyPermits,
             format!("spec.permits {} is more than the {} permit(s) of lock {lock}", rp.permits, p.permits),
         )),
-        _ => match pod_state(r, inputs) {
-            PodState::Gone(message) => {
-                Some(Finish { kind: EventKind::Expired, phase: Phase::Expired, reason: Reason::PodGone, message })
+        _ => match pod_state(r.spec.pod_ref.as_ref(), inputs) {
+            PodState::Gone { why, .. } => {
+                Some(Finish { kind: EventKind::Expired, phase: Phase::Expired, reason: Reason::PodGone, message: why })
             }
             _ => None,
         },
@@ -96,12 +107,19 @@ pub(super) struct Granted<'a> {
     pub token: i64,
 }
 
+/// The next fencing token after `last`: larger, and at least the wall clock in milliseconds
+/// since the epoch, so that tokens keep increasing for a Lock's name when its status starts
+/// again lower (the Lock recreated, or etcd restored from a backup). `None` once exhausted.
+pub(super) fn next_token(last: i64, wall: jiff::Timestamp) -> Option<i64> {
+    Some(last.checked_add(1)?.max(wall.as_millisecond()))
+}
+
 /// Grants strictly in queue order, from the permits the holders pass left free.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn grant<'a>(
     inputs: &Inputs<'_>,
     queue: Vec<&'a LockRequest>,
-    pass: HolderPass,
+    pass: &HolderPass,
     params: &Result<LockParams, String>,
     delayed: bool,
     mut token: i64,
@@ -110,8 +128,10 @@ pub(super) fn grant<'a>(
 ) -> Granted<'a> {
     let now = inputs.now;
     let lock_name = inputs.lock.name_any();
-    let mut holders = pass.kept;
-    let mut held: i64 = holders.iter().map(|h| i64::from(h.permits)).sum();
+    let mut holders = pass.kept.clone();
+    // Permits of draining grants stay taken.
+    let mut held: i64 = holders.iter().map(|h| i64::from(h.permits)).sum::<i64>()
+        + pass.draining.iter().map(|d| i64::from(d.permits)).sum::<i64>();
     let mut waiting: Vec<(&LockRequest, Reason, String)> = Vec::new();
     let mut blocked = false;
     for r in queue {
@@ -129,7 +149,12 @@ pub(super) fn grant<'a>(
             waiting.push((r, Reason::LockDelay, format!("{wants}: lock delay after an expiry")));
             continue;
         }
-        if let PodState::Unknown(pod) = pod_state(r, inputs) {
+        if let (Some(why), Some(_)) = (inputs.pods_unreadable, &r.spec.pod_ref) {
+            // Its pod could not be watched: let those behind go first meanwhile.
+            waiting.push((r, Reason::PodsUnreadable, format!("{wants}: bound to a pod, and {why}")));
+            continue;
+        }
+        if let PodState::Unknown(pod) = pod_state(r.spec.pod_ref.as_ref(), inputs) {
             // Not in the cache yet: ask, and let those behind go first meanwhile.
             plan.checks.insert(Check::Pod(pod.clone()));
             waiting.push((r, Reason::PodNotFound, format!("{wants}: pod {pod} not seen yet")));
@@ -140,7 +165,7 @@ pub(super) fn grant<'a>(
             waiting.push((r, Reason::Waiting, wants));
             continue;
         }
-        let Some(next) = token.checked_add(1) else {
+        let Some(next) = next_token(token, now.wall) else {
             // The last token was i64::MAX (a hand-edited status): granting would wrap around
             // and reissue tokens. Nothing is granted any more.
             blocked = true;
@@ -158,6 +183,7 @@ pub(super) fn grant<'a>(
             token,
             granted_at: MicroTime(now.wall),
             lease_duration: duration::format(lease),
+            pod_ref: r.spec.pod_ref.clone(),
         };
         // The grant counts as an observed renewal.
         let (generation, renew_time) = renewal_key(r);

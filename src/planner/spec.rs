@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use kube::ResourceExt as _;
 
 use super::inputs::Inputs;
-use crate::api::{BREAK_ANNOTATION, BROKEN_BY_ANNOTATION, Lock, LockRequest, duration};
+use crate::api::{BREAK_ANNOTATION, BROKEN_BY_ANNOTATION, Lock, LockRequest, PodRef, duration};
 
 /// The Lock spec, parsed.
 pub(super) struct LockParams {
@@ -85,28 +85,35 @@ pub(super) fn break_message(req: &LockRequest) -> Option<String> {
     Some(format!("broken by {who}: {reason}"))
 }
 
-/// Where a request's pod stands.
+/// Where the pod a grant is bound to stands.
 pub(super) enum PodState {
-    /// No podRef (or pods are not watched), or the pod is there and running.
+    /// No pod, pods are not watched, or the pod is there and may run.
     Fine,
-    /// The pod is gone for good.
-    Gone(String),
+    /// The pod is gone for good (deleted, replaced or terminated). `stopped`: the kubelet
+    /// reported that none of its containers runs; otherwise it may still be running.
+    Gone { why: String, stopped: bool },
     /// The cache does not have it and nothing confirms it is gone.
     Unknown(String),
 }
 
-pub(super) fn pod_state(req: &LockRequest, inputs: &Inputs<'_>) -> PodState {
-    let Some(pod_ref) = req.spec.pod_ref.as_ref().filter(|_| inputs.settings.watch_pods) else {
+/// The state of the pod `pod_ref` names.
+pub(super) fn pod_state(pod_ref: Option<&PodRef>, inputs: &Inputs<'_>) -> PodState {
+    // Pods not watched, or unreadable: a grant bound to a pod then ends by its lease alone
+    // (waiting requests bound to a pod are held back, see the grants pass).
+    let Some(pod_ref) = pod_ref.filter(|_| inputs.settings.watch_pods && inputs.pods_unreadable.is_none()) else {
         return PodState::Fine;
     };
     let name = &pod_ref.name;
     match inputs.pods.get(name) {
+        // The pod named is another one now: ours is gone, and nothing says how it ended.
         Some(pod) if pod_ref.uid.as_ref().is_some_and(|uid| *uid != pod.uid) => {
-            PodState::Gone(format!("pod {name} was replaced by another pod of the same name"))
+            PodState::Gone { why: format!("pod {name} was replaced by another pod of the same name"), stopped: false }
         }
-        Some(pod) if pod.terminated => PodState::Gone(format!("pod {name} has terminated")),
+        Some(pod) if pod.terminated => PodState::Gone { why: format!("pod {name} has terminated"), stopped: true },
         Some(_) => PodState::Fine,
-        None if inputs.gone_pods.contains(name) => PodState::Gone(format!("pod {name} was deleted")),
-        None => PodState::Unknown(name.clone()),
+        None => match inputs.gone_pods.get(name) {
+            Some(stopped) => PodState::Gone { why: format!("pod {name} was deleted"), stopped: *stopped },
+            None => PodState::Unknown(name.clone()),
+        },
     }
 }

@@ -14,12 +14,19 @@ use super::{
     spec::uid_of,
 };
 use crate::api::{
-    ConditionType, Holder, LockReason, LockRequest, LockRequestStatus, LockStatus, Phase, Reason, status_string,
+    ConditionType, Draining, Holder, LockReason, LockRequest, LockRequestStatus, LockStatus, Phase, Reason,
+    status_string,
 };
 
 /// The message of a clean release.
 pub(super) fn released(h: &Holder) -> String {
     format!("{} released {} permit(s), token {}", h.holder, h.permits, h.token)
+}
+
+/// `t` to the microsecond, as the API stores a MicroTime: a value the plan compares with
+/// what it wrote must be the value read back.
+pub(super) fn truncate_to_micros(t: Timestamp) -> Timestamp {
+    Timestamp::from_microsecond(t.as_microsecond()).unwrap_or(t)
 }
 
 pub(super) fn since(start: Timestamp, now: Timestamp) -> Duration {
@@ -158,6 +165,7 @@ pub(super) fn lock_conditions(
     old: &LockStatus,
     permits: Result<i64, &String>,
     holders: &[Holder],
+    draining: &[Draining],
     delayed: bool,
     generation: Option<i64>,
     now: Now,
@@ -183,39 +191,28 @@ pub(super) fn lock_conditions(
             now.wall,
         ),
     };
-    let held: i64 = holders.iter().map(|h| i64::from(h.permits)).sum();
-    let held = if !holders.is_empty() {
-        let of = permits.map_or(String::new(), |p| format!(" of {p}"));
-        condition(
-            previous,
-            ConditionType::Held,
+    let sum = |it: &mut dyn Iterator<Item = i32>| it.map(i64::from).sum::<i64>();
+    let held = sum(&mut holders.iter().map(|h| h.permits));
+    let draining_permits = sum(&mut draining.iter().map(|d| d.permits));
+    let of = permits.map_or(String::new(), |p| format!(" of {p}"));
+    let (status, reason, message) = match (holders.is_empty(), draining.is_empty()) {
+        (false, true) => (true, LockReason::Granted, format!("{held}{of} permit(s) held")),
+        (false, false) => (
             true,
-            LockReason::Granted.as_str(),
-            format!("{held}{of} permit(s) held"),
-            generation,
-            now.wall,
-        )
-    } else if delayed {
-        condition(
-            previous,
-            ConditionType::Held,
-            false,
-            LockReason::LockDelay.as_str(),
-            "no grant until the lock delay after an expiry passes".into(),
-            generation,
-            now.wall,
-        )
-    } else {
-        condition(
-            previous,
-            ConditionType::Held,
-            false,
-            LockReason::Free.as_str(),
-            "no permit is held".into(),
-            generation,
-            now.wall,
-        )
+            LockReason::Granted,
+            format!("{held}{of} permit(s) held, {draining_permits} more by ended grants whose holders may still act"),
+        ),
+        (true, false) => (
+            true,
+            LockReason::Draining,
+            format!("{draining_permits}{of} permit(s) held by ended grants whose holders may still act"),
+        ),
+        (true, true) if delayed => {
+            (false, LockReason::LockDelay, "no grant until the lock delay after an expiry passes".to_string())
+        }
+        (true, true) => (false, LockReason::Free, "no permit is held".to_string()),
     };
+    let held = condition(previous, ConditionType::Held, status, reason.as_str(), message, generation, now.wall);
     vec![ready, held]
 }
 

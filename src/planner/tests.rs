@@ -45,6 +45,7 @@ fn request(name: &str, permits: i32, created: i64) -> LockRequest {
             lease_duration: None,
             renew_time: None,
             pod_ref: None,
+            released: false,
         },
         status: None,
     }
@@ -60,9 +61,12 @@ struct World {
     requests: Vec<Arc<LockRequest>>,
     obs: Observations,
     gone: HashSet<String>,
+    released: HashSet<String>,
     fresh: HashSet<String>,
     pods: BTreeMap<String, PodInfo>,
-    gone_pods: HashSet<String>,
+    gone_pods: HashMap<String, bool>,
+    pods_unreadable: Option<String>,
+    other_locks: HashSet<String>,
     arrival: HashMap<String, u64>,
     settings: Settings,
     mono: Duration,
@@ -75,9 +79,12 @@ impl World {
             requests: Vec::new(),
             obs: Observations::default(),
             gone: HashSet::new(),
+            released: HashSet::new(),
             fresh: HashSet::new(),
             pods: BTreeMap::new(),
-            gone_pods: HashSet::new(),
+            gone_pods: HashMap::new(),
+            pods_unreadable: None,
+            other_locks: HashSet::new(),
             arrival: HashMap::new(),
             settings: Settings::default(),
             mono: secs(1000),
@@ -85,7 +92,9 @@ impl World {
     }
 
     fn now(&self) -> Now {
-        Now { mono: self.mono, wall: Timestamp::from_second(T0 + self.mono.as_secs() as i64).unwrap() }
+        // A wall clock with nanoseconds, as a real one has (the API stores microseconds).
+        let nanos = i128::from(T0) * 1_000_000_000 + self.mono.as_nanos() as i128 + 123;
+        Now { mono: self.mono, wall: Timestamp::from_nanosecond(nanos).unwrap() }
     }
 
     fn add(&mut self, r: LockRequest) {
@@ -100,8 +109,11 @@ impl World {
             requests: &self.requests,
             fresh: &self.fresh,
             gone: &self.gone,
+            released: &self.released,
             pods: &self.pods,
             gone_pods: &self.gone_pods,
+            pods_unreadable: self.pods_unreadable.as_deref(),
+            other_locks: &self.other_locks,
             arrival: &self.arrival,
             observations: &self.obs,
             settings: &self.settings,
@@ -124,7 +136,8 @@ impl World {
                     }
                     Check::Pod(name) => {
                         if !self.pods.contains_key(name) {
-                            self.gone_pods.insert(name.clone());
+                            // A quorum read's 404 says nothing of how the pod ended.
+                            self.gone_pods.entry(name.clone()).or_insert(false);
                         }
                     }
                     Check::Lock => {}
@@ -138,22 +151,51 @@ impl World {
     }
 
     fn apply(&mut self, p: &Plan) {
+        // Through JSON, as the API server stores and returns them (times to the microsecond).
+        fn stored<T: serde::Serialize + serde::de::DeserializeOwned>(v: &T) -> T {
+            serde_json::from_value(serde_json::to_value(v).unwrap()).unwrap()
+        }
         if let Some(status) = &p.lock_status {
-            self.lock.status = Some(status.clone());
+            self.lock.status = Some(stored(status));
         }
         for u in &p.requests {
             let r = self.requests.iter_mut().find(|r| uid_of(r) == u.uid).expect("update for a known request");
-            Arc::make_mut(r).status = Some(u.status.clone());
+            Arc::make_mut(r).status = Some(stored(&u.status));
         }
         let deleted: HashSet<&str> = p.deletions.iter().map(|d| d.uid.as_str()).collect();
         self.requests.retain(|r| !deleted.contains(uid_of(r)));
         self.obs = p.observations.clone();
     }
 
+    /// A delete by someone else than the holder (no `spec.released` before it).
     fn delete(&mut self, name: &str) {
         let uid = format!("uid-{name}");
         self.requests.retain(|r| uid_of(r) != uid);
         self.gone.insert(uid);
+    }
+
+    /// The holder's own release: `spec.released`, then the delete (seen together).
+    fn release(&mut self, name: &str) {
+        let uid = format!("uid-{name}");
+        self.requests.retain(|r| uid_of(r) != uid);
+        self.gone.insert(uid.clone());
+        self.released.insert(uid);
+    }
+
+    /// The holder marks its request released; the delete has not been seen yet.
+    fn mark_released(&mut self, name: &str) {
+        let r = self.requests.iter_mut().find(|r| r.name_any() == name).unwrap();
+        let r = Arc::make_mut(r);
+        r.spec.released = true;
+        r.metadata.generation = Some(r.metadata.generation.unwrap_or(0) + 1);
+    }
+
+    fn token(&self, name: &str) -> i64 {
+        self.req(name).status.as_ref().and_then(|s| s.token).expect("a token")
+    }
+
+    fn taken(&self) -> i64 {
+        self.lock.taken_permits()
     }
 
     fn renew(&mut self, name: &str) {
@@ -190,11 +232,12 @@ fn mutex_grants_the_first_request_and_queues_the_rest() {
     w.add(request("a", 1, 1));
     let p = w.step();
     assert_eq!(w.holders(), ["a"]);
-    assert_eq!(w.status().fencing_token, 1);
+    // The first token is the wall clock in milliseconds (the floor), and the request has it.
+    assert_eq!(w.status().fencing_token, w.now().wall.as_millisecond());
     assert_eq!(w.status().waiting, 1);
     assert_eq!(w.status().queue, ["b"]);
     assert_eq!(w.phase("a"), Phase::Granted);
-    assert_eq!(w.req("a").status.as_ref().unwrap().token, Some(1));
+    assert_eq!(w.token("a"), w.status().fencing_token);
     assert_eq!(w.req("b").status.as_ref().unwrap().position, Some(0));
     assert!(p.requests[0].granted, "the new grant is mirrored first");
     assert_eq!(p.events.iter().filter(|e| e.kind == EventKind::Granted).count(), 1);
@@ -230,10 +273,11 @@ fn clean_release_hands_over_at_once_without_lock_delay() {
     w.add(request("a", 1, 1));
     w.add(request("b", 1, 2));
     w.step();
-    w.delete("a");
+    let first = w.token("a");
+    w.release("a");
     let p = w.step();
     assert_eq!(w.holders(), ["b"]);
-    assert_eq!(w.status().fencing_token, 2);
+    assert!(w.status().fencing_token > first);
     assert!(w.status().delayed_until.is_none());
     assert!(p.events.iter().any(|e| e.kind == EventKind::Released && e.request == "a"));
 }
@@ -271,7 +315,7 @@ fn a_silent_holder_expires_after_its_lease_and_not_before() {
     assert_eq!(w.holders(), ["b"]);
     assert_eq!(w.phase("a"), Phase::Expired);
     assert_eq!(w.reason("a"), "LeaseExpired");
-    assert_eq!(w.req("a").status.as_ref().unwrap().token, Some(1), "the loser keeps its token");
+    assert!(w.token("a") < w.token("b"), "the loser keeps its token");
     assert!(p.events.iter().any(|e| e.kind == EventKind::Expired && e.reason == Reason::LeaseExpired));
 }
 
@@ -402,11 +446,12 @@ fn semaphore_grants_up_to_its_permits() {
     assert_eq!(w.holders(), ["a", "b", "c"]);
     assert_eq!(w.status().waiting, 2);
     let tokens: Vec<i64> = w.status().holders.iter().map(|h| h.token).collect();
-    assert_eq!(tokens, [1, 2, 3]);
-    w.delete("b");
+    let floor = w.now().wall.as_millisecond();
+    assert_eq!(tokens, [floor, floor + 1, floor + 2], "one plan: consecutive tokens from the floor");
+    w.release("b");
     w.step();
     assert_eq!(w.holders(), ["a", "c", "d"]);
-    assert_eq!(w.status().fencing_token, 4);
+    assert_eq!(w.status().fencing_token, floor + 3);
 }
 
 #[test]
@@ -419,13 +464,13 @@ fn a_queued_writer_blocks_later_readers() {
     w.step();
     assert_eq!(w.holders(), ["r1", "r2"], "r3 fits but must not overtake the writer");
     assert_eq!(w.status().queue, ["writer", "r3"]);
-    w.delete("r1");
+    w.release("r1");
     w.step();
     assert_eq!(w.holders(), ["r2"]);
-    w.delete("r2");
+    w.release("r2");
     w.step();
     assert_eq!(w.holders(), ["writer"]);
-    w.delete("writer");
+    w.release("writer");
     w.step();
     assert_eq!(w.holders(), ["r3"]);
 }
@@ -500,32 +545,84 @@ fn with_pod(mut r: LockRequest, pod: &str) -> LockRequest {
 }
 
 #[test]
-fn a_deleted_holder_pod_releases_at_once() {
+fn a_holder_pod_that_vanished_unconfirmed_drains_for_its_lease() {
     let mut w = World::new(lock(1, "30s", "0s"));
-    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: false });
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: false, stopped: false });
     w.add(with_pod(request("a", 1, 1), "p1"));
     w.add(request("b", 1, 2));
     w.step();
     assert_eq!(w.holders(), ["a"]);
+    w.mono += secs(10);
     w.pods.clear();
     // Missing from the cache only: a read must confirm first.
     assert!(w.plan().checks.contains(&Check::Pod("p1".into())));
+    // The read says 404: gone, but nothing says its containers stopped (a force delete, a
+    // lost node): it may still be running, so its permits drain for the rest of the lease.
+    let p = w.step();
+    assert!(w.holders().is_empty());
+    assert_eq!(w.status().draining.iter().map(|d| d.request.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(w.status().draining[0].reason, "PodGone");
+    assert_eq!(w.reason("a"), "PodGone");
+    assert_eq!(w.phase("a"), Phase::Expired);
+    assert_eq!(w.phase("b"), Phase::Pending, "not while the old holder may act");
+    assert_eq!(w.taken(), 1);
+    assert_eq!(p.wake_at, Some(secs(1000) + secs(30)), "the lease counts from the last renewal seen");
+    w.mono = secs(1000) + secs(29);
+    w.step();
+    assert_eq!(w.phase("b"), Phase::Pending);
+    w.mono = secs(1000) + secs(30);
     w.step();
     assert_eq!(w.holders(), ["b"]);
+    assert!(w.status().draining.is_empty());
+}
+
+#[test]
+fn a_holder_pod_reported_stopped_releases_at_once() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: false, stopped: false });
+    w.add(with_pod(request("a", 1, 1), "p1"));
+    w.add(request("b", 1, 2));
+    w.step();
+    // Deleted, and its last state (the watched deletion) showed no container running.
+    w.pods.clear();
+    w.gone_pods.insert("p1".into(), true);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+    assert!(w.status().draining.is_empty());
     assert_eq!(w.reason("a"), "PodGone");
+}
+
+#[test]
+fn a_draining_grant_ends_when_its_pod_is_reported_stopped() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: false, stopped: false });
+    w.add(with_pod(request("a", 1, 1), "p1"));
+    w.add(request("b", 1, 2));
+    w.step();
+    // Being deleted, still running: broken meanwhile, so it drains.
+    w.mono += secs(1);
+    let r = w.requests.iter_mut().find(|r| r.name_any() == "a").unwrap();
+    Arc::make_mut(r).metadata.annotations = Some([(BREAK_ANNOTATION.to_string(), "stuck".to_string())].into());
+    w.step();
+    assert_eq!(w.status().draining.len(), 1);
+    assert_eq!(w.phase("b"), Phase::Pending);
+    // The kubelet reports the pod terminated: it can no longer act.
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: true, stopped: true });
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
 }
 
 #[test]
 fn terminated_or_replaced_pods_count_as_gone() {
     let mut w = World::new(lock(1, "30s", "0s"));
-    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: false });
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: false, stopped: false });
     w.add(with_pod(request("a", 1, 1), "p1"));
     w.step();
-    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: true });
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: true, stopped: true });
     w.step();
     assert_eq!(w.reason("a"), "PodGone");
     let mut w = World::new(lock(1, "30s", "0s"));
-    w.pods.insert("p1".into(), PodInfo { uid: "other".into(), terminated: false });
+    w.pods.insert("p1".into(), PodInfo { uid: "other".into(), terminated: false, stopped: false });
     w.add(with_pod(request("a", 1, 1), "p1"));
     w.step();
     assert_eq!(w.phase("a"), Phase::Expired, "a waiting request whose pod was replaced is given up");
@@ -555,9 +652,154 @@ fn break_expires_the_holder_with_who_and_why() {
     a.annotations_mut().insert(BROKEN_BY_ANNOTATION.into(), "alice".into());
     let p = w.step();
     assert_eq!(w.reason("a"), "Broken");
-    assert!(w.holders().is_empty(), "lock delay applies after a break");
     let e = p.events.iter().find(|e| e.kind == EventKind::Broken).unwrap();
     assert!(e.message.contains("alice") && e.message.contains("stuck migration"), "{}", e.message);
+    // The broken holder may still act until its lease passes; then the lock delay.
+    assert!(w.holders().is_empty());
+    assert_eq!(w.status().draining[0].reason, "Broken");
+    w.mono += secs(30);
+    w.step();
+    assert!(w.status().draining.is_empty());
+    assert!(w.status().delayed_until.is_some(), "lock delay after the drain");
+    assert_eq!(w.phase("b"), Phase::Pending);
+    w.mono += secs(3);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+}
+
+#[test]
+fn a_delete_by_someone_else_keeps_the_permits_for_the_lease_then_the_lock_delay() {
+    let mut w = World::new(lock(1, "30s", "10m"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    w.mono += secs(20);
+    w.renew("a");
+    w.step();
+    w.mono += secs(5);
+    w.delete("a"); // not by its holder: no spec.released
+    let p = w.step();
+    assert!(w.holders().is_empty());
+    assert_eq!(w.status().draining[0].reason, "Deleted");
+    assert_eq!(w.phase("b"), Phase::Pending, "not granted while a may act");
+    let e = p.events.iter().find(|e| e.request == "a").unwrap();
+    assert_eq!((e.kind, e.reason), (EventKind::Expired, Reason::Deleted));
+    // Nothing says when its holder last renewed: a whole lease from when the delete was seen.
+    assert_eq!(p.wake_at, Some(w.mono + secs(30)));
+    w.mono += secs(29);
+    w.step();
+    assert_eq!(w.phase("b"), Phase::Pending);
+    w.mono += secs(1);
+    w.step();
+    assert!(w.status().draining.is_empty());
+    assert_eq!(w.phase("b"), Phase::Pending, "the lock delay follows");
+    assert_eq!(w.reason("b"), "LockDelay");
+    w.mono += secs(600);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+}
+
+#[test]
+fn the_holders_own_release_marks_the_request_and_frees_at_once() {
+    let mut w = World::new(lock(1, "30s", "10m"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    // The mark is seen before the delete.
+    w.mark_released("a");
+    let p = w.step();
+    assert_eq!(w.holders(), ["b"]);
+    assert!(w.status().delayed_until.is_none(), "a clean release: no lock delay");
+    assert!(p.events.iter().any(|e| e.kind == EventKind::Released && e.request == "a"));
+    // A draining grant ends at once when its holder says it stopped.
+    w.delete("b");
+    w.add(request("c", 1, 3));
+    w.step();
+    assert_eq!(w.status().draining.len(), 1);
+    w.released.insert("uid-b".into());
+    w.step();
+    assert_eq!(w.holders(), ["c"]);
+    assert!(w.status().delayed_until.is_none());
+}
+
+#[test]
+fn a_waiter_withdrawn_by_its_requester_is_finished() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    w.mark_released("b");
+    w.step();
+    assert_eq!(w.phase("b"), Phase::Expired);
+    assert_eq!(w.reason("b"), "Released");
+    assert_eq!(w.status().waiting, 0);
+}
+
+#[test]
+fn a_granted_request_re_pointed_or_resized_ends_its_grant_and_drains() {
+    for change in ["lockName", "permits"] {
+        let mut w = World::new(lock(2, "30s", "0s"));
+        w.add(request("a", 1, 1));
+        w.add(request("b", 2, 2));
+        w.step();
+        assert_eq!(w.holders(), ["a"]);
+        let r = w.requests.iter_mut().find(|r| r.name_any() == "a").unwrap();
+        let r = Arc::make_mut(r);
+        match change {
+            "lockName" => r.spec.lock_name = "other".into(),
+            _ => r.spec.permits = 2,
+        }
+        r.metadata.generation = Some(2);
+        w.step();
+        assert!(w.holders().is_empty(), "{change}");
+        assert_eq!(w.status().draining[0].reason, "SpecChanged", "{change}");
+        assert_eq!(w.status().draining[0].permits, 1, "the permits of the grant, not of the new spec");
+        assert_eq!(w.phase("a"), Phase::Expired, "{change}");
+        assert_eq!(w.reason("a"), "SpecChanged", "{change}");
+        assert_eq!(w.phase("b"), Phase::Pending, "{change}: b needs both permits, a may still act");
+        w.mono += secs(30);
+        w.step();
+        assert_eq!(w.holders(), ["b"], "{change}");
+    }
+}
+
+#[test]
+fn a_requests_pod_ref_changed_while_held_ends_its_grant() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.pods.insert("p1".into(), PodInfo { uid: "pod-uid-p1".into(), terminated: false, stopped: false });
+    w.pods.insert("p2".into(), PodInfo { uid: "pod-uid-p2".into(), terminated: true, stopped: true });
+    w.add(with_pod(request("a", 1, 1), "p1"));
+    w.add(request("b", 1, 2));
+    w.step();
+    assert_eq!(w.status().holders[0].pod_ref.as_ref().map(|p| p.name.as_str()), Some("p1"));
+    // Pointed at a pod that has terminated: that must not free a's permits at once.
+    let r = w.requests.iter_mut().find(|r| r.name_any() == "a").unwrap();
+    let r = Arc::make_mut(r);
+    r.spec.pod_ref = Some(PodRef { name: "p2".into(), uid: Some("pod-uid-p2".into()) });
+    r.metadata.generation = Some(2);
+    w.step();
+    assert_eq!(w.status().draining[0].reason, "SpecChanged");
+    assert_eq!(w.phase("b"), Phase::Pending);
+}
+
+#[test]
+fn the_lock_delay_lasts_once_across_plans_whatever_the_clock_precision() {
+    // The delay's end is stored to the microsecond; the plan that follows must recognize it
+    // as its own (it once restarted the countdown, doubling the delay).
+    let mut w = World::new(lock(1, "10s", "10s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    w.mono += secs(10);
+    w.fresh.insert("uid-a".into());
+    let p = w.step();
+    assert!(w.status().delayed_until.is_some());
+    assert_eq!(p.wake_at, Some(w.mono + secs(10)));
+    w.mono += secs(3);
+    w.step(); // a plan in between (a renewal of b, say)
+    w.mono += secs(7);
+    w.step();
+    assert_eq!(w.holders(), ["b"], "granted after one lock delay");
 }
 
 #[test]
@@ -585,9 +827,11 @@ fn a_grant_that_ended_unmirrored_is_finalized_only_when_certain() {
 fn tokens_continue_past_any_token_a_request_remembers() {
     let mut w = World::new(lock(1, "30s", "0s"));
     let mut old = request("old", 1, 0);
+    // A token above the wall-clock floor (a faster clock, a busy Lock).
+    let remembered = w.now().wall.as_millisecond() + 1000;
     old.status = Some(LockRequestStatus {
         phase: Some(Phase::Expired),
-        token: Some(41),
+        token: Some(remembered),
         lock_uid: Some("lock-uid".into()),
         finished_at: Some(MicroTime(Timestamp::from_second(T0 + 1000).unwrap())),
         ..Default::default()
@@ -595,7 +839,7 @@ fn tokens_continue_past_any_token_a_request_remembers() {
     w.add(old);
     w.add(request("a", 1, 1));
     w.step();
-    assert_eq!(w.status().holders[0].token, 42);
+    assert_eq!(w.status().holders[0].token, remembered + 1);
 }
 
 #[test]
@@ -607,7 +851,9 @@ fn finished_requests_are_deleted_after_retention() {
     assert_eq!(w.phase("big"), Phase::Rejected);
     let p = w.step();
     assert!(p.deletions.is_empty());
-    assert_eq!(p.wake_at, Some(w.mono + secs(60)));
+    // From finishedAt as stored (to the microsecond).
+    let wake = p.wake_at.unwrap();
+    assert!(wake <= w.mono + secs(60) && wake + Duration::from_micros(1) > w.mono + secs(60), "{wake:?}");
     w.mono += secs(60);
     let p = w.step();
     assert_eq!(p.deletions, [Deletion { name: "big".into(), uid: "uid-big".into() }]);
@@ -639,13 +885,14 @@ fn orphans_wait_for_their_lock_and_lose_grants_of_a_deleted_one() {
 }
 
 #[test]
-fn a_request_granted_by_an_earlier_lock_of_the_same_name_expires() {
+fn a_grant_of_an_earlier_lock_of_the_same_name_drains_before_the_next_grant() {
     let mut w = World::new(lock(1, "30s", "0s"));
     let mut r = request("a", 1, 1);
     r.status = Some(LockRequestStatus {
         phase: Some(Phase::Granted),
         token: Some(9),
         lock_uid: Some("previous".into()),
+        lease_duration: Some("30s".into()),
         ..Default::default()
     });
     w.add(r);
@@ -653,6 +900,37 @@ fn a_request_granted_by_an_earlier_lock_of_the_same_name_expires() {
     w.step();
     assert_eq!(w.phase("a"), Phase::Expired);
     assert_eq!(w.reason("a"), "LockDeleted");
+    // Its holder may still be acting on what this Lock's name guards: b waits a lease.
+    assert!(w.holders().is_empty());
+    assert_eq!(w.status().draining[0].request, "a");
+    assert_eq!(w.phase("b"), Phase::Pending);
+    w.mono += secs(30);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+    assert!(w.token("b") > 9, "tokens keep increasing for the name");
+    // Drained once: not drained again while its finished request lingers.
+    w.mono += secs(1);
+    w.step();
+    assert!(w.status().draining.is_empty());
+}
+
+#[test]
+fn a_grant_of_a_lock_that_still_exists_elsewhere_does_not_drain_here() {
+    // A request re-pointed from another Lock: its grant drains on that Lock, not here.
+    let mut w = World::new(lock(1, "30s", "0s"));
+    let mut r = request("a", 1, 1);
+    r.status = Some(LockRequestStatus {
+        phase: Some(Phase::Granted),
+        token: Some(9),
+        lock_uid: Some("other-lock".into()),
+        ..Default::default()
+    });
+    w.add(r);
+    w.add(request("b", 1, 2));
+    w.other_locks.insert("other-lock".into());
+    w.step();
+    assert_eq!(w.phase("a"), Phase::Expired);
+    assert!(w.status().draining.is_empty());
     assert_eq!(w.holders(), ["b"]);
 }
 
@@ -678,7 +956,7 @@ fn positions_far_back_are_refreshed_in_steps() {
     }
     w.step();
     assert_eq!(w.req("r25").status.as_ref().unwrap().position, Some(24));
-    w.delete("r00");
+    w.release("r00");
     let p = w.step();
     assert_eq!(w.req("r25").status.as_ref().unwrap().position, Some(24), "not rewritten for one place");
     assert_eq!(w.req("r05").status.as_ref().unwrap().position, Some(3), "exact near the head");
@@ -689,10 +967,27 @@ fn positions_far_back_are_refreshed_in_steps() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Create { permits: i32 },
-    Release { pick: usize },
-    Renew { pick: usize },
-    Advance { secs: u64 },
+    Create {
+        permits: i32,
+    },
+    /// The holder's (or waiter's) own release.
+    Release {
+        pick: usize,
+    },
+    /// A delete by someone else.
+    Delete {
+        pick: usize,
+    },
+    /// An administrator's break of a holder.
+    Break {
+        pick: usize,
+    },
+    Renew {
+        pick: usize,
+    },
+    Advance {
+        secs: u64,
+    },
     Restart,
 }
 
@@ -700,6 +995,8 @@ fn op(max_permits: i32) -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (1..=max_permits).prop_map(|permits| Op::Create { permits }),
         2 => any::<usize>().prop_map(|pick| Op::Release { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Delete { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Break { pick }),
         3 => any::<usize>().prop_map(|pick| Op::Renew { pick }),
         3 => (1u64..20).prop_map(|secs| Op::Advance { secs }),
         1 => Just(Op::Restart),
@@ -722,6 +1019,9 @@ proptest! {
         let mut granted_order: Vec<String> = Vec::new();
         // When each holder was last seen alive (grant or renewal), on the world's clock.
         let mut alive: BTreeMap<String, Duration> = BTreeMap::new();
+        // Grants whose holder may still act, by request UID: permits and last renewal
+        // answered. A holder acts until it releases, or until its lease after that renewal.
+        let mut acting: BTreeMap<String, (i32, Duration)> = BTreeMap::new();
         let mut last_expiry: Option<Duration> = None;
         for op in ops {
             match op {
@@ -733,8 +1033,25 @@ proptest! {
                     let live: Vec<String> = w.requests.iter().filter(|r| !r.phase().is_final()).map(|r| r.name_any()).collect();
                     if !live.is_empty() {
                         let name = live[pick % live.len()].clone();
-                        w.delete(&name);
+                        w.release(&name);
                         alive.remove(&format!("uid-{name}"));
+                        acting.remove(&format!("uid-{name}"));
+                    }
+                }
+                Op::Delete { pick } => {
+                    let live: Vec<String> = w.requests.iter().filter(|r| !r.phase().is_final()).map(|r| r.name_any()).collect();
+                    if !live.is_empty() {
+                        let name = live[pick % live.len()].clone();
+                        w.delete(&name); // its holder does not know yet: it acts on
+                    }
+                }
+                Op::Break { pick } => {
+                    let holders = w.holders();
+                    if !holders.is_empty() {
+                        let name = holders[pick % holders.len()].clone();
+                        let r = w.requests.iter_mut().find(|r| r.name_any() == name).unwrap();
+                        let annotations = [(BREAK_ANNOTATION.to_string(), "test".to_string())].into();
+                        Arc::make_mut(r).metadata.annotations = Some(annotations);
                     }
                 }
                 Op::Renew { pick } => {
@@ -743,6 +1060,9 @@ proptest! {
                         let name = holders[pick % holders.len()].clone();
                         w.renew(&name);
                         alive.insert(format!("uid-{name}"), w.mono);
+                        if let Some(a) = acting.get_mut(&format!("uid-{name}")) {
+                            a.1 = w.mono;
+                        }
                     }
                 }
                 Op::Advance { secs: s } => w.mono += secs(s),
@@ -757,6 +1077,8 @@ proptest! {
                         issued.push(t);
                         granted_order.push(e.request.clone());
                         alive.insert(e.request_uid.clone(), w.mono);
+                        let wants = w.req(&e.request).spec.permits;
+                        acting.insert(e.request_uid.clone(), (wants, w.mono));
                         prop_assert!(last_expiry.is_none_or(|x| w.mono >= x + secs(delay)) || delay == 0,
                             "grant during the lock delay");
                     }
@@ -769,9 +1091,15 @@ proptest! {
                 }
             }
             let status = w.status();
-            // Mutual exclusion by permits.
-            let held: i32 = status.holders.iter().map(|h| h.permits).sum();
-            prop_assert!(held <= permits, "{held} permits held of {permits}");
+            // Mutual exclusion by permits: granted and draining.
+            let held: i32 = status.holders.iter().map(|h| h.permits).sum::<i32>()
+                + status.draining.iter().map(|d| d.permits).sum::<i32>();
+            prop_assert!(held <= permits, "{held} permits taken of {permits}");
+            // Never more acting than the permits, whatever ended the grants: a holder whose
+            // request was deleted or broken acts until its lease since its last renewal.
+            acting.retain(|_, (_, last)| w.mono < *last + secs(lease));
+            let active: i32 = acting.values().map(|(p, _)| p).sum();
+            prop_assert!(active <= permits, "{active} permits in use by holders that may act, of {permits}: {acting:?}");
             // No lost wake-up: the head of the queue does not fit (or grants are held back).
             if status.delayed_until.is_none()
                 && let Some(head) = status.queue.first()

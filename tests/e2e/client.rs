@@ -16,7 +16,7 @@ use std::{
 use kube::{Api, ResourceExt as _, api::ListParams};
 use kubelock::{
     api::{Lock, LockRequest, Phase},
-    client::{AcquireOptions, LeaderElector, Leadership, LockClient},
+    client::{AcquireOptions, LeaderElector, Leadership, LockClient, Term},
 };
 use rustix::process::Signal;
 use tokio_util::sync::CancellationToken;
@@ -739,7 +739,8 @@ async fn leader_election_hands_over_with_a_larger_token() {
         .clone();
     let handover = t.elapsed();
     assert!(!r1.borrow().is_leading());
-    let (Leadership::Leading { token: a, .. }, Leadership::Leading { token: b, .. }) = (first, second) else {
+    let (Leadership::Leading(Term { token: a, .. }), Leadership::Leading(Term { token: b, .. })) = (first, second)
+    else {
         unreachable!()
     };
     assert!(b > a, "tokens {a} then {b}");
