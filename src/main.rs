@@ -39,7 +39,7 @@ enum Command {
     Sidecar(sidecar::SidecarArgs),
     /// Create a LockRequest and (with --wait) wait until it is granted.
     Acquire(cli::AcquireArgs),
-    /// Release a lock by deleting its LockRequest.
+    /// Release your LockRequest once nothing acts on it (marked released, then deleted).
     Release(cli::ReleaseArgs),
     /// Show a lock: holders, tokens, queue.
     Status(cli::StatusArgs),

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::api::PodRef;
+use crate::{api::PodRef, client::BootInstant};
 
 /// `pod/NS/NAME`: the holder identity of a pod.
 pub fn holder_identity(namespace: &str, name: &str) -> String {
@@ -37,6 +37,12 @@ impl PodIdentity {
         PodRef { name: self.name.clone(), uid: self.uid.clone() }
     }
 
+    /// `spec.podRef` for a request in `namespace`: only if the pod is in it (a podRef names
+    /// a pod of the request's namespace; a request made elsewhere is bound by its lease).
+    pub fn pod_ref_in(&self, namespace: &str) -> Option<PodRef> {
+        self.namespace.as_deref().is_none_or(|ns| ns == namespace).then(|| self.pod_ref())
+    }
+
     /// `pod/NS/NAME`.
     pub fn holder_identity(&self, namespace: &str) -> String {
         holder_identity(self.namespace.as_deref().unwrap_or(namespace), &self.name)
@@ -53,8 +59,13 @@ pub struct StateDir {
 pub mod files {
     /// Name of the LockRequest owned by this pod.
     pub const REQUEST: &str = "request";
-    /// Fencing token, only while holding.
+    /// Fencing token, only while holding (and only written by a process that renews).
     pub const TOKEN: &str = "token";
+    /// While holding: the local deadline past which the token must not be used, as
+    /// `<CLOCK_BOOTTIME seconds> <wall-clock RFC 3339 hint>`. Compare the first field with
+    /// the first field of `/proc/uptime` (also CLOCK_BOOTTIME, the same in every container
+    /// of the machine); the wall-clock time is for people. Rewritten at every renewal.
+    pub const DEADLINE: &str = "deadline";
     /// The Lock's UID, only while holding.
     pub const LOCK_UID: &str = "lock-uid";
     /// `waiting` or `holding`.
@@ -103,18 +114,29 @@ impl StateDir {
         }
     }
 
-    /// Holding: token and lock UID first, then the state.
-    pub fn write_holding(&self, request: &str, token: i64, lock_uid: &str) -> io::Result<()> {
+    /// Holding: the deadline, token and lock UID first, then the state.
+    pub fn write_holding(&self, request: &str, token: i64, lock_uid: &str, deadline: BootInstant) -> io::Result<()> {
         self.write(files::REQUEST, &format!("{request}\n"))?;
+        self.write_deadline(deadline)?;
         self.write(files::TOKEN, &format!("{token}\n"))?;
         self.write(files::LOCK_UID, &format!("{lock_uid}\n"))?;
         self.write(files::STATE, "holding\n")
     }
 
-    /// Not holding: the token goes first.
+    /// The local deadline while holding (see [`files::DEADLINE`]).
+    pub fn write_deadline(&self, deadline: BootInstant) -> io::Result<()> {
+        let since_boot = deadline.since_boot();
+        let left = deadline.saturating_since(BootInstant::now());
+        let wall = jiff::Timestamp::now().saturating_add(jiff::SignedDuration::try_from(left).unwrap_or_default());
+        let wall = wall.unwrap_or(jiff::Timestamp::MAX);
+        self.write(files::DEADLINE, &format!("{}.{:09} {wall}\n", since_boot.as_secs(), since_boot.subsec_nanos()))
+    }
+
+    /// Not holding: the token and its deadline go first.
     pub fn write_not_holding(&self, request: Option<&str>) -> io::Result<()> {
         self.remove(files::TOKEN)?;
         self.remove(files::LOCK_UID)?;
+        self.remove(files::DEADLINE)?;
         self.write(files::STATE, "waiting\n")?;
         match request {
             Some(r) => self.write(files::REQUEST, &format!("{r}\n")),
@@ -122,10 +144,21 @@ impl StateDir {
         }
     }
 
+    /// A request for an adopter that renews (the sidecar), written by one that does not
+    /// (`kubelock acquire --dir`): the request only, never a token or `state=holding`.
+    pub fn write_adoptable(&self, request: &str) -> io::Result<()> {
+        self.remove(files::TOKEN)?;
+        self.remove(files::LOCK_UID)?;
+        self.remove(files::DEADLINE)?;
+        self.remove(files::STATE)?;
+        self.write(files::REQUEST, &format!("{request}\n"))
+    }
+
     /// Removes every file (on exit).
     pub fn clear(&self) -> io::Result<()> {
         self.remove(files::TOKEN)?;
         self.remove(files::LOCK_UID)?;
+        self.remove(files::DEADLINE)?;
         self.remove(files::STATE)?;
         self.remove(files::REQUEST)
     }
@@ -139,12 +172,22 @@ mod tests {
     fn state_dir_writes_and_removes_atomically() {
         let tmp = std::env::temp_dir().join(format!("kubelock-statedir-{}", std::process::id()));
         let dir = StateDir::create(&tmp).unwrap();
-        dir.write_holding("db-x", 7, "uid-1").unwrap();
+        let deadline = BootInstant::now().saturating_add(std::time::Duration::from_secs(10));
+        dir.write_holding("db-x", 7, "uid-1", deadline).unwrap();
         assert_eq!(dir.read(files::TOKEN).unwrap().as_deref(), Some("7"));
+        let written = dir.read(files::DEADLINE).unwrap().unwrap();
+        let (boot, wall) = written.split_once(' ').unwrap();
+        let boot: f64 = boot.parse().unwrap();
+        assert!((boot - deadline.since_boot().as_secs_f64()).abs() < 1e-6, "{written}");
+        assert!(wall.parse::<jiff::Timestamp>().is_ok(), "{written}");
+        // Comparable with /proc/uptime, which counts on the same clock.
+        let uptime: f64 = std::fs::read_to_string("/proc/uptime").unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert!(boot > uptime && boot < uptime + 11.0, "deadline {boot}, uptime {uptime}");
         assert_eq!(dir.read(files::STATE).unwrap().as_deref(), Some("holding"));
         dir.write_not_holding(Some("db-y")).unwrap();
         assert_eq!(dir.read(files::TOKEN).unwrap(), None);
         assert_eq!(dir.read(files::LOCK_UID).unwrap(), None);
+        assert_eq!(dir.read(files::DEADLINE).unwrap(), None);
         assert_eq!(dir.read(files::REQUEST).unwrap().as_deref(), Some("db-y"));
         assert_eq!(dir.read(files::STATE).unwrap().as_deref(), Some("waiting"));
         dir.clear().unwrap();
@@ -158,5 +201,9 @@ mod tests {
         let p = PodIdentity { name: "web-0".into(), namespace: None, uid: Some("u".into()) };
         assert_eq!(p.holder_identity("prod"), "pod/prod/web-0");
         assert_eq!(p.pod_ref(), PodRef { name: "web-0".into(), uid: Some("u".into()) });
+        let p = PodIdentity { namespace: Some("jobs".into()), ..p };
+        assert_eq!(p.pod_ref_in("jobs"), Some(p.pod_ref()));
+        assert_eq!(p.pod_ref_in("ops"), None, "a request in another namespace is not bound to the pod");
+        assert_eq!(p.holder_identity("ops"), "pod/jobs/web-0");
     }
 }

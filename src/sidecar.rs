@@ -5,12 +5,21 @@
 //! Files in `--dir` (each replaced atomically: written to a temporary file, then renamed):
 //! - `request`: the LockRequest this pod owns (waiting or holding); adopted on restart and
 //!   from `kubelock acquire --wait --dir` in an init container;
-//! - `token`, `lock-uid`: only while holding, removed the moment the lock is lost;
+//! - `token`, `lock-uid`, `deadline`: only while holding (written by the sidecar alone, which
+//!   renews), removed the moment the lock is lost or `--grace` before the local deadline
+//!   when renewals fail; `deadline` carries the deadline itself, on CLOCK_BOOTTIME (compare
+//!   with `/proc/uptime`), so an app can check it even if the sidecar is gone;
 //! - `state`: `waiting` or `holding`.
 //!
 //! HTTP on `--listen` (default 127.0.0.1:8081): `/healthz` (200 while the sidecar runs),
 //! `/readyz` (200 only while holding, the deadline checked on every call), `/status` (JSON).
-//! SIGTERM/SIGINT: deletes the request (releasing at once), removes the files, exits 0.
+//!
+//! SIGTERM/SIGINT (the pod is going away): the files and `/readyz` are withdrawn at once (the
+//! app must stop acting), the lock is kept and renewed until the pod's other containers have
+//! stopped (read from the pod: with native sidecar containers that is already so when the
+//! sidecar is told to stop), then released for the next holder. If that cannot be seen the
+//! request is left: the controller frees it once the kubelet reports the pod stopped, or after
+//! the lease.
 
 use std::{
     io,
@@ -28,7 +37,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    client::{AcquireError, AcquireOptions, BootInstant, Guard, LockClient, LockState, LostReason, Pending},
+    client::{
+        AcquireError, AcquireOptions, BootInstant, BootTimer, Guard, LockClient, LockState, LostReason, Pending,
+        default_margin,
+        grace::{check_grace, default_grace, stop_at},
+    },
     connect::{ClientArgs, parse_duration},
     pod::{PodIdentity, StateDir, files},
     tools::{EXIT_REJECTED, flag_of},
@@ -61,6 +74,76 @@ pub struct SidecarArgs {
     /// Holder identity (default `pod/NAMESPACE/NAME` from the downward API).
     #[arg(long, value_name = "TEXT")]
     pub holder: Option<String>,
+    /// Time the app gets to stop acting before the local lease deadline when renewals fail:
+    /// the token files and /readyz are withdrawn this long before it. Must be shorter than
+    /// lease − margin − lease/3. Default: half of that, at most 10s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub grace: Option<Duration>,
+    /// Name of this sidecar's container in the pod: on SIGTERM it waits for the pod's other
+    /// containers to stop before releasing (their state read from the pod; needs `get` and
+    /// `watch` on its own pod).
+    #[arg(long, env = "KUBELOCK_CONTAINER", default_value = "kubelock", value_name = "NAME")]
+    pub container: String,
+}
+
+/// The grace of this grant: `--grace` if it fits the granted lease, else the default (and a
+/// warning: the sidecar cannot refuse to run as `kubelock run` does, the app depends on it).
+fn grace_for(args: &SidecarArgs, guard: &Guard) -> Duration {
+    let lease = match guard.current() {
+        LockState::Holding { lease, .. } => lease,
+        _ => return Duration::ZERO,
+    };
+    let margin = args.margin.unwrap_or_else(|| default_margin(lease));
+    match args.grace.map(|g| check_grace(g, lease, margin)) {
+        Some(Ok(g)) => g,
+        Some(Err(why)) => {
+            warn!("--grace {why}; using the default");
+            default_grace(lease, margin)
+        }
+        None => default_grace(lease, margin),
+    }
+}
+
+/// Waits, while the grant holds, until every container of this pod but the sidecar's own
+/// has stopped running, as the kubelet reports it. False when that cannot be seen (no pod
+/// identity, no right to read the pod, the pod vanished) or the grant ended first.
+async fn app_stopped(locks: &LockClient, pod: Option<&PodIdentity>, own: &str, guard: &Guard) -> bool {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+    let Some(pod) = pod else { return false };
+    let ns = pod.namespace.clone().unwrap_or_else(|| locks.namespace().to_string());
+    let api: kube::Api<Pod> = kube::Api::namespaced(locks.kube_client().clone(), &ns);
+    let events = watcher(api, watcher::Config::default().fields(&format!("metadata.name={}", pod.name)));
+    let stopped = |p: &Pod| {
+        if p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none() {
+            return true; // never bound to a node: no kubelet runs any container of it
+        }
+        let statuses = p.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+        statuses.is_some_and(|list| {
+            list.iter().filter(|c| c.name != own).all(|c| c.state.as_ref().is_none_or(|s| s.running.is_none()))
+        })
+    };
+    let watch = async {
+        let events = events.default_backoff();
+        tokio::pin!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) if stopped(&p) => return true,
+                Ok(watcher::Event::Delete(_)) => return false,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "cannot watch this pod to see its app stop");
+                    return false;
+                }
+            }
+        }
+        false
+    };
+    tokio::select! {
+        stopped = watch => stopped,
+        _ = guard.lost() => false,
+    }
 }
 
 /// Sidecar errors.
@@ -229,7 +312,7 @@ pub async fn run(args: SidecarArgs, client_args: &ClientArgs) -> Result<ExitCode
     opts.permits = args.permits;
     opts.lease = args.lease;
     opts.margin = args.margin;
-    opts.pod_ref = pod.as_ref().map(PodIdentity::pod_ref);
+    opts.pod_ref = pod.as_ref().and_then(|p| p.pod_ref_in(&namespace));
     opts.holder_identity =
         args.holder.clone().or_else(|| pod.as_ref().map(|p| p.holder_identity(&namespace))).unwrap_or_default();
     opts.validate().map_err(|e| match e {
@@ -331,31 +414,66 @@ pub async fn run(args: SidecarArgs, client_args: &ClientArgs) -> Result<ExitCode
             }
         };
         // Files first, then readiness: whoever sees /readyz 200 finds the token file.
-        dir.write_holding(&request, guard.token(), guard.lock_uid()).map_err(dir_err)?;
+        let deadline = guard.deadline().unwrap_or_else(BootInstant::now);
+        dir.write_holding(&request, guard.token(), guard.lock_uid(), deadline).map_err(dir_err)?;
         set_view(&view, |v| {
             v.state = Some(guard.state());
             v.published = Some(guard.token());
         });
-        info!(lock = %args.lock, %request, token = guard.token(), "holding");
+        let grace = grace_for(&args, &guard);
+        info!(lock = %args.lock, %request, token = guard.token(), grace = ?grace, "holding");
 
-        // 3. Hold until lost or told to stop.
-        tokio::select! {
-            reason = guard.lost() => {
-                // Files first: the app must stop seeing a token it no longer holds.
-                set_view(&view, |v| v.published = None);
-                dir.write_not_holding(None).map_err(dir_err)?;
-                warn!(lock = %args.lock, %request, token = guard.token(), %reason, "lock lost; standing by again");
-                set_view(&view, |v| { v.last_loss = Some(reason.to_string()); v.request = None; });
-                if let Err(e) = guard.release().await {
-                    warn!(%request, error = %e, "cleaning up the lost request failed");
+        // 3. Hold until lost, until the deadline nears with no renewal (the app gets `grace`
+        // to stop before it), or until told to stop; keep the deadline file current.
+        let mut states = guard.state();
+        let mut stop_timer = BootTimer::new().map_err(SidecarError::Signals)?;
+        let ended = loop {
+            stop_timer.set(guard.deadline().map(|d| stop_at(d, grace))).map_err(SidecarError::Signals)?;
+            tokio::select! {
+                biased;
+                reason = guard.lost() => break Some(reason.to_string()),
+                _ = stop_timer.fired(), if stop_timer.armed().is_some() => {
+                    break Some("no renewal succeeded and the lease deadline is near".to_string());
+                }
+                _ = shutdown.cancelled() => break None,
+                _ = states.changed() => {
+                    if let Some(d) = guard.deadline() {
+                        dir.write_deadline(d).map_err(dir_err)?;
+                    }
                 }
             }
-            _ = shutdown.cancelled() => {
+        };
+        // Files first, then readiness: once the token file is gone the app must not act.
+        dir.write_not_holding(None).map_err(dir_err)?;
+        set_view(&view, |v| v.published = None);
+        match ended {
+            Some(reason) => {
+                // The app may still be finishing: only its own deadline, the lease or the
+                // pod's end can tell, so the request is left to the controller (it expires,
+                // or drains), not released.
+                warn!(lock = %args.lock, %request, token = guard.token(), %reason, "lock lost; standing by again");
+                set_view(&view, |v| {
+                    v.last_loss = Some(reason);
+                    v.request = None;
+                });
+                guard.detach();
+            }
+            None => {
+                // Told to stop (the pod is going away): keep the lock, renewing, until the app's
+                // containers have stopped, then release it for the next holder at once. If that
+                // cannot be seen, leave it: the controller frees it once the kubelet reports the
+                // pod stopped, or after the lease.
+                info!(lock = %args.lock, %request, "waiting for the app's containers to stop before releasing");
+                if app_stopped(&locks, pod.as_ref(), &args.container, &guard).await && guard.is_holding() {
+                    if let Err(e) = guard.release().await {
+                        warn!(%request, error = %e, "releasing failed; the lease will expire");
+                    }
+                } else {
+                    warn!(%request, "not released: the controller frees the lock when the pod is reported stopped or the lease passes");
+                    guard.detach();
+                }
                 dir.clear().map_err(dir_err)?;
                 set_view(&view, |v| v.state = None);
-                if let Err(e) = guard.release().await {
-                    warn!(%request, error = %e, "releasing failed; the lease will expire");
-                }
                 break 'campaign ExitCode::SUCCESS;
             }
         }

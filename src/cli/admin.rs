@@ -40,8 +40,8 @@ pub struct AcquireArgs {
     /// someone adopts and renews it, e.g. `kubelock sidecar` in the same pod).
     #[arg(long)]
     pub wait: bool,
-    /// Write `request` (and with --wait `token`, `lock-uid`, `state`) into this directory,
-    /// for the sidecar to adopt (an init container's emptyDir).
+    /// Write `request` into this directory, for the sidecar to adopt (an init container's
+    /// emptyDir). The token files are the adopter's to write: this command does not renew.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// Output format.
@@ -84,7 +84,7 @@ pub async fn acquire(args: AcquireArgs, client_args: &ClientArgs) -> Result<Exit
     let request = pending.request_name().to_string();
     let request_uid = pending.request_uid().to_string();
     if let Some(d) = &dir {
-        d.write_not_holding(Some(&request)).map_err(file_err)?;
+        d.write_adoptable(&request).map_err(file_err)?;
     }
     let mut out = AcquireOutput {
         lock: lock.clone(),
@@ -137,9 +137,8 @@ pub async fn acquire(args: AcquireArgs, client_args: &ClientArgs) -> Result<Exit
     out.granted = true;
     out.token = Some(guard.token());
     out.lock_uid = Some(guard.lock_uid().to_string());
-    if let Some(d) = &dir {
-        d.write_holding(&request, guard.token(), guard.lock_uid()).map_err(file_err)?;
-    }
+    // Only the request: the token and `state=holding` are written by the process that keeps
+    // renewing (the sidecar that adopts the request), never by one that exits now.
     let lease_left = guard.time_left();
     guard.detach();
     print_output(&out, args.output, || {
@@ -152,10 +151,12 @@ pub async fn acquire(args: AcquireArgs, client_args: &ClientArgs) -> Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-/// `kubelock release` flags.
+/// `kubelock release` flags: the requester's own release of requests nothing acts on any
+/// more (each is marked `spec.released`, then deleted; its permits go to the next waiter at
+/// once). To take a lock from a holder that may still act, use `kubelock break`.
 #[derive(clap::Args, Debug)]
 pub struct ReleaseArgs {
-    /// LockRequests to delete.
+    /// LockRequests to release.
     #[arg(value_name = "REQUEST")]
     pub requests: Vec<String>,
     /// Release the request named in DIR/request (written by `acquire --dir` or the sidecar)
@@ -165,7 +166,7 @@ pub struct ReleaseArgs {
     /// Release every request of this lock held by --holder.
     #[arg(long, value_name = "NAME", requires = "holder")]
     pub lock: Option<String>,
-    /// With --lock: the holder identity whose requests to delete.
+    /// With --lock: the holder identity whose requests to release.
     #[arg(long, value_name = "TEXT", requires = "lock")]
     pub holder: Option<String>,
 }
@@ -209,8 +210,8 @@ pub async fn release(args: ReleaseArgs, client_args: &ClientArgs) -> Result<Exit
         }
     }
     for name in &names {
-        if locks.delete_request(name, None).await? {
-            println!("lockrequest {name} deleted");
+        if locks.release_request(name, None).await? {
+            println!("lockrequest {name} released");
         } else {
             println!("lockrequest {name} not found (already released)");
         }

@@ -99,7 +99,7 @@ impl RequestFlags {
         o.lease = self.lease;
         o.wait_timeout = self.wait_timeout;
         o.margin = self.margin;
-        o.pod_ref = pod.as_ref().map(PodIdentity::pod_ref);
+        o.pod_ref = pod.as_ref().and_then(|p| p.pod_ref_in(namespace));
         o.holder_identity =
             self.holder.clone().or_else(|| pod.map(|p| p.holder_identity(namespace))).unwrap_or_default();
         o

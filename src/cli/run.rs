@@ -15,9 +15,12 @@ use tokio_util::sync::CancellationToken;
 use super::{CliError, RequestFlags, usage};
 use crate::{
     api::duration,
-    client::{AcquireError, LockClient, LostReason},
+    client::{
+        AcquireError, BootInstant, BootTimer, Guard, LockClient, LostReason, default_margin,
+        grace::{check_grace, default_grace, stop_at},
+    },
     connect::{ClientArgs, parse_duration},
-    tools::{EXIT_CANNOT_EXECUTE, EXIT_LOST, EXIT_NOT_FOUND, EXIT_REJECTED, EXIT_WAIT_TIMEOUT, flag_of},
+    tools::{EXIT_CANNOT_EXECUTE, EXIT_LOST, EXIT_NOT_FOUND, EXIT_REJECTED, EXIT_USAGE, EXIT_WAIT_TIMEOUT, flag_of},
 };
 
 /// How the command is placed in process groups.
@@ -38,8 +41,10 @@ const RUN_HELP: &str = "\
 The command runs with KUBELOCK_TOKEN (fencing token: pass it to everything you write),
 KUBELOCK_LOCK, KUBELOCK_LOCK_UID, KUBELOCK_REQUEST and KUBELOCK_NAMESPACE set.
 The lock is renewed while it runs and released as soon as it exits. If the lock is lost
-(lease deadline passed, expired by the controller, broken), the command gets SIGTERM,
-then SIGKILL after --grace. SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to it.
+(expired by the controller, broken, its request deleted), or --grace before the local
+lease deadline when renewals have not moved it, the command gets SIGTERM; SIGKILL follows
+--grace later, and at the deadline at the latest. SIGINT, SIGTERM, SIGHUP and SIGQUIT are
+forwarded to it.
 
 Exit codes:
   the command's own     it exited by itself while the lock was held
@@ -63,9 +68,13 @@ pub struct RunArgs {
     pub lock: String,
     #[command(flatten)]
     pub request: RequestFlags,
-    /// After the lock is lost: time between SIGTERM and SIGKILL to the command.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    pub grace: Duration,
+    /// Time the command gets between SIGTERM and SIGKILL. It is sent SIGTERM when the lock is
+    /// lost, or this long before the local lease deadline if renewals have not moved it
+    /// (the API server unreachable), and SIGKILL at the deadline at the latest: the next
+    /// holder may be granted soon after it. Must be shorter than lease − margin − lease/3
+    /// (the deadline's headroom between renewals). Default: half of that, at most 10s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub grace: Option<Duration>,
     /// Process group of the command (see `auto`).
     #[arg(long, value_enum, default_value_t = ProcessGroup::Auto)]
     pub process_group: ProcessGroup,
@@ -178,6 +187,11 @@ impl Forwarded {
     }
 }
 
+/// The grant's local deadline if it still has one, else now (a lost grant: stop at once).
+fn deadline_or_now(guard: &Guard) -> BootInstant {
+    guard.deadline().unwrap_or_else(BootInstant::now)
+}
+
 fn exit_code_of(status: std::process::ExitStatus) -> u8 {
     use std::os::unix::process::ExitStatusExt as _;
     match (status.code(), status.signal()) {
@@ -243,7 +257,24 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
         }
         Err(e) => return Err(e.into()),
     };
-    tracing::info!(lock = %args.lock, request = %guard.request_name(), token = guard.token(), "running the command");
+    // The grace must fit the granted lease: the command must have stopped by the deadline.
+    let lease = match guard.current() {
+        crate::client::LockState::Holding { lease, .. } => lease,
+        _ => Duration::ZERO,
+    };
+    let margin = args.request.margin.unwrap_or_else(|| default_margin(lease));
+    let grace = match args.grace.map(|g| check_grace(g, lease, margin)) {
+        None => default_grace(lease, margin),
+        Some(Ok(g)) => g,
+        Some(Err(why)) => {
+            eprintln!("kubelock: invalid --grace: {why}");
+            if let Err(e) = guard.release().await {
+                eprintln!("kubelock: releasing lock {}: {e}", args.lock);
+            }
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    tracing::info!(lock = %args.lock, request = %guard.request_name(), token = guard.token(), grace = ?grace, "running the command");
 
     // 2. Run the command with the token in its environment.
     let terminal_foreground = in_terminal_foreground();
@@ -291,26 +322,55 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
     };
     let target = Target { pid, group: own_group };
 
-    // 3. Wait for the command; stop it if the lock is lost; forward signals.
+    // 3. Wait for the command; stop it if the lock is lost or its deadline nears without a
+    // renewal (SIGTERM, then SIGKILL `grace` later and at the deadline at the latest);
+    // forward signals. Timers on CLOCK_BOOTTIME, like the deadline.
     let mut lost: Option<LostReason> = None;
-    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut term_timer = BootTimer::new().map_err(CliError::Signals)?;
+    let mut kill_timer = BootTimer::new().map_err(CliError::Signals)?;
+    let mut kill_at: Option<BootInstant> = None;
+    let mut states = guard.state();
     let status = loop {
+        if kill_at.is_none() {
+            // Not stopping yet: SIGTERM `grace` before the deadline as renewals keep it.
+            let term_at = guard.deadline().map(|d| stop_at(d, grace));
+            term_timer.set(term_at).map_err(CliError::Signals)?;
+        }
+        kill_timer.set(kill_at).map_err(CliError::Signals)?;
         tokio::select! {
             biased;
             reason = guard.lost(), if lost.is_none() => {
-                eprintln!(
-                    "kubelock: lock {} lost ({reason}); stopping the command (SIGTERM, SIGKILL after {})",
-                    args.lock, duration::format(args.grace)
-                );
-                target.send(rustix::process::Signal::TERM);
-                kill_at = Some(tokio::time::Instant::now() + args.grace);
+                let deadline = deadline_or_now(&guard);
+                let at = kill_at.unwrap_or_else(|| BootInstant::now().saturating_add(grace)).min(deadline);
+                if kill_at.is_none() {
+                    eprintln!(
+                        "kubelock: lock {} lost ({reason}); stopping the command (SIGTERM, SIGKILL within {})",
+                        args.lock, duration::format(at.saturating_since(BootInstant::now()))
+                    );
+                    target.send(rustix::process::Signal::TERM);
+                }
+                kill_at = Some(at);
+                term_timer.set(None).map_err(CliError::Signals)?;
                 lost = Some(reason);
             }
-            _ = async { tokio::time::sleep_until(kill_at.expect("set")).await }, if kill_at.is_some() => {
-                eprintln!("kubelock: the command did not stop within {}; sending SIGKILL", duration::format(args.grace));
-                target.send(rustix::process::Signal::KILL);
-                kill_at = None;
+            _ = term_timer.fired(), if kill_at.is_none() && term_timer.armed().is_some() => {
+                // Renewals have not moved the deadline: stop while the grant still holds.
+                let deadline = deadline_or_now(&guard);
+                eprintln!(
+                    "kubelock: lock {}: no renewal succeeded and the lease deadline is {} away; stopping the command (SIGTERM, SIGKILL at the deadline)",
+                    args.lock, duration::format(deadline.saturating_since(BootInstant::now()))
+                );
+                target.send(rustix::process::Signal::TERM);
+                kill_at = Some(deadline);
+                term_timer.set(None).map_err(CliError::Signals)?;
+                lost.get_or_insert(LostReason::DeadlinePassed);
             }
+            _ = kill_timer.fired(), if kill_timer.armed().is_some() => {
+                eprintln!("kubelock: the command did not stop in time; sending SIGKILL");
+                target.send(rustix::process::Signal::KILL);
+                break child.wait().await; // killed: nothing more to time
+            }
+            _ = states.changed() => {} // a renewal moved the deadline: re-arm
             status = child.wait() => break status,
             sig = signals.recv() => {
                 // Sharing the terminal's foreground group, the command got Ctrl-C/Ctrl-\ from

@@ -21,11 +21,12 @@
 //! and holding; the local deadline (boot time before the last successful write + lease −
 //! margin) is kept on `CLOCK_BOOTTIME` with a timerfd, so a frozen or suspended holder knows
 //! the moment it runs again that it no longer holds; release marks the request
-//! `spec.released` and then deletes it, both with a UID precondition (a request deleted
-//! unmarked keeps its permits for its lease). A waiter whose deadline passed withdraws its
-//! request and asks again.
+//! `spec.released` with a UID precondition, and the controller frees the permits and deletes
+//! it (a request deleted unmarked keeps its permits for its lease). A waiter whose deadline
+//! passed withdraws its request the same way and asks again.
 
 mod clock;
+pub mod grace;
 mod leader;
 mod session;
 mod tracker;
@@ -531,9 +532,10 @@ impl LockClient {
         }
     }
 
-    /// The holder's own release of a request: marks it `spec.released` (the controller then
-    /// frees its permits at once), then deletes it. Call it only once nothing acts on the
-    /// grant any more. A request already gone is not an error: `Ok(false)`.
+    /// The holder's own release of a request: marks it `spec.released`; the controller then
+    /// frees its permits at once and deletes it (so that whichever controller plans next still
+    /// sees the mark). Call it only once nothing acts on the grant any more. A request already
+    /// gone is not an error: `Ok(false)`.
     pub async fn release_request(&self, name: &str, uid: Option<&str>) -> Result<bool, ClientError> {
         let mut patch = serde_json::json!({ "spec": { "released": true } });
         if let Some(uid) = uid {
@@ -544,17 +546,16 @@ impl LockClient {
         let requests = self.requests();
         match self.call("marking the lock request released", requests.patch(name, &params, &Patch::Merge(&patch))).await
         {
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => return Ok(false),
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
             // 409, or 422 "metadata.uid: field is immutable": another request has the name now.
             Err(ClientError::Api { source: kube::Error::Api(s), .. })
                 if s.code == 409 || (s.code == 422 && s.message.contains("metadata.uid")) =>
             {
-                return Ok(false);
+                Ok(false)
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
         }
-        self.delete_request(name, uid).await
     }
 
     /// Deletes a LockRequest by name (with its UID as precondition when given), without
@@ -641,7 +642,7 @@ impl Inner {
             },
         });
         // Nothing acts on the grant any more (the caller says so by releasing): mark the
-        // request released and delete it. After a lost grant this frees permits that may
+        // request released (the controller deletes it). After a lost grant this frees permits that may
         // still be draining (the lock delay applies after such an end anyway); a waiter that
         // was never granted must not stay queued either (it would be granted later and hold
         // the lock unused until it expired). A request already gone needs nothing.

@@ -230,6 +230,9 @@ pub(super) fn plan_holders(
             }
             End::Release => {
                 plan.holder_event(EventKind::Released, Reason::Released, h, held, released(h));
+                if let Some(req) = req {
+                    plan.delete_released(req);
+                }
             }
             End::Free { kind, reason, message } => {
                 obs.ended.insert(h.request_uid.clone());
@@ -278,8 +281,12 @@ fn drain(
     pass: &mut HolderPass,
 ) -> Option<Draining> {
     let now = inputs.now;
-    if req.is_some_and(|r| r.spec.released) || inputs.released.contains(&d.request_uid) {
+    if let Some(req) = req.filter(|r| r.spec.released) {
+        plan.delete_released(req);
         return None; // its holder says it stopped acting
+    }
+    if inputs.released.contains(&d.request_uid) {
+        return None;
     }
     let stopped = match pod_state(bound_pod(d.pod_ref.as_ref(), None), inputs) {
         PodState::Gone { stopped, .. } => stopped,

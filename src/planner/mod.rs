@@ -78,7 +78,7 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
         .map(|h| h.token)
         .chain(old.draining.iter().map(|d| d.token))
         .chain(requests.iter().filter(|r| r.spec.lock_name == lock.name_any()).filter_map(|r| r.status.as_ref()?.token))
-        .fold(old.fencing_token, i64::max);
+        .fold(old.fencing_token.max(0), i64::max);
 
     // 1 and 2: holders, how their grants end and drain, and the lock delay their ends start.
     let mut pass = holders::plan_holders(&inputs, &old, &lock_uid, &mut plan, &mut obs);

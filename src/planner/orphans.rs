@@ -25,6 +25,10 @@ pub fn plan_orphans(
         if r.metadata.deletion_timestamp.is_some() || uid_of(r).is_empty() {
             continue;
         }
+        if r.spec.released {
+            plan.delete_released(r); // nothing acts on it
+            continue;
+        }
         let status = r.status.clone().unwrap_or_default();
         match r.phase() {
             Phase::Expired | Phase::Rejected => retain_finished(r, settings, now, &mut plan),

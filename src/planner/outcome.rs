@@ -147,6 +147,12 @@ impl Plan {
         }
     }
 
+    /// Deletes a request its holder released (`spec.released`): the controller does it, once
+    /// the release took effect, so that whoever plans next still sees the mark.
+    pub(super) fn delete_released(&mut self, req: &LockRequest) {
+        self.deletions.push(Deletion { name: req.name_any(), uid: uid_of(req).into() });
+    }
+
     fn push_event(&mut self, event: PlanEvent) -> &mut PlanEvent {
         self.events.push(event);
         self.events.last_mut().expect("just pushed")

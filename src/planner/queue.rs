@@ -49,6 +49,11 @@ pub(super) fn enqueue<'a>(
             plan.update(r, desired_status(r, fate, now), false);
             continue;
         }
+        if r.spec.released {
+            // Released by its requester, granted or not: nothing acts on it; delete it.
+            plan.delete_released(r);
+            continue;
+        }
         match r.phase() {
             Phase::Expired | Phase::Rejected => {
                 retain_finished(r, inputs.settings, now, plan);
@@ -59,13 +64,6 @@ pub(super) fn enqueue<'a>(
                 continue;
             }
             Phase::Pending => {}
-        }
-        if r.spec.released {
-            // Withdrawn by its requester before any grant reached it.
-            let message = "withdrawn by its requester".to_string();
-            let end = Finish { kind: EventKind::Released, phase: Phase::Expired, reason: Reason::Released, message };
-            plan.finish(r, now, end);
-            continue;
         }
         if let Some(end) = refusal(r, inputs, params, &lock_name) {
             plan.finish(r, now, end);

@@ -705,10 +705,11 @@ fn the_holders_own_release_marks_the_request_and_frees_at_once() {
     w.add(request("a", 1, 1));
     w.add(request("b", 1, 2));
     w.step();
-    // The mark is seen before the delete.
+    // The holder marks it; the controller frees the permits and deletes the request.
     w.mark_released("a");
     let p = w.step();
     assert_eq!(w.holders(), ["b"]);
+    assert!(p.deletions.iter().any(|d| d.name == "a"));
     assert!(w.status().delayed_until.is_none(), "a clean release: no lock delay");
     assert!(p.events.iter().any(|e| e.kind == EventKind::Released && e.request == "a"));
     // A draining grant ends at once when its holder says it stopped.
@@ -729,9 +730,9 @@ fn a_waiter_withdrawn_by_its_requester_is_finished() {
     w.add(request("b", 1, 2));
     w.step();
     w.mark_released("b");
-    w.step();
-    assert_eq!(w.phase("b"), Phase::Expired);
-    assert_eq!(w.reason("b"), "Released");
+    let p = w.step();
+    assert_eq!(p.deletions, [Deletion { name: "b".into(), uid: "uid-b".into() }], "deleted by the controller");
+    assert!(p.requests.is_empty(), "no status written on it");
     assert_eq!(w.status().waiting, 0);
 }
 

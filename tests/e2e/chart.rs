@@ -831,7 +831,7 @@ async fn handover(env: &TestEnv, controller: &Proc, name: &str) {
     wait_until(&requests, "second", "second queued", TIMEOUT, |r| phase(r) == Some(Phase::Pending))
         .await
         .unwrap_or_else(|e| panic!("{e}\ncontroller log:\n{}", log()));
-    requests.delete("first", &DeleteParams::default()).await.expect("release first");
+    crate::support::fixtures::release(&requests, "first").await;
     let second = wait_until(&requests, "second", "second granted", TIMEOUT, |r| phase(r) == Some(Phase::Granted))
         .await
         .unwrap_or_else(|e| panic!("{e}\ncontroller log:\n{}", log()));

@@ -979,20 +979,18 @@ async fn a_burst_of_requests_is_granted_in_order() {
                 };
                 for h in lock.status.map(|s| s.holders).unwrap_or_default() {
                     if seen.insert(h.request_uid.clone()) {
-                        let dp = DeleteParams {
-                            preconditions: Some(Preconditions {
-                                uid: Some(h.request_uid.clone()),
-                                resource_version: None,
-                            }),
-                            ..Default::default()
-                        };
                         let (requests, released) = (requests.clone(), released.clone());
                         tokio::spawn(async move {
                             // Retried: the answer may be lost while the control plane is busy.
+                            // The holder's own release: marked (the controller deletes it).
+                            let mark = serde_json::json!({
+                                "metadata": {"uid": h.request_uid}, "spec": {"released": true}});
                             for _ in 0..50 {
-                                match requests.delete(&h.request, &dp).await {
+                                match requests.patch(&h.request, &PatchParams::default(), &Patch::Merge(&mark)).await {
                                     Ok(_) => break,
-                                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => break,
+                                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 || s.code == 422 => {
+                                        break;
+                                    }
                                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                                 }
                             }

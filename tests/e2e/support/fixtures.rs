@@ -70,6 +70,15 @@ pub async fn create_request(
     api.create(&PostParams::default(), &request).await.unwrap_or_else(|e| panic!("creating request {name}: {e}"))
 }
 
+/// The holder's own release of a request, as the client does it: `spec.released` (the
+/// controller frees its permits and deletes it).
+pub async fn release(api: &Api<LockRequest>, name: &str) {
+    let mark = serde_json::json!({"spec": {"released": true}});
+    api.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&mark))
+        .await
+        .unwrap_or_else(|e| panic!("marking {name} released: {e}"));
+}
+
 /// A Pod with one container. Nothing ever runs it (the local control plane has no nodes): it
 /// is there to be referenced by a request and deleted.
 pub fn pod(name: &str) -> Pod {
@@ -127,6 +136,8 @@ pub fn requester_rules() -> Vec<PolicyRule> {
     vec![
         rule(&["kubelock.dev"], &["lockrequests"], &["create", "get", "list", "watch", "patch", "delete"]),
         rule(&["kubelock.dev"], &["locks"], &["get", "list", "watch"]),
+        // The sidecar reads its own pod to see the app's containers stop before it releases.
+        rule(&[""], &["pods"], &["get", "list", "watch"]),
     ]
 }
 
@@ -243,7 +254,13 @@ impl Fixture {
         })
     }
 
+    /// The holder's own release: marks the request released.
     pub async fn release(&self, name: &str) {
+        release(&self.requests, name).await;
+    }
+
+    /// A delete by someone else than the holder (no release mark).
+    pub async fn delete(&self, name: &str) {
         self.requests.delete(name, &DeleteParams::default()).await.unwrap_or_else(|e| panic!("deleting {name}: {e}"));
     }
 
