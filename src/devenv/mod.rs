@@ -873,3 +873,19 @@ pub async fn apply_crds(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Component, lost_port_race};
+
+    #[test]
+    fn a_lost_port_race_is_told_from_a_taken_kubelet_port() {
+        let etcd = r#"{"level":"fatal","msg":"listen tcp 127.0.0.1:22379: bind: address already in use"}"#;
+        assert!(lost_port_race(Component::Etcd, etcd));
+        let apiserver = "failed to listen on 0.0.0.0:26443: listen tcp 0.0.0.0:26443: bind: address already in use";
+        assert!(lost_port_race(Component::ApiServer, apiserver));
+        let kubelet = "listen tcp 192.0.2.2:10250: bind: address already in use";
+        assert!(!lost_port_race(Component::Kubelet, kubelet), "the kubelet's port is fixed: no new ports help");
+        assert!(!lost_port_race(Component::Etcd, "etcdmain: open /dev/shm/x: no space left on device"));
+    }
+}
