@@ -6,7 +6,7 @@ PYTHON ?= python3
 # works on 3.11, hence --ignore-requires-python. Pinned: hack/helm.py uses its API.
 HELM_SDKPY_VERSION ?= 0.1.32
 
-.PHONY: helm-sdk chart-crds chart-lint chart-install e2e-kind image
+.PHONY: helm-sdk chart-crds chart-lint chart-install e2e-kind image image-load image-docker dev-node
 
 helm-sdk: ## Install helm-sdkpy and PyYAML for hack/helm.py if missing.
 	@if ! $(PYTHON) -c 'import helm_sdkpy, yaml' 2>/dev/null; then \
@@ -35,8 +35,18 @@ chart-lint: helm-sdk ## helm lint of charts/kubelock.
 chart-install: helm-sdk ## helm install the chart into $KUBECONFIG (release kubelock, namespace kubelock-system).
 	$(PYTHON) hack/helm.py install kubelock charts/kubelock -n kubelock-system --create-namespace $(HELM_ARGS)
 
-image: ## Build the container image (needs Docker): IMAGE=kubelock:dev.
+image: ## Build the images without Docker: OCI tarballs in target/image (kubelock:dev, kubelock-test:dev).
+	hack/image.sh build
+
+image-load: ## Import those images into the running local node (kubelock dev --node).
+	hack/image.sh load
+
+image-docker: ## Build the container image with Docker: IMAGE=kubelock:dev.
 	docker build -t $(or $(IMAGE),kubelock:dev) .
+
+dev-node: image ## kubelock dev with a local node (root), both images loaded into it.
+	$(CARGO) build --bin kubelock
+	target/debug/kubelock dev --node $(DEV_ARGS)
 
 e2e-kind: helm-sdk ## kind cluster + image + chart + the e2e suite (needs Docker and kind).
 	hack/kind-e2e.sh

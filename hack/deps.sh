@@ -6,7 +6,9 @@
 #   - Rust >= $MIN_RUST via rustup (into ~/.cargo) if cargo is missing or older;
 #   - etcd and kube-apiserver: `src/devenv/control-plane.sh install` (the first time this builds
 #     kube-apiserver from Debian's source with Go 1.15, about 7 minutes, and caches it in
-#     ${KUBELOCK_CACHE:-${XDG_CACHE_HOME:-~/.cache}/kubelock}).
+#     ${KUBELOCK_CACHE:-${XDG_CACHE_HOME:-~/.cache}/kubelock});
+#   - what the local node needs (the e2e tests' node:: module): `src/devenv/node.sh install`
+#     (containerd, runc, CNI plugins, iptables, busybox-static, umoci from Debian).
 # apt-get runs as root, or through sudo.
 set -euo pipefail
 
@@ -64,6 +66,7 @@ main() {
   fi
   rust
   "$HERE/../src/devenv/control-plane.sh" install
+  "$HERE/../src/devenv/node.sh" install
 }
 
 main "$@"

@@ -14,6 +14,8 @@
 #   KUBE_APISERVER   use this kube-apiserver binary (v1.20.x built with Go 1.15) instead of building
 #   KUBELOCK_CACHE   cache directory (default ${XDG_CACHE_HOME:-$HOME/.cache}/kubelock)
 #   ETCD_DATA_ON_DISK=1   keep etcd's data in DIR (benchmarks) instead of /dev/shm (tests)
+#   NODE_ADDRESS     `prepare` for a control plane with a local node (src/devenv/node.sh): the
+#                    machine's own IPv4 address, which kube-apiserver listens on and advertises
 #
 # Every process started here gets the parent-death signal SIGKILL (setpriv --pdeathsig),
 # so killing this script, even with SIGKILL, leaves no etcd or kube-apiserver behind.
@@ -27,6 +29,9 @@ KUBE_COMPONENTS="kube-apiserver kube-controller-manager kube-scheduler kubelet k
 CACHED_APISERVER="$KUBE_BIN/kube-apiserver"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+# The Service range and the `kubernetes` Service's address in it.
+SERVICE_CIDR=10.96.0.0/16
+SERVICE_IP=10.96.0.1
 
 # How to name this script in hints (the Rust harness runs an embedded copy from a temp dir).
 SELF="${KUBELOCK_SCRIPT_NAME:-$0}"
@@ -127,15 +132,28 @@ cmd_install() {
   fi
 }
 
-# free_port [EXCLUDED...]: a loopback port nobody listens on, not among EXCLUDED.
+# free_port [EXCLUDED...]: a port nobody listens on, not among EXCLUDED, and outside the
+# kernel's ephemeral range (/proc/sys/net/ipv4/ip_local_port_range): outgoing connections take
+# their local ports from that range, so one of them could take a port picked there between
+# this check and the server's bind. A server that still loses a race is started again on new
+# ports by the Rust harness.
 free_port() {
-  local port
+  local lo=32768 hi=60999 first=20000 last=65535 below above total port n
+  read -r lo hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  below=$(( lo > first ? (lo > last + 1 ? last + 1 : lo) - first : 0 ))
+  above=$(( hi < last ? last - (hi < first ? first - 1 : hi) : 0 ))
+  total=$((below + above))
+  [ "$total" -gt 0 ] || die "the ephemeral port range $lo-$hi covers $first-$last: no port outside it to listen on"
   for _ in $(seq 1 200); do
-    port=$((20000 + RANDOM % 40000))
+    n=$(( ((RANDOM << 15) | RANDOM) % total ))
+    if [ "$n" -lt "$below" ]; then port=$((first + n)); else port=$(( (hi < first ? first - 1 : hi) + 1 + n - below )); fi
     case " $* " in *" $port "*) continue ;; esac
+    if command -v ss >/dev/null; then
+      [ -z "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] || continue
+    fi
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "$port"; return 0; fi
   done
-  die "no free loopback port found"
+  die "no free port found outside the ephemeral range $lo-$hi"
 }
 
 # kubeconfig FILE USER TOKEN
@@ -174,10 +192,35 @@ cmd_prepare() {
     -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
   openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
     -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' >"$pki/san.ext"
+  if [ -z "${NODE_ADDRESS:-}" ]; then
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' >"$pki/san.ext"
+  else
+    # Pods reach the API server as the `kubernetes` Service (its ClusterIP, the first address of
+    # the service range) or at the address it advertises.
+    printf 'subjectAltName=IP:127.0.0.1,IP:%s,IP:%s,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,%s\n' \
+      "$SERVICE_IP" "$NODE_ADDRESS" 'DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local' >"$pki/san.ext"
+  fi
   openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
     -days 3650 -extfile "$pki/san.ext" -out "$pki/apiserver.crt" 2>/dev/null
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  local mode_args=(--endpoint-reconciler-type=none --disable-admission-plugins=ServiceAccount)
+  local bind=127.0.0.1 advertise=127.0.0.1 authz=RBAC
+  if [ -n "${NODE_ADDRESS:-}" ]; then
+    # The client certificate kube-apiserver shows the kubelet (logs, exec, port-forward).
+    openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+      -keyout "$pki/kubelet-client.key" -out "$pki/kubelet-client.csr" 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\n' >"$pki/client.ext"
+    openssl x509 -req -in "$pki/kubelet-client.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+      -days 3650 -extfile "$pki/client.ext" -out "$pki/kubelet-client.crt" 2>/dev/null
+    # Listens on every address (the kubeconfigs use 127.0.0.1, pods the advertised address
+    # behind the `kubernetes` Service, whose Endpoints the lease reconciler keeps), authorizes
+    # kubelets as nodes, and gives pods service-account tokens.
+    bind=0.0.0.0 advertise=$NODE_ADDRESS authz=Node,RBAC
+    mode_args=(--allow-privileged=true --enable-admission-plugins=NodeRestriction
+      --kubelet-client-certificate="$pki/kubelet-client.crt" --kubelet-client-key="$pki/kubelet-client.key"
+      --kubelet-preferred-address-types=InternalIP)
+    echo "$NODE_ADDRESS" >"$DIR/node-address"
+  fi
 
   # Static-token identities: distinct users so that RBAC is tested for real.
   # admin is cluster-admin; the others get no rights until a test binds them.
@@ -200,7 +243,7 @@ cmd_prepare() {
     data=$(mktemp -d /dev/shm/kubelock-etcd.XXXXXX)
     echo "$data" >"$DIR/etcd-data-shm"
   fi
-  # One argument per line, read by `run` here and by the Rust harness (src/devenv.rs).
+  # One argument per line, read by `run` here and by the Rust harness (src/devenv/mod.rs).
   printf '%s\n' "$(command -v etcd)" --name=default --data-dir="$data" \
     --listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
@@ -208,13 +251,12 @@ cmd_prepare() {
     --initial-cluster="default=http://127.0.0.1:$ETCD_PEER_PORT" \
     --logger=zap --log-level=warn >"$DIR/etcd.args"
   printf '%s\n' "$apiserver" --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-    --secure-port="$API_PORT" --insecure-port=0 --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+    --secure-port="$API_PORT" --insecure-port=0 --bind-address="$bind" --advertise-address="$advertise" \
     --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
-    --client-ca-file="$pki/ca.crt" --token-auth-file="$DIR/tokens.csv" --authorization-mode=RBAC \
+    --client-ca-file="$pki/ca.crt" --token-auth-file="$DIR/tokens.csv" --authorization-mode="$authz" \
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$pki/sa.key" \
     --service-account-signing-key-file="$pki/sa.key" --api-audiences=https://kubernetes.default.svc \
-    --service-cluster-ip-range=10.96.0.0/16 --endpoint-reconciler-type=none \
-    --disable-admission-plugins=ServiceAccount --profiling=false --v=0 >"$DIR/apiserver.args"
+    --service-cluster-ip-range="$SERVICE_CIDR" "${mode_args[@]}" --profiling=false --v=0 >"$DIR/apiserver.args"
   echo "http://127.0.0.1:$ETCD_PORT" >"$DIR/etcd-endpoint"
   echo "https://127.0.0.1:$API_PORT" >"$DIR/server"
   for who in admin controller requester-1 requester-2; do
@@ -297,6 +339,9 @@ cmd_down() {
   [ -f "$DIR/etcd-data-shm" ] && rm -rf "$(cat "$DIR/etcd-data-shm")"
   rm -rf "$DIR"
 }
+
+# src/devenv/node.sh sources this file for its helpers: dispatch only when run.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 case "${1:-}" in
   install) cmd_install ;;

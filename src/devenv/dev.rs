@@ -1,12 +1,14 @@
-//! `kubelock dev`: a local control plane, the CRDs and the controller in one command.
+//! `kubelock dev`: a local control plane (with `--node`, also a local node where pods run and
+//! the images of `make image`), the CRDs and the controller in one command.
 
 use std::{
     io::{self, Write as _},
+    path::PathBuf,
     process::ExitCode,
     time::Duration,
 };
 
-use super::{ControlPlane, ControlPlaneOptions, DevError, Identity, install_crds, io_err};
+use super::{ControlPlane, ControlPlaneOptions, DevError, IMAGE_FILES, Identity, install_crds, io_err};
 use crate::{
     connect::ClientArgs,
     controller::{self, ControllerArgs},
@@ -28,6 +30,17 @@ pub struct DevArgs {
     /// How long to wait for the local API server to become ready.
     #[arg(long, default_value = "90s", value_parser = crate::connect::parse_duration, value_name = "DURATION")]
     pub ready_timeout: Duration,
+    /// Also run a local node (containerd, kubelet, kube-controller-manager, kube-scheduler,
+    /// kube-proxy) so that pods run, and load the images of `make image` into it. Needs root;
+    /// one per machine.
+    #[arg(long, conflicts_with = "use_cluster")]
+    pub node: bool,
+    /// With --node: where `make image` wrote the image tarballs (kubelock.oci.tar, kubelock-test.oci.tar).
+    #[arg(long, default_value = "target/image", value_name = "DIR", requires = "node")]
+    pub images: PathBuf,
+    /// With --node: load no images (only the pause image the node needs).
+    #[arg(long, requires = "node", conflicts_with = "images")]
+    pub no_images: bool,
     #[command(flatten)]
     pub controller: ControllerArgs,
 }
@@ -41,21 +54,39 @@ pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode
     let setup = async {
         if args.use_cluster {
             let (client, _ns) = client_args.client().await?;
-            Ok::<_, DevError>((client, None))
+            Ok::<_, DevError>((client, None, false))
         } else {
-            eprintln!("kubelock dev: starting etcd and kube-apiserver (about 10 s)...");
+            // The images are checked first: a missing one should not cost a node start.
+            let images: Vec<PathBuf> = match args.node && !args.no_images {
+                true => IMAGE_FILES.iter().map(|f| args.images.join(f)).collect(),
+                false => Vec::new(),
+            };
+            if let Some(missing) = images.iter().find(|p| !p.is_file()) {
+                return Err(DevError::ImageImport {
+                    tar: missing.clone(),
+                    stderr: "no such file: run `make image` first (or pass --images DIR, or --no-images)".into(),
+                });
+            }
+            match args.node {
+                true => eprintln!("kubelock dev: starting etcd, kube-apiserver and a local node (about 30 s)..."),
+                false => eprintln!("kubelock dev: starting etcd and kube-apiserver (about 10 s)..."),
+            }
             let opts = ControlPlaneOptions {
                 etcd_on_disk: args.etcd_on_disk,
                 keep_dir: args.keep,
                 ready_timeout: args.ready_timeout,
+                node: args.node,
                 ..Default::default()
             };
             let cp = ControlPlane::start(opts).await?;
+            for image in &images {
+                cp.import_image(image).await?;
+            }
             let client = cp.client(Identity::Admin).await?;
-            Ok((client, Some(cp)))
+            Ok((client, Some(cp), !images.is_empty()))
         }
     };
-    let (client, cp) = tokio::select! {
+    let (client, cp, images_loaded) = tokio::select! {
         res = setup => res?,
         _ = sigint.recv() => return Ok(ExitCode::from(130)),
         _ = sigterm.recv() => return Ok(ExitCode::from(143)),
@@ -74,6 +105,23 @@ pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode
 
     match &cp {
         Some(cp) => {
+            if let Some(node) = cp.node() {
+                eprintln!(
+                    "kubelock dev: node {} Ready at {} (pods in {}; logs in {}){}",
+                    node.name,
+                    node.address,
+                    node.pod_subnet,
+                    cp.dir().display(),
+                    match images_loaded {
+                        true => format!(
+                            "; images {} and {} loaded (imagePullPolicy: Never)",
+                            super::IMAGE,
+                            super::TEST_IMAGE
+                        ),
+                        false => String::new(),
+                    },
+                );
+            }
             println!("export KUBECONFIG={}", cp.kubeconfig(Identity::Admin).display());
             eprintln!(
                 "kubelock dev: control plane ready at {}; CRDs installed; controller running.\n\

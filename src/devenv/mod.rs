@@ -1,10 +1,12 @@
 //! The local control plane used by `kubelock dev`, the tests and the benchmarks: a real etcd
-//! and kube-apiserver on free loopback ports, with one static-token identity per role.
+//! and kube-apiserver on free loopback ports, with one static-token identity per role; and,
+//! on request, a local node where pods run (the `node` module: containerd, kubelet,
+//! kube-controller-manager, kube-scheduler, kube-proxy).
 //!
 //! `src/devenv/control-plane.sh` (embedded here, so the binary works outside the repository)
 //! prepares a state directory: certificates, tokens, kubeconfigs and one argument file per
-//! server. [`ControlPlane`] then runs the two servers itself so that it can kill and restart
-//! them for fault-injection tests.
+//! server (`src/devenv/node.sh` adds the node's). [`ControlPlane`] then runs the servers itself
+//! so that it can kill and restart them for fault-injection tests.
 //!
 //! No process outlives its owner, however the owner dies:
 //! - every server runs under `setpriv --pdeathsig KILL`, spawned from one long-lived
@@ -12,10 +14,12 @@
 //!   exits, so spawning from a short-lived (test or blocking-pool) thread would kill the
 //!   child early;
 //! - a tiny reaper process (`sh`, reading a pipe held by this process) removes the state
-//!   directory and the tmpfs etcd data once the pipe closes, which also happens on SIGKILL;
+//!   directory and the tmpfs etcd data once the pipe closes, which also happens on SIGKILL
+//!   (with a node, it first runs the node's cleanup);
 //! - `Drop` stops the servers (SIGTERM, then SIGKILL) and removes everything at once.
 
 mod dev;
+mod node;
 mod process;
 
 use std::{
@@ -39,6 +43,7 @@ use kube::{
 use self::process::{send_signal, spawn_reaper};
 pub use self::{
     dev::{DevArgs, run_dev},
+    node::{CLEANUP_LOG, IMAGE, IMAGE_FILES, NODE_LOCK, NodeInfo, TEST_IMAGE},
     process::{guarded_command, log_tail, spawn_guarded},
 };
 use crate::controller;
@@ -54,6 +59,8 @@ const SHM_PREFIX: &str = "/dev/shm/kubelock-etcd.";
 
 /// How long a server gets to stop after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How many times a start that lost a port race is tried (each time on new ports).
+const START_ATTEMPTS: u32 = 3;
 /// Interval of readiness polls.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -97,20 +104,44 @@ impl std::fmt::Display for Identity {
     }
 }
 
-/// One of the two servers.
+/// One of the servers: etcd and kube-apiserver, and those of the local node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Component {
     /// etcd.
     Etcd,
     /// kube-apiserver.
     ApiServer,
+    /// containerd (the local node's container runtime).
+    Containerd,
+    /// kube-controller-manager (local node).
+    ControllerManager,
+    /// kube-scheduler (local node).
+    Scheduler,
+    /// kubelet (local node).
+    Kubelet,
+    /// kube-proxy (local node).
+    KubeProxy,
 }
 
 impl Component {
+    /// The local node's servers, in the order they start.
+    pub const NODE: [Component; 5] = [
+        Component::Containerd,
+        Component::ControllerManager,
+        Component::Scheduler,
+        Component::Kubelet,
+        Component::KubeProxy,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Component::Etcd => "etcd",
             Component::ApiServer => "kube-apiserver",
+            Component::Containerd => "containerd",
+            Component::ControllerManager => "kube-controller-manager",
+            Component::Scheduler => "kube-scheduler",
+            Component::Kubelet => "kubelet",
+            Component::KubeProxy => "kube-proxy",
         }
     }
 
@@ -119,6 +150,11 @@ impl Component {
         match self {
             Component::Etcd => "etcd",
             Component::ApiServer => "apiserver",
+            Component::Containerd => "containerd",
+            Component::ControllerManager => "controller-manager",
+            Component::Scheduler => "scheduler",
+            Component::Kubelet => "kubelet",
+            Component::KubeProxy => "kube-proxy",
         }
     }
 }
@@ -186,6 +222,21 @@ pub enum DevError {
     Controller(#[from] controller::Error),
     #[error("controller task: {0}")]
     ControllerTask(#[source] tokio::task::JoinError),
+    #[error("this machine cannot run the local node:\n{reason}")]
+    NodeUnavailable { reason: String },
+    #[error(
+        "another local node is running ({holder}): one node per machine (its bridge, the kubelet's port 10250 and \
+         its pod subnet are machine-wide); stop it first"
+    )]
+    NodeBusy { holder: String },
+    #[error("containerd not answering on {} after {timeout:?}; last lines of {log}:\n{tail}", socket.display())]
+    ContainerdNotReady { socket: PathBuf, timeout: Duration, log: PathBuf, tail: String },
+    #[error("node {node} not ready after {timeout:?}: {last}; read {log} (last lines):\n{tail}")]
+    NodeNotReady { node: String, timeout: Duration, last: String, log: PathBuf, tail: String },
+    #[error("importing the image {} into the local node's containerd: {stderr}", tar.display())]
+    ImageImport { tar: PathBuf, stderr: String },
+    #[error("this control plane has no local node (start it with the `node` option, or `kubelock dev --node`)")]
+    NoNode,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DevError {
@@ -212,6 +263,11 @@ pub struct ControlPlaneOptions {
     pub extra_apiserver_args: Vec<String>,
     /// Leave the state directory (logs, kubeconfigs) behind after stopping, for debugging.
     pub keep_dir: bool,
+    /// Also run a local node (containerd, kubelet, kube-controller-manager, kube-scheduler,
+    /// kube-proxy) so that pods run; needs root, one per machine (see `src/devenv/node.sh`).
+    pub node: bool,
+    /// How long to wait for the node to be Ready (and the `default` ServiceAccount to exist).
+    pub node_ready_timeout: Duration,
 }
 
 impl Default for ControlPlaneOptions {
@@ -223,6 +279,8 @@ impl Default for ControlPlaneOptions {
             kube_apiserver: None,
             extra_apiserver_args: Vec::new(),
             keep_dir: false,
+            node: false,
+            node_ready_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -304,10 +362,12 @@ impl Server {
     }
 }
 
-/// A local etcd + kube-apiserver. Every method takes `&self`, so one control plane can be
-/// shared (e.g. in a `static`) and still be killed and restarted by fault tests.
+/// A local etcd + kube-apiserver (and, with [`ControlPlaneOptions::node`], a local node).
+/// Every method takes `&self`, so one control plane can be shared (e.g. in a `static`) and
+/// still be killed and restarted by fault tests.
 ///
-/// Dropping it stops both servers and removes the state directory and the etcd data.
+/// Dropping it stops every server, cleans up after the node, and removes the state directory
+/// and the etcd data.
 #[derive(Debug)]
 pub struct ControlPlane {
     dir: PathBuf,
@@ -316,19 +376,41 @@ pub struct ControlPlane {
     etcd_endpoint: String,
     ready_timeout: Duration,
     keep_dir: bool,
-    /// `None` when attached to a control plane started by someone else.
-    etcd: Option<Mutex<Server>>,
-    apiserver: Option<Mutex<Server>>,
+    /// The servers this process runs, in start order; empty when attached to a control plane
+    /// started by someone else.
+    servers: Vec<(Component, Mutex<Server>)>,
     /// The write end of the reaper's stdin: closing it (even by dying) triggers cleanup.
     reaper: Mutex<Option<(Child, ChildStdin)>>,
+    node: Option<NodeInfo>,
+    /// Held while the node runs or is being cleaned up.
+    node_lock: Mutex<Option<node::MachineLock>>,
 }
 
 impl ControlPlane {
     /// Prepares a state directory with `src/devenv/control-plane.sh prepare`, starts etcd and
-    /// kube-apiserver and waits until `/readyz` answers.
+    /// kube-apiserver and waits until `/readyz` answers. With [`ControlPlaneOptions::node`], also
+    /// starts the local node and waits until it is Ready.
+    ///
+    /// A start in which a server could not bind its port (another process took the port picked
+    /// for it in the meantime) is tried again from the beginning, on new ports.
     ///
     /// Cancel-safe: if the future is dropped half-way, what was started is stopped.
     pub async fn start(opts: ControlPlaneOptions) -> Result<ControlPlane, DevError> {
+        let mut attempt = 1;
+        loop {
+            match ControlPlane::start_once(&opts).await {
+                Err(DevError::Exited { component, tail, .. })
+                    if attempt < START_ATTEMPTS && lost_port_race(component, &tail) =>
+                {
+                    tracing::warn!(%component, attempt, "a port picked as free was taken meanwhile; starting again on new ports");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(opts: &ControlPlaneOptions) -> Result<ControlPlane, DevError> {
         for (what, hint) in [
             ("setpriv", "install util-linux"),
             ("etcd", "run `src/devenv/control-plane.sh install` (Debian package etcd-server)"),
@@ -340,15 +422,25 @@ impl ControlPlane {
                 return Err(DevError::Missing { what, hint });
             }
         }
+        // One node per machine: say so before checking anything else it would collide on.
+        let mut lock = match opts.node {
+            true => Some(node::MachineLock::acquire().await?),
+            false => None,
+        };
         let parent = opts.parent_dir.clone().unwrap_or_else(std::env::temp_dir);
         let dir = tempfile::Builder::new()
             .prefix(STATE_DIR_PREFIX)
             .tempdir_in(&parent)
             .map_err(io_err(format!("creating a state directory in {}", parent.display())))?
             .keep();
-        let reaper = spawn_reaper(&dir, opts.keep_dir).inspect_err(|_| {
-            let _ = fs::remove_dir_all(&dir);
-        })?;
+        let reaper = lock
+            .as_mut()
+            .map(|lock| lock.record(&dir).and_then(|()| lock.share()))
+            .transpose()
+            .and_then(|node_lock| spawn_reaper(&dir, opts.keep_dir, node_lock))
+            .inspect_err(|_| {
+                let _ = fs::remove_dir_all(&dir);
+            })?;
         // From here on, `Drop` cleans up whatever happens.
         let mut cp = ControlPlane {
             dir,
@@ -357,17 +449,21 @@ impl ControlPlane {
             etcd_endpoint: String::new(),
             ready_timeout: opts.ready_timeout,
             keep_dir: opts.keep_dir,
-            etcd: None,
-            apiserver: None,
+            servers: Vec::new(),
             reaper: Mutex::new(Some(reaper)),
+            node: None,
+            node_lock: Mutex::new(lock),
         };
         let script = cp.dir.join("control-plane.sh");
-        fs::write(&script, SCRIPT).map_err(io_err(format!("writing {}", script.display())))?;
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755))
-            .map_err(io_err(format!("chmod {}", script.display())))?;
+        let node_script = cp.dir.join("node.sh");
+        for (path, text) in [(&script, SCRIPT), (&node_script, node::SCRIPT)] {
+            fs::write(path, text).map_err(io_err(format!("writing {}", path.display())))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+                .map_err(io_err(format!("chmod {}", path.display())))?;
+        }
 
         // A precise error when the one expensive dependency is missing.
-        if let Err(e) = run_script(&script, "path", None, &opts).await {
+        if let Err(e) = run_script(&script, "path", None, opts, None).await {
             let explicit = opts.kube_apiserver.is_some() || std::env::var_os("KUBE_APISERVER").is_some();
             let reason = match e {
                 DevError::Script { stderr, .. } if explicit => {
@@ -378,7 +474,14 @@ impl ControlPlane {
             };
             return Err(DevError::NoApiServer { reason });
         }
-        run_script(&script, "prepare", Some(&cp.dir), &opts).await?;
+        let node_address = match opts.node {
+            true => Some(node::preflight(&node_script).await?),
+            false => None,
+        };
+        run_script(&script, "prepare", Some(&cp.dir), opts, node_address.as_deref()).await?;
+        if opts.node {
+            run_script(&node_script, "prepare", Some(&cp.dir), opts, None).await?;
+        }
 
         cp.server = cp.read_state("server")?;
         cp.etcd_endpoint = cp.read_state("etcd-endpoint")?;
@@ -389,13 +492,40 @@ impl ControlPlane {
             }
             cp.shm_data = Some(shm);
         }
-        let etcd = cp.server_from_args(Component::Etcd, &[])?;
-        let apiserver = cp.server_from_args(Component::ApiServer, &opts.extra_apiserver_args)?;
-        cp.etcd = Some(Mutex::new(etcd));
-        cp.apiserver = Some(Mutex::new(apiserver));
+        let mut servers = vec![
+            (Component::Etcd, cp.server_from_args(Component::Etcd, &[])?),
+            (Component::ApiServer, cp.server_from_args(Component::ApiServer, &opts.extra_apiserver_args)?),
+        ];
+        if let Some(address) = node_address {
+            for component in Component::NODE {
+                servers.push((component, cp.server_from_args(component, &[])?));
+            }
+            cp.node = Some(NodeInfo {
+                name: cp.read_state("node-name")?,
+                address,
+                containerd_socket: cp.read_state("containerd-socket")?.into(),
+                pod_subnet: cp.read_state("pod-subnet")?,
+                pause_image: cp.read_state("node/pause-image-name")?,
+                pause_tar: cp.read_state("node/pause-image")?.into(),
+            });
+        }
+        cp.servers = servers.into_iter().map(|(c, s)| (c, Mutex::new(s))).collect();
         cp.start_server(Component::Etcd)?;
         cp.start_server(Component::ApiServer)?;
+        if cp.node.is_some() {
+            cp.start_server(Component::Containerd)?;
+        }
         cp.wait_ready(cp.ready_timeout).await?;
+        if let Some(node) = cp.node.clone() {
+            // The sandbox image must be there before the kubelet asks for a pod: nothing is
+            // ever pulled.
+            cp.wait_containerd().await?;
+            cp.import_image(&node.pause_tar).await?;
+            for component in &Component::NODE[1..] {
+                cp.start_server(*component)?;
+            }
+            cp.wait_node_ready(opts.node_ready_timeout).await?;
+        }
         Ok(cp)
     }
 
@@ -411,9 +541,10 @@ impl ControlPlane {
             etcd_endpoint: String::new(),
             ready_timeout,
             keep_dir: true,
-            etcd: None,
-            apiserver: None,
+            servers: Vec::new(),
             reaper: Mutex::new(None),
+            node: None,
+            node_lock: Mutex::new(None),
         };
         cp.server = cp.read_state("server")?;
         cp.etcd_endpoint = cp.read_state("etcd-endpoint")?;
@@ -450,11 +581,7 @@ impl ControlPlane {
     }
 
     fn lock(&self, component: Component) -> Result<MutexGuard<'_, Server>, DevError> {
-        let server = match component {
-            Component::Etcd => self.etcd.as_ref(),
-            Component::ApiServer => self.apiserver.as_ref(),
-        }
-        .ok_or(DevError::NotOwned(component))?;
+        let (_, server) = self.servers.iter().find(|(c, _)| *c == component).ok_or(DevError::NotOwned(component))?;
         // A panic while holding the lock leaves the Server consistent: take it anyway.
         Ok(server.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
@@ -463,7 +590,8 @@ impl ControlPlane {
         self.lock(component)?.spawn()
     }
 
-    /// The state directory: kubeconfigs, logs (`etcd.log`, `apiserver.log`), pid files.
+    /// The state directory: kubeconfigs, logs (`etcd.log`, `apiserver.log`, `kubelet.log`, ...),
+    /// pid files.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -519,14 +647,20 @@ impl ControlPlane {
     /// Starts a server again if it is not running (it exited, or was killed), with the same
     /// flags, port and data, and waits until it serves: etcd until it accepts connections
     /// (and kube-apiserver, if running, until `/readyz` says it reaches etcd again),
-    /// kube-apiserver until `/readyz` answers.
+    /// kube-apiserver until `/readyz` answers, containerd until it answers on its socket (the
+    /// node's other servers are only started).
     pub async fn restart(&self, component: Component) -> Result<(), DevError> {
         self.start_server(component)?;
-        if component == Component::Etcd {
-            self.wait_etcd(self.ready_timeout).await?;
-            if self.pid(Component::ApiServer).is_none() {
-                return Ok(());
+        match component {
+            Component::Etcd => {
+                self.wait_etcd(self.ready_timeout).await?;
+                if self.pid(Component::ApiServer).is_none() {
+                    return Ok(());
+                }
             }
+            Component::ApiServer => {}
+            Component::Containerd => return self.wait_containerd().await,
+            _ => return Ok(()),
         }
         self.wait_ready(self.ready_timeout).await
     }
@@ -590,7 +724,8 @@ impl ControlPlane {
 
     /// Fails if a server this process started has exited on its own.
     pub fn check(&self) -> Result<(), DevError> {
-        for component in [Component::Etcd, Component::ApiServer] {
+        for (component, _) in &self.servers {
+            let component = *component;
             let Ok(mut server) = self.lock(component) else { continue };
             if let Some(status) = server.exited() {
                 let log = server.log.clone();
@@ -600,25 +735,38 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Stops both servers (kube-apiserver first) and removes the state directory and the
-    /// etcd data, unless `keep_dir`. Idempotent; `Drop` calls it.
+    /// Stops every server (in the reverse order of their start, kube-apiserver and etcd last),
+    /// cleans up after the node (containers, shims, mounts, bridge, chains: `node.sh cleanup`)
+    /// and removes the state directory and the etcd data, unless `keep_dir`. Idempotent;
+    /// `Drop` calls it.
     pub fn stop(&self) {
-        for component in [Component::ApiServer, Component::Etcd] {
-            if let Ok(mut server) = self.lock(component) {
-                server.stop(STOP_GRACE);
-            }
+        for (_, server) in self.servers.iter().rev() {
+            server.lock().unwrap_or_else(|p| p.into_inner()).stop(STOP_GRACE);
         }
         let reaper = self.reaper.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some((mut reaper, stdin)) = reaper else { return };
+        let mut remove_dir = !self.keep_dir;
+        if self.node.is_some() || self.dir.join("node").exists() {
+            if let Err(problems) = node::cleanup(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), "cleaning up after the local node: {problems}");
+            }
+            let mounted = node::mounts_under(&self.dir);
+            if remove_dir && !mounted.is_empty() {
+                tracing::warn!(dir = %self.dir.display(), ?mounted, "still mounted: leaving the state directory");
+                remove_dir = false;
+            }
+        }
         if let Some(shm) = &self.shm_data {
             let _ = fs::remove_dir_all(shm);
         }
-        if !self.keep_dir {
+        if remove_dir {
             let _ = fs::remove_dir_all(&self.dir);
         }
         // Closing its stdin lets the reaper run; there is nothing left for it to do.
         drop(stdin);
         let _ = reaper.wait();
+        // The node is gone: the next one may start.
+        drop(self.node_lock.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
@@ -628,12 +776,20 @@ impl Drop for ControlPlane {
     }
 }
 
-/// Runs `control-plane.sh STEP [DIR]`; returns its stdout.
+/// Whether a server exited because the port picked for it was taken (the kubelet's port is
+/// fixed: losing it is no race).
+fn lost_port_race(component: Component, log_tail: &str) -> bool {
+    log_tail.contains("address already in use") && !(component == Component::Kubelet && log_tail.contains(":10250"))
+}
+
+/// Runs `control-plane.sh STEP [DIR]` (or `node.sh`); returns its stdout. `node_address` makes
+/// `prepare` prepare for a local node.
 async fn run_script(
     script: &Path,
     step: &'static str,
     dir: Option<&Path>,
     opts: &ControlPlaneOptions,
+    node_address: Option<&str>,
 ) -> Result<String, DevError> {
     // Under setpriv too, so that a prepare in progress dies with us rather than writing
     // into a directory the reaper is removing.
@@ -642,7 +798,12 @@ async fn run_script(
         .arg(script)
         .arg(step)
         .args(dir)
-        .env("KUBELOCK_SCRIPT_NAME", "src/devenv/control-plane.sh");
+        .env("KUBELOCK_SCRIPT_NAME", "src/devenv/control-plane.sh")
+        .env("KUBELOCK_NODE_SCRIPT_NAME", "src/devenv/node.sh");
+    match node_address {
+        Some(address) => cmd.env("NODE_ADDRESS", address),
+        None => cmd.env_remove("NODE_ADDRESS"),
+    };
     if let Some(path) = &opts.kube_apiserver {
         cmd.env("KUBE_APISERVER", path);
     }
@@ -711,4 +872,20 @@ pub async fn apply_crds(
             .map_err(|source| DevError::CrdWait { name: name.clone(), source })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Component, lost_port_race};
+
+    #[test]
+    fn a_lost_port_race_is_told_from_a_taken_kubelet_port() {
+        let etcd = r#"{"level":"fatal","msg":"listen tcp 127.0.0.1:22379: bind: address already in use"}"#;
+        assert!(lost_port_race(Component::Etcd, etcd));
+        let apiserver = "failed to listen on 0.0.0.0:26443: listen tcp 0.0.0.0:26443: bind: address already in use";
+        assert!(lost_port_race(Component::ApiServer, apiserver));
+        let kubelet = "listen tcp 192.0.2.2:10250: bind: address already in use";
+        assert!(!lost_port_race(Component::Kubelet, kubelet), "the kubelet's port is fixed: no new ports help");
+        assert!(!lost_port_race(Component::Etcd, "etcdmain: open /dev/shm/x: no space left on device"));
+    }
 }

@@ -73,26 +73,48 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 /// this process exits, however it dies, the read returns and the reaper removes the state
 /// directory (unless `keep_dir`) and the tmpfs etcd data named in it. It runs in its own
 /// process group so that a Ctrl-C aimed at us does not reach it.
-pub(super) fn spawn_reaper(dir: &Path, keep_dir: bool) -> Result<(Child, ChildStdin), DevError> {
+///
+/// With a local node, `node_lock` is the node's lock file: it becomes the reaper's stdout, so
+/// that the reaper holds the machine's node lock until it has run the node's cleanup
+/// (`node.sh cleanup`, output in [`CLEANUP_LOG`](super::CLEANUP_LOG)); it then removes the
+/// directory without crossing into anything still mounted.
+pub(super) fn spawn_reaper(
+    dir: &Path,
+    keep_dir: bool,
+    node_lock: Option<fs::File>,
+) -> Result<(Child, ChildStdin), DevError> {
     const REAPER: &str = r#"
 cat >/dev/null
-dir=$1 keep=$2
+dir=$1 keep=$2 cleanup_log=$3
+rm_flags=-rf
+if [ -n "$cleanup_log" ]; then
+  rm_flags="-rf --one-file-system"
+  if [ -f "$dir/node.sh" ] && [ -d "$dir/node" ]; then
+    bash "$dir/node.sh" cleanup "$dir" >"$cleanup_log" 2>&1 </dev/null
+  fi
+fi
 shm=$(cat "$dir/etcd-data-shm" 2>/dev/null || true)
 case $shm in /dev/shm/kubelock-etcd.*) ;; *) shm= ;; esac
 [ "$keep" = 1 ] && dir=
 for _ in 1 2 3 4 5 6 7 8 9 10; do
-  rm -rf -- $dir $shm 2>/dev/null
+  rm $rm_flags -- $dir $shm 2>/dev/null
   [ -z "$dir" ] || [ ! -e "$dir" ] || { sleep 0.2; continue; }
   [ -z "$shm" ] || [ ! -e "$shm" ] || { sleep 0.2; continue; }
   exit 0
 done
 "#;
+    let cleanup_log = if node_lock.is_some() { super::CLEANUP_LOG } else { "" };
+    let stdout = match node_lock {
+        Some(file) => Stdio::from(file),
+        None => Stdio::null(),
+    };
     let mut child = Command::new("sh")
         .args(["-c", REAPER, "kubelock-reaper"])
         .arg(dir)
         .arg(if keep_dir { "1" } else { "0" })
+        .arg(cleanup_log)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()

@@ -3,7 +3,8 @@
 //!
 //! Modules: `smoke` (the harness itself), `chart` (the Helm chart, RBAC and examples), `lock`
 //! (the controller), `client` (run, sidecar, CLI, plugin, library), `faults` (fault runs judged by the
-//! history checker, bad input), `image` (the container image). Add one module per area.
+//! history checker, bad input), `image` (the container image), `node` (pods on a local node,
+//! the images of `make image`). Add one module per area.
 
 mod support;
 
@@ -12,4 +13,5 @@ mod client;
 mod faults;
 mod image;
 mod lock;
+mod node;
 mod smoke;

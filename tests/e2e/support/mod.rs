@@ -25,6 +25,8 @@
 //!
 //! The fixtures the test files share (Locks, requests, controller processes, RBAC rule sets,
 //! ports, HTTP) are in [`fixtures`].
+//! Tests that run pods use [`TestEnv::with_node`]: a second shared control plane, with a local
+//! node (the `node` module).
 
 #![allow(dead_code)] // Not every test module uses every helper.
 
@@ -32,6 +34,7 @@ pub mod checker;
 pub mod etcd;
 pub mod fixtures;
 pub mod history;
+pub mod node;
 pub mod process;
 pub mod servers;
 pub mod wait;
@@ -215,6 +218,8 @@ pub struct TestEnv {
     grants: AtomicU32,
     /// Runs on a control plane of its own.
     private: bool,
+    /// Keeps the shared node cluster up while this test runs on it.
+    node: Option<node::NodeUse>,
 }
 
 impl TestEnv {
@@ -255,7 +260,16 @@ impl TestEnv {
             .await
             .unwrap_or_else(|e| panic!("creating namespace {ns}: {e}"));
         let tmp = tempfile::Builder::new().prefix("kubelock-test.").tempdir().expect("creating a temp dir");
-        TestEnv { cluster, ns, admin, tmp, logs: Default::default(), grants: AtomicU32::new(0), private: false }
+        TestEnv {
+            cluster,
+            ns,
+            admin,
+            tmp,
+            logs: Default::default(),
+            grants: AtomicU32::new(0),
+            private: false,
+            node: None,
+        }
     }
 
     /// This test's namespace.
@@ -432,6 +446,8 @@ impl TestEnv {
         let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let apiserver_log =
             self.private.then(|| self.cluster.control_plane().map(|cp| cp.log_file(Component::ApiServer))).flatten();
+        let kubelet_log =
+            self.node.as_ref().and_then(|_| self.cluster.control_plane()).map(|cp| cp.log_file(Component::Kubelet));
         let dump = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             runtime.block_on(dump_namespace(admin, &ns));
@@ -440,6 +456,13 @@ impl TestEnv {
             }
             if let Some(path) = apiserver_log {
                 eprintln!("--- kube-apiserver log, last lines:\n{}", kubelock::devenv::log_tail(&path, 30));
+            }
+            if let Some(path) = kubelet_log {
+                eprintln!(
+                    "--- kubelet log ({}), last lines:\n{}",
+                    path.display(),
+                    kubelock::devenv::log_tail(&path, 30)
+                );
             }
         });
         let _ = dump.join();
