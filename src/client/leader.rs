@@ -165,3 +165,32 @@ impl LeaderElector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_term_read_after_its_deadline_is_not_leadership() {
+        let (tx, rx) = watch::channel(LockState::Holding {
+            token: 7,
+            lock_uid: "u".into(),
+            lease: Duration::from_secs(10),
+            deadline: BootInstant::now().saturating_add(Duration::from_secs(5)),
+        });
+        let leading = Leadership::Leading(Term { token: 7, lock_uid: "u".into(), request: "r".into(), state: rx });
+        assert!(leading.is_leading());
+        // The deadline passes before anyone publishes a new value: a stalled consumer that
+        // reads the old one must not take it for leadership.
+        tx.send_replace(LockState::Holding {
+            token: 7,
+            lock_uid: "u".into(),
+            lease: Duration::from_secs(10),
+            deadline: BootInstant::now().saturating_sub(Duration::from_millis(1)),
+        });
+        assert!(!leading.is_leading());
+        let Leadership::Leading(term) = &leading else { unreachable!() };
+        assert!(!term.is_current());
+        assert!(term.deadline().is_some());
+    }
+}

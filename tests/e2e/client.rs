@@ -347,12 +347,78 @@ async fn a_holder_cut_off_from_the_api_server_stops_at_its_deadline() {
     cp.resume(kubelock::devenv::Component::ApiServer).expect("resuming kube-apiserver");
     assert_eq!(code(status, "holder", &holder), 75, "stderr:\n{}", holder.stderr_tail(20));
     // Deadline = (send time of the last renewal, at most lease/3 before the pause) + 3s - 300ms.
-    assert!(after <= Duration::from_millis(2700 + 1000 + 500), "stopped {after:?} after the API server went away");
-    assert!(after >= Duration::from_millis(2700 - 1000 - 100), "stopped too early: {after:?}");
+    // SIGTERM `grace` before the deadline: the command (sleep) stops at once.
+    assert!(after <= Duration::from_millis(2700 + 500), "stopped {after:?} after the API server went away");
+    assert!(after >= Duration::from_millis(2700 - 1000 - 1000 - 100), "stopped too early: {after:?}");
     assert!(holder.stderr_tail(20).contains("deadline passed"), "{}", holder.stderr_tail(20));
     eprintln!(
         "API server paused: the holder stopped its command and exited {:.2}s later (lease 3s)",
         after.as_secs_f64()
+    );
+    drop(controller);
+}
+
+/// A command that ignores SIGTERM and keeps writing is killed at the local deadline at the
+/// latest: past it the next holder may be granted (a lease after the last renewal the
+/// controller saw). It is told to stop `--grace` before.
+#[tokio::test]
+async fn a_command_that_ignores_sigterm_is_killed_by_the_deadline() {
+    let env = TestEnv::private().await;
+    let controller = ControllerCmd::new(&env, Identity::Admin, "controller").spawn();
+    let locks: Api<Lock> = env.api(Identity::Admin).await;
+    create_lock(&locks, lock_with("stubborn", 1, "3s", "0s")).await;
+    let log = env.log_dir().join("writes");
+    // Every write and the SIGTERM stamped with CLOCK_BOOTTIME (the first field of /proc/uptime).
+    let script = format!(
+        "trap 'echo term $(cut -d\" \" -f1 /proc/uptime) >> {l}' TERM; \
+         while :; do echo write $(cut -d\" \" -f1 /proc/uptime) >> {l}; sleep 0.05; done",
+        l = log.display()
+    );
+    let mut holder = env
+        .kubelock(Identity::Admin, "holder")
+        .args(["--request-timeout", "1s", "run", "--lock", "stubborn", "--grace", "1s", "--process-group", "own"])
+        .args(["--", "sh", "-c", &script])
+        .spawn();
+    eventually("the command to write", TIMEOUT, || async {
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("write")) {
+            Ok(())
+        } else {
+            Err(holder.stderr_tail(5))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cp = env.control_plane();
+    let paused_at = kubelock::client::BootInstant::now().since_boot().as_secs_f64();
+    cp.pause(kubelock::devenv::Component::ApiServer).expect("pausing kube-apiserver");
+    let status = holder.wait(Duration::from_secs(15)).await;
+    cp.resume(kubelock::devenv::Component::ApiServer).expect("resuming kube-apiserver");
+    assert_eq!(code(status, "holder", &holder), 75, "stderr:\n{}", holder.stderr_tail(20));
+    let text = std::fs::read_to_string(&log).expect("the log");
+    let stamp =
+        |kind: &str| -> Vec<f64> { text.lines().filter_map(|l| l.strip_prefix(kind)?.trim().parse().ok()).collect() };
+    let last_write = *stamp("write ").last().expect("writes");
+    let term = *stamp("term ").first().expect("the command was sent SIGTERM");
+    // The deadline: the last renewal's send (before the pause) + 3s − 300ms margin.
+    let deadline_at_most = paused_at + 2.7;
+    assert!(
+        last_write <= deadline_at_most + 0.1,
+        "wrote {:.2}s after the pause, past the deadline",
+        last_write - paused_at
+    );
+    assert!(
+        term <= deadline_at_most - 1.0 + 0.1,
+        "SIGTERM came {:.2}s after the pause, not grace before the deadline",
+        term - paused_at
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("write ") && l[6..].trim().parse::<f64>().is_ok_and(|t| t > term)),
+        "the command went on writing after SIGTERM (it ignores it): {text}"
+    );
+    eprintln!(
+        "SIGTERM ignored: told to stop {:.2}s and last write {:.2}s after the API server went away (lease 3s, grace 1s)",
+        term - paused_at,
+        last_write - paused_at
     );
     drop(controller);
 }

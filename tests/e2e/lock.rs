@@ -440,3 +440,82 @@ async fn broken_and_rejected_requests_of_a_missing_lock_are_counted() {
     .await
     .unwrap();
 }
+
+/// A controller that may not list pods nor publish Events (a namespace-scoped install without
+/// those rules) serves every Lock it can: requests bound to no pod are granted, one bound to a
+/// pod waits with a condition saying why; it is ready, counts what it drops, and stops at once
+/// on SIGTERM.
+#[tokio::test]
+async fn a_controller_without_pods_or_events_serves_what_it_can_and_stops_on_sigterm() {
+    let env = TestEnv::new().await;
+    env.grant(Identity::Controller, crate::support::fixtures::controller_core_rules()).await;
+    let port = free_port();
+    let mut controller = ControllerCmd::new(&env, Identity::Controller, "controller").admin_port(port).spawn();
+    let locks: Api<Lock> = env.api(Identity::Admin).await;
+    let requests: Api<LockRequest> = env.api(Identity::Admin).await;
+    create_lock(&locks, lock("plain", 1)).await;
+    create_lock(&locks, lock("bound", 1)).await;
+    create_request(&requests, "free-of-pods", "plain", 1, None).await;
+    wait_until(&requests, "free-of-pods", "granted without pods", TIMEOUT, |r| r.phase() == Phase::Granted)
+        .await
+        .unwrap();
+    let pod = create_pod(&env.api(Identity::Admin).await, "app").await;
+    let spec = LockRequestSpec {
+        holder_identity: "pod/app".into(),
+        pod_ref: Some(PodRef { name: "app".into(), uid: pod.uid() }),
+        renew_time: Some(MicroTime(Timestamp::now())),
+        ..LockRequestSpec::new("bound")
+    };
+    requests.create(&PostParams::default(), &LockRequest::new("pod-bound", spec)).await.expect("creating");
+    let waiting =
+        wait_until(&requests, "pod-bound", "held back, saying why", TIMEOUT, |r| reason(r) == "PodsUnreadable")
+            .await
+            .unwrap();
+    assert_eq!(waiting.phase(), Phase::Pending);
+    assert!(status(&waiting).message.unwrap_or_default().contains("may not list pods"), "{waiting:?}");
+    assert_eq!(http_get(port, "/readyz").await.unwrap().status, 200, "ready: it serves what it can");
+    eventually("the refused APIs in the metrics", TIMEOUT, || async {
+        let body = http_get(port, "/metrics").await?.body;
+        let pods = body.contains(r#"kubelock_api_unavailable{api="pods"} 1"#);
+        let events = body.contains(r#"kubelock_api_unavailable{api="events"} 1"#)
+            && !body.contains("kubelock_events_dropped_total 0");
+        if pods && events { Ok(()) } else { Err(body) }
+    })
+    .await
+    .unwrap();
+    let asked = std::time::Instant::now();
+    controller.signal(rustix::process::Signal::TERM);
+    let status = controller.wait(Duration::from_secs(15)).await;
+    assert!(status.is_some(), "the controller ignored SIGTERM");
+    eprintln!("controller stopped {:?} after SIGTERM", asked.elapsed());
+    assert!(asked.elapsed() < Duration::from_secs(10), "stopped only after {:?}", asked.elapsed());
+}
+
+/// A controller asked to elect a leader that may not touch its Lease runs without election
+/// (safety never depends on it) instead of standing by forever, and says so in its metrics.
+#[tokio::test]
+async fn a_controller_that_may_not_use_its_lease_runs_without_leader_election() {
+    let env = TestEnv::new().await;
+    let mut rules = crate::support::fixtures::controller_core_rules();
+    rules.extend(
+        controller_rules()
+            .into_iter()
+            .filter(|r| r.api_groups.as_ref().is_none_or(|g| !g.iter().any(|g| g == "coordination.k8s.io"))),
+    );
+    env.grant(Identity::Controller, rules).await;
+    let port = free_port();
+    let ns = env.ns().to_string();
+    let _controller = ControllerCmd::new(&env, Identity::Controller, "controller")
+        .admin_port(port)
+        .args(&["--leader-elect", "--leader-elect-namespace", &ns])
+        .spawn();
+    let locks: Api<Lock> = env.api(Identity::Admin).await;
+    let requests: Api<LockRequest> = env.api(Identity::Admin).await;
+    create_lock(&locks, lock("db", 1)).await;
+    create_request(&requests, "r", "db", 1, None).await;
+    wait_until(&requests, "r", "granted without leader election", TIMEOUT, |r| r.phase() == Phase::Granted)
+        .await
+        .unwrap();
+    let body = http_get(port, "/metrics").await.unwrap().body;
+    assert!(body.contains(r#"kubelock_api_unavailable{api="leases"} 1"#), "{body}");
+}

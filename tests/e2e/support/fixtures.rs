@@ -131,6 +131,11 @@ pub fn controller_rules() -> Vec<PolicyRule> {
         .collect()
 }
 
+/// The controller's rules on kubelock's own kinds alone: no pods, no Events, no Lease.
+pub fn controller_core_rules() -> Vec<PolicyRule> {
+    CONTROLLER_CALLS.iter().map(|(group, resource, verbs)| rule(&[group], &[resource], verbs)).collect()
+}
+
 /// What a requester needs (the chart's `kubelock-requester` role).
 pub fn requester_rules() -> Vec<PolicyRule> {
     vec![
