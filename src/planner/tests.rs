@@ -1118,3 +1118,20 @@ proptest! {
         prop_assert_eq!(granted_order, sorted);
     }
 }
+
+#[test]
+fn a_status_restored_from_a_backup_never_hands_out_a_token_again() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    let backup = w.lock.clone();
+    w.add(request("a", 1, 1));
+    w.step();
+    let issued = w.token("a");
+    // etcd restored from a backup taken before the grant: the Lock and the request forget it.
+    w.mono += secs(60);
+    w.lock = backup;
+    w.requests.clear();
+    w.obs = Observations::default();
+    w.add(request("b", 1, 2));
+    w.step();
+    assert!(w.token("b") > issued, "token {} after {issued} was issued", w.token("b"));
+}
