@@ -7,6 +7,8 @@
 //! - [`cli`], [`sidecar`]: the command-line tools and the pod sidecar; [`pod`] and [`tools`]
 //!   what they share (the pod's identity and files, exit codes).
 //! - [`telemetry`]: logs, metrics, admin server.
+//! - [`webhook`]: the admission webhooks (ownership of requests, immutable grant terms,
+//!   bounds, the fence of objects guarded by a Lock).
 //! - `devenv` (cargo feature `dev`, on by default, off in the image): the local control plane
 //!   used by `kubelock dev`, the tests and the benchmarks.
 #![forbid(unsafe_code)]
@@ -23,3 +25,4 @@ pub mod pod;
 pub mod sidecar;
 pub mod telemetry;
 pub mod tools;
+pub mod webhook;

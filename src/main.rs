@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 #[cfg(feature = "dev")]
 use kubelock::devenv;
-use kubelock::{cli, connect::ClientArgs, controller, sidecar, telemetry};
+use kubelock::{cli, connect::ClientArgs, controller, sidecar, telemetry, webhook};
 
 #[derive(Parser, Debug)]
 #[command(name = "kubelock", version, about = "Kubernetes-native distributed locks: fenced, watch-driven, queue-fair")]
@@ -30,6 +30,9 @@ enum Command {
     Controller(controller::ControllerArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+    /// Serve the admission webhooks: who may touch a request, what of it may change, bounds,
+    /// and the fence of objects guarded by a Lock.
+    Webhook(webhook::WebhookArgs),
     /// Start a local control plane (etcd + kube-apiserver), install the CRDs and run the controller.
     #[cfg(feature = "dev")]
     Dev(devenv::DevArgs),
@@ -90,6 +93,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         }
         Command::Controller(args) => controller::run(args, &client).await.context("controller")?,
+        Command::Webhook(args) => webhook::run(args, &client).await.context("webhook")?,
         #[cfg(feature = "dev")]
         Command::Dev(args) => devenv::run_dev(args, &client).await.context("dev")?,
         Command::Run(args) => cli::run(args, &client).await?,

@@ -52,6 +52,12 @@ pub struct LockSpec {
     #[serde(default = "default_lock_delay")]
     #[schemars(regex(pattern = duration::PATTERN))]
     pub lock_delay: String,
+
+    /// With the admission webhook: the most requests that may wait for this lock at once; a
+    /// request beyond it is refused at create. Default 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub max_waiting: Option<i32>,
 }
 
 fn default_permits() -> i32 {
@@ -68,7 +74,12 @@ fn default_lock_delay() -> String {
 
 impl Default for LockSpec {
     fn default() -> Self {
-        Self { permits: default_permits(), lease_duration: default_lease_duration(), lock_delay: default_lock_delay() }
+        Self {
+            permits: default_permits(),
+            lease_duration: default_lease_duration(),
+            lock_delay: default_lock_delay(),
+            max_waiting: None,
+        }
     }
 }
 

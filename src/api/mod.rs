@@ -35,6 +35,21 @@ pub const BROKEN_BY_ANNOTATION: &str = "kubelock.dev/broken-by";
 /// the planner refuses it with a clear condition instead of the whole watch failing.
 pub const MALFORMED_ANNOTATION: &str = "kubelock.dev/malformed";
 
+/// Annotation the admission webhook sets on a LockRequest at create: the authenticated user
+/// who created it (nobody can set or change it by hand). Only that user, the controller and
+/// those allowed to break the Lock may change or delete the request.
+pub const OWNER_ANNOTATION: &str = "kubelock.dev/owner";
+/// The UID of [`OWNER_ANNOTATION`]'s user, when the authenticator gives one.
+pub const OWNER_UID_ANNOTATION: &str = "kubelock.dev/owner-uid";
+/// The pod whose bound ServiceAccount token created the request: later writes must come from
+/// the same pod (replicas sharing a ServiceAccount cannot touch each other's requests).
+pub const OWNER_POD_ANNOTATION: &str = "kubelock.dev/owner-pod";
+/// Label of an object guarded by a Lock (its value): with the admission webhook, it accepts
+/// writes only with the fencing token of a current holder of that Lock.
+pub const FENCED_BY_LABEL: &str = "kubelock.dev/fenced-by";
+/// Annotation carrying the fencing token of a write to an object [`FENCED_BY_LABEL`] guards.
+pub const FENCING_TOKEN_ANNOTATION: &str = "kubelock.dev/fencing-token";
+
 /// Label a client puts on its LockRequests: the Lock name (lets `kubectl get lkr -l` filter).
 pub const LOCK_LABEL: &str = "kubelock.dev/lock";
 

@@ -21,7 +21,8 @@ use crate::api::{
 const T0: i64 = 1_800_000_000;
 
 fn lock(permits: i32, lease: &str, delay: &str) -> Lock {
-    let mut lock = Lock::new("db", LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into() });
+    let spec = LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into(), ..Default::default() };
+    let mut lock = Lock::new("db", spec);
     lock.metadata.namespace = Some("ns".into());
     lock.metadata.uid = Some("lock-uid".into());
     lock.metadata.generation = Some(1);

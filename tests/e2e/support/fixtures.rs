@@ -36,7 +36,7 @@ pub fn lock(name: &str, permits: i32) -> Lock {
 
 /// A Lock of `permits` with lease `lease` and lock delay `delay` (Go durations: `30s`, `0s`).
 pub fn lock_with(name: &str, permits: i32, lease: &str, delay: &str) -> Lock {
-    Lock::new(name, LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into() })
+    Lock::new(name, LockSpec { permits, lease_duration: lease.into(), lock_delay: delay.into(), ..Default::default() })
 }
 
 /// Creates `lock` in `api`'s namespace; panics, naming it, if the API server refuses.
