@@ -525,12 +525,21 @@ async fn run_propagates_exit_codes_times_out_and_forwards_signals() {
     assert!(out.stderr.contains("timed out after 1s waiting for lock exit"), "{}", out.stderr);
     assert!(!out.stdout.contains("should-not-run"));
     assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(10), "took {took:?}");
-    // Its request was withdrawn: only the holder's remains.
+    // Its request was withdrawn (marked released as it exited; the controller deletes it):
+    // only the holder's remains.
     let requests = w.requests().await;
     let left = requests.list(&ListParams::default()).await.expect("listing requests");
     let pending: Vec<String> =
-        left.items.iter().filter(|r| r.phase() == Phase::Pending).map(|r| r.name_any()).collect();
+        left.items.iter().filter(|r| r.phase() == Phase::Pending && !r.spec.released).map(|r| r.name_any()).collect();
     assert!(pending.is_empty(), "the timed-out request was not withdrawn: {pending:?}");
+    eventually("the withdrawn request deleted", TIMEOUT, || async {
+        let left = requests.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let names: Vec<String> =
+            left.items.iter().filter(|r| r.phase() == Phase::Pending).map(|r| r.name_any()).collect();
+        if names.is_empty() { Ok(()) } else { Err(format!("{names:?}")) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 
     // SIGTERM to the wrapper: forwarded, the command dies of it (143), the lock is released.
     holder.signal(Signal::TERM);

@@ -61,7 +61,7 @@ async fn mutex_hands_over_between_two_requesters() {
     assert!(status(&second).token.expect("a token") > first_token);
     assert_eq!(status(&second).lock_uid, f.locks.get("db").await.unwrap().uid());
     assert_eq!(f.holders("db").await, ["second"]);
-    let summary = history.check().unwrap_or_else(|e| panic!("{e}"));
+    let summary = history.check_after("second").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(summary.max_held, 1);
 }
 
@@ -85,7 +85,7 @@ async fn semaphore_of_three_serves_five_requesters() {
     assert_eq!(f.requests.get("r4").await.unwrap().phase(), Phase::Pending);
     f.release("r0").await;
     f.wait_phase("r4", Phase::Granted).await;
-    let summary = history.check().unwrap_or_else(|e| panic!("{e}"));
+    let summary = history.check_after("r4").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(summary.max_held, 3, "{summary:?}");
     assert_eq!(summary.grants, 5);
 }
@@ -334,7 +334,7 @@ async fn a_controller_killed_mid_queue_is_succeeded_without_double_grants() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let summary = history.check().unwrap_or_else(|e| panic!("{e}"));
+    let summary = history.check_after("w5").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(summary.grants, 6);
 }
 

@@ -100,6 +100,22 @@ impl LockHistory {
         self.states.lock().unwrap().clone()
     }
 
+    /// Waits until a recorded status lists `request` as a holder (the watch may trail the
+    /// request's own status, which the test saw), then checks as [`LockHistory::check`].
+    pub async fn check_after(&self, request: &str) -> Result<Summary, String> {
+        crate::support::eventually(
+            &format!("the history to record {request}'s grant"),
+            crate::support::TIMEOUT,
+            || async {
+                let seen = self.states().iter().any(|s| s.holders.iter().any(|h| h.0 == request));
+                if seen { Ok(()) } else { Err(format!("{} statuses recorded", self.states().len())) }
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        self.check()
+    }
+
     /// Checks the safety properties over everything recorded; `Err` carries a timeline.
     pub fn check(&self) -> Result<Summary, String> {
         let states = self.states();
