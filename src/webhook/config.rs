@@ -76,7 +76,7 @@ fn rule(groups: &[&str], versions: &[&str], resources: &[&str], operations: &[&s
 
 /// Never kube-system, nor the namespaces given (the webhook's own): a webhook that is down
 /// must not block what runs the cluster, or its own recovery.
-fn namespace_selector(excluded: &[String]) -> LabelSelector {
+pub fn namespaces_except(excluded: &[String]) -> LabelSelector {
     let mut values = vec!["kube-system".to_string()];
     values.extend(excluded.iter().cloned());
     LabelSelector {
@@ -89,19 +89,20 @@ fn namespace_selector(excluded: &[String]) -> LabelSelector {
     }
 }
 
-/// The mutating and validating configurations named `name` (cluster-scoped).
+/// The mutating and validating configurations named `name` (cluster-scoped), for the
+/// namespaces `namespaces` selects (see [`namespaces_except`]).
 pub fn configurations(
     name: &str,
     target: &Target,
     ca_bundle: &[u8],
     fenced: &[Fenced],
-    excluded_namespaces: &[String],
+    namespaces: LabelSelector,
 ) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
     let meta = ObjectMeta { name: Some(name.into()), ..Default::default() };
     let fail = Some("Fail".to_string());
     let none = "None".to_string();
     let versions = vec!["v1".to_string()];
-    let namespaces = Some(namespace_selector(excluded_namespaces));
+    let namespaces = Some(namespaces);
     let mutating = MutatingWebhookConfiguration {
         metadata: meta.clone(),
         webhooks: Some(vec![MutatingWebhook {

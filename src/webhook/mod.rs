@@ -63,6 +63,10 @@ pub struct WebhookArgs {
     /// --cert-dir first (a local control plane; a cluster uses the chart's or cert-manager's).
     #[arg(long, value_name = "NAME")]
     pub generate_cert: Vec<String>,
+    /// Write the address actually listened on into this file once serving (for `--listen`
+    /// with port 0).
+    #[arg(long, value_name = "FILE")]
+    pub address_file: Option<PathBuf>,
     /// Users that may change and delete any LockRequest (the controller's ServiceAccount;
     /// repeat the flag). The garbage collector and namespace controller are always trusted.
     #[arg(long, env = "KUBELOCK_WEBHOOK_TRUSTED_USERS", value_delimiter = ',', value_name = "USER")]
@@ -135,17 +139,28 @@ struct Shared {
 /// `kubelock webhook`: serves until SIGINT/SIGTERM.
 pub async fn run(args: WebhookArgs, client_args: &ClientArgs) -> Result<ExitCode, WebhookError> {
     let (client, _) = client_args.client().await?;
-    serve(client, args, crate::controller::shutdown_signal()).await?;
+    let listener = bind(&args.listen)?;
+    serve(client, args, listener, crate::controller::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Serves the webhooks until `shutdown` completes (also used by `kubelock dev`).
+/// A listener on `addr` (port 0: one the kernel picks, without a race).
+pub fn bind(addr: &str) -> Result<std::net::TcpListener, WebhookError> {
+    let parsed: SocketAddr = addr.parse().map_err(|_| WebhookError::Listen(addr.to_string()))?;
+    let listener =
+        std::net::TcpListener::bind(parsed).map_err(|source| WebhookError::Serve { addr: parsed, source })?;
+    listener.set_nonblocking(true).map_err(|source| WebhookError::Serve { addr: parsed, source })?;
+    Ok(listener)
+}
+
+/// Serves the webhooks on `listener` until `shutdown` completes (also used by `kubelock dev`).
 pub async fn serve(
     client: kube::Client,
     args: WebhookArgs,
+    listener: std::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), WebhookError> {
-    let addr: SocketAddr = args.listen.parse().map_err(|_| WebhookError::Listen(args.listen.clone()))?;
+    let addr = listener.local_addr().map_err(|source| WebhookError::Serve { addr: "0.0.0.0:0".parse().expect("an address"), source })?;
     if !args.generate_cert.is_empty() {
         tls::generate(&args.cert_dir, &args.generate_cert)?;
     }
@@ -220,7 +235,11 @@ pub async fn serve(
         stop.graceful_shutdown(Some(Duration::from_secs(5)));
     });
     tracing::info!(%addr, "serving admission webhooks");
-    axum_server::bind_rustls(addr, tls)
+    if let Some(file) = &args.address_file {
+        std::fs::write(file, format!("{addr}\n")).map_err(|source| WebhookError::Serve { addr, source })?;
+    }
+    axum_server::from_tcp_rustls(listener, tls)
+        .map_err(|source| WebhookError::Serve { addr, source })?
         .handle(handle)
         .serve(app.into_make_service())
         .await
