@@ -839,6 +839,19 @@ impl Guard {
         self.token
     }
 
+    /// Marks `obj` as written under this grant: `kubelock.dev/fenced-by: LOCK` and
+    /// `kubelock.dev/fencing-token: TOKEN`. Where the admission webhook runs, the API server
+    /// admits a write of an object so labelled only while the token is a current holder's
+    /// (and not lower than the object's last write), so a holder that lost its grant is
+    /// refused even while it still believes it holds.
+    pub fn fence<K: kube::Resource>(&self, obj: &mut K) {
+        let meta = obj.meta_mut();
+        meta.labels.get_or_insert_with(Default::default).insert(crate::api::FENCED_BY_LABEL.into(), self.lock().into());
+        meta.annotations
+            .get_or_insert_with(Default::default)
+            .insert(crate::api::FENCING_TOKEN_ANNOTATION.into(), self.token.to_string());
+    }
+
     /// The Lock's `metadata.uid` (tokens are unique per Lock UID).
     pub fn lock_uid(&self) -> &str {
         &self.lock_uid

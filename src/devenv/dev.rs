@@ -12,6 +12,7 @@ use super::{ControlPlane, ControlPlaneOptions, DevError, IMAGE_FILES, Identity, 
 use crate::{
     connect::ClientArgs,
     controller::{self, ControllerArgs},
+    webhook::{self, WebhookArgs},
 };
 
 /// `kubelock dev` flags.
@@ -41,6 +42,11 @@ pub struct DevArgs {
     /// With --node: load no images (only the pause image the node needs).
     #[arg(long, requires = "node", conflicts_with = "images")]
     pub no_images: bool,
+    /// Do not run the admission webhook (who may touch a request, the fence of objects
+    /// labelled `kubelock.dev/fenced-by`). The local control plane runs it by default, so
+    /// that it enforces what an installed cluster does.
+    #[arg(long)]
+    pub no_webhook: bool,
     #[command(flatten)]
     pub controller: ControllerArgs,
 }
@@ -97,6 +103,25 @@ pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode
         _ = sigterm.recv() => return Ok(ExitCode::from(143)),
     }
 
+    // The webhook, on a loopback port its API server calls (it registers itself).
+    let (webhook_stop, webhook_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut webhook = None;
+    if let Some(cp) = cp.as_ref().filter(|_| !args.no_webhook) {
+        let webhook_args = WebhookArgs::local(cp.dir().join("webhook"), "kubelock");
+        let listener = webhook::bind(&webhook_args.listen)?;
+        let serving = webhook::serve(client.clone(), webhook_args, listener, async move {
+            let _ = webhook_stopped.await;
+        });
+        webhook = Some(tokio::spawn(serving));
+        tokio::select! {
+            res = webhook::config::wait_enforced(&client, "default", Duration::from_secs(30)) => {
+                res.map_err(DevError::Webhook)?
+            }
+            _ = sigint.recv() => return Ok(ExitCode::from(130)),
+            _ = sigterm.recv() => return Ok(ExitCode::from(143)),
+        }
+    }
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let timeout = client_args.request_timeout;
     let mut controller = tokio::spawn(controller::run_controller(client, args.controller, timeout, async move {
@@ -124,10 +149,11 @@ pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode
             }
             println!("export KUBECONFIG={}", cp.kubeconfig(Identity::Admin).display());
             eprintln!(
-                "kubelock dev: control plane ready at {}; CRDs installed; controller running.\n\
+                "kubelock dev: control plane ready at {}; CRDs installed; controller{} running.\n\
                  kubelock dev: other identities: {}\n\
                  kubelock dev: try `kubectl get locks -A`. Ctrl-C stops everything.",
                 cp.server(),
+                if webhook.is_some() { " and admission webhook" } else { "" },
                 Identity::ALL[1..]
                     .iter()
                     .map(|id| cp.kubeconfig(*id).display().to_string())
@@ -172,6 +198,15 @@ pub async fn run_dev(args: DevArgs, client_args: &ClientArgs) -> Result<ExitCode
         Err(_) => {
             tracing::warn!("controller did not stop within 10s");
             controller.abort();
+        }
+    }
+    let _ = webhook_stop.send(());
+    if let Some(webhook) = webhook {
+        match tokio::time::timeout(Duration::from_secs(10), webhook).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "webhook stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "webhook task failed"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => tracing::warn!("webhook did not stop within 10s"),
         }
     }
     drop(cp);

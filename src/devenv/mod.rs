@@ -235,6 +235,10 @@ pub enum DevError {
     NodeNotReady { node: String, timeout: Duration, last: String, log: PathBuf, tail: String },
     #[error("importing the image {} into the local node's containerd: {stderr}", tar.display())]
     ImageImport { tar: PathBuf, stderr: String },
+    #[error("admission webhook: {0}")]
+    WebhookServe(#[from] crate::webhook::WebhookError),
+    #[error("admission webhook: {0}")]
+    Webhook(String),
     #[error("this control plane has no local node (start it with the `node` option, or `kubelock dev --node`)")]
     NoNode,
 }

@@ -189,3 +189,26 @@ pub async fn install(
         .await?;
     Ok(())
 }
+
+/// Waits until the API server sends the LockRequests of `namespace` to the webhook (it picks
+/// up a new configuration within a moment, not at once): a dry-run create with a forged
+/// creator annotation is refused once it does. Nothing is stored.
+pub async fn wait_enforced(client: &kube::Client, namespace: &str, timeout: std::time::Duration) -> Result<(), String> {
+    use crate::api::{LockRequest, LockRequestSpec, OWNER_ANNOTATION};
+    let api: Api<LockRequest> = Api::namespaced(client.clone(), namespace);
+    let mut probe = LockRequest::new("kubelock-webhook-probe", LockRequestSpec::new("kubelock-webhook-probe"));
+    probe.metadata.annotations = Some([(OWNER_ANNOTATION.to_string(), "nobody (a probe)".to_string())].into());
+    let params = kube::api::PostParams { dry_run: true, ..Default::default() };
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match api.create(&params, &probe).await {
+            Err(kube::Error::Api(e)) if e.message.contains(OWNER_ANNOTATION) => return Ok(()),
+            Err(e) => e.to_string(),
+            Ok(_) => "a forged creator was still admitted".to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("the webhook was not enforced in namespace {namespace} within {timeout:?}: {last}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

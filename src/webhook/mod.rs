@@ -71,6 +71,20 @@ pub struct WebhookArgs {
     /// repeat the flag). The garbage collector and namespace controller are always trusted.
     #[arg(long, env = "KUBELOCK_WEBHOOK_TRUSTED_USERS", value_delimiter = ',', value_name = "USER")]
     pub trusted_user: Vec<String>,
+    /// Register the webhook configurations named NAME with the API server, pointing at
+    /// `https://<the address listened on>` with the CA of --cert-dir (a local control plane,
+    /// where the API server reaches the webhook at a loopback address; a cluster registers
+    /// the chart's configurations instead).
+    #[arg(long, value_name = "NAME")]
+    pub register: Option<String>,
+    /// With --register: review only namespaces carrying this label (default: every namespace
+    /// but kube-system).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label, requires = "register")]
+    pub namespace_label: Option<(String, String)>,
+    /// With --register: the kinds the fence guards, as `group/version/resource` (`v1/configmaps`
+    /// for the core group); repeat the flag. Default: ConfigMaps and Secrets.
+    #[arg(long, value_name = "GROUP/VERSION/RESOURCE", value_parser = parse_fenced, requires = "register")]
+    pub fenced_resource: Vec<config::Fenced>,
     /// Groups whose members may too (default: system:masters).
     #[arg(long, value_delimiter = ',', value_name = "GROUP", default_value = "system:masters")]
     pub trusted_group: Vec<String>,
@@ -88,7 +102,47 @@ pub struct WebhookArgs {
     pub max_requests_per_namespace: usize,
 }
 
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn parse_fenced(text: &str) -> Result<config::Fenced, String> {
+    let parts: Vec<&str> = text.split('/').collect();
+    let (group, version, resource) = match parts[..] {
+        [version, resource] => ("", version, resource),
+        [group, version, resource] => (group, version, resource),
+        _ => return Err(format!("{text:?} is not GROUP/VERSION/RESOURCE (or VERSION/RESOURCE for the core group)")),
+    };
+    if version.is_empty() || resource.is_empty() {
+        return Err(format!("{text:?} names no version or no resource"));
+    }
+    Ok(config::Fenced { group: group.into(), version: version.into(), resource: resource.into() })
+}
+
 impl WebhookArgs {
+    /// Flags for a webhook on a loopback port of this machine that registers itself (what
+    /// `kubelock dev` runs), with its certificate generated into `cert_dir`.
+    pub fn local(cert_dir: PathBuf, register: &str) -> WebhookArgs {
+        WebhookArgs {
+            listen: "127.0.0.1:0".into(),
+            cert_dir,
+            generate_cert: vec!["127.0.0.1".into()],
+            address_file: None,
+            register: Some(register.into()),
+            namespace_label: None,
+            fenced_resource: Vec::new(),
+            trusted_user: Vec::new(),
+            trusted_group: vec!["system:masters".into()],
+            min_lease: Duration::from_secs(1),
+            max_permits: 1000,
+            default_max_waiting: 10_000,
+            max_requests_per_namespace: 20_000,
+        }
+    }
+
     fn policy(&self) -> Policy {
         let mut policy = Policy {
             trusted_groups: self.trusted_group.clone(),
@@ -112,6 +166,8 @@ pub enum WebhookError {
     Tls(#[from] tls::TlsError),
     #[error("--listen {0:?} is not an address like 0.0.0.0:8443")]
     Listen(String),
+    #[error("registering the webhook configurations: {0}")]
+    Register(#[source] kube::Error),
     #[error("serving on {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -160,7 +216,9 @@ pub async fn serve(
     listener: std::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), WebhookError> {
-    let addr = listener.local_addr().map_err(|source| WebhookError::Serve { addr: "0.0.0.0:0".parse().expect("an address"), source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| WebhookError::Serve { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
     if !args.generate_cert.is_empty() {
         tls::generate(&args.cert_dir, &args.generate_cert)?;
     }
@@ -190,8 +248,8 @@ pub async fn serve(
     });
     // Requests per namespace: metadata only.
     let counter = shared.clone();
-    let requests =
-        watcher(Api::<PartialObjectMeta<LockRequest>>::all(client), watcher::Config::default()).default_backoff();
+    let requests = watcher(Api::<PartialObjectMeta<LockRequest>>::all(client.clone()), watcher::Config::default())
+        .default_backoff();
     tokio::spawn(async move {
         let mut seen: HashMap<(String, String), ()> = HashMap::new();
         let mut listing: Option<HashMap<(String, String), ()>> = None;
@@ -234,9 +292,17 @@ pub async fn serve(
         shutdown.await;
         stop.graceful_shutdown(Some(Duration::from_secs(5)));
     });
+    if let Some(name) = &args.register {
+        // The listener is bound: the API server's first calls wait in its backlog.
+        register(&client, &args, name, addr).await?;
+    }
     tracing::info!(%addr, "serving admission webhooks");
     if let Some(file) = &args.address_file {
-        std::fs::write(file, format!("{addr}\n")).map_err(|source| WebhookError::Serve { addr, source })?;
+        // Written whole (renamed into place): a reader never sees half an address.
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{addr}\n"))
+            .and_then(|()| std::fs::rename(&tmp, file))
+            .map_err(|source| WebhookError::Serve { addr, source })?;
     }
     axum_server::from_tcp_rustls(listener, tls)
         .map_err(|source| WebhookError::Serve { addr, source })?
@@ -244,6 +310,26 @@ pub async fn serve(
         .serve(app.into_make_service())
         .await
         .map_err(|source| WebhookError::Serve { addr, source })
+}
+
+/// Registers the configurations that send reviews to `https://addr` (see `--register`).
+async fn register(client: &kube::Client, args: &WebhookArgs, name: &str, addr: SocketAddr) -> Result<(), WebhookError> {
+    let ca_file = args.cert_dir.join(CA_FILE);
+    let ca = std::fs::read(&ca_file).map_err(|e| tls::TlsError::Io(ca_file, e))?;
+    let namespaces = match &args.namespace_label {
+        Some((key, value)) => k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some([(key.clone(), value.clone())].into()),
+            ..Default::default()
+        },
+        None => config::namespaces_except(&[]),
+    };
+    let fenced = match args.fenced_resource.is_empty() {
+        true => config::Fenced::defaults(),
+        false => args.fenced_resource.clone(),
+    };
+    let configs =
+        config::configurations(name, &config::Target::Url(format!("https://{addr}")), &ca, &fenced, namespaces);
+    config::install(client, &configs, "kubelock-webhook").await.map_err(WebhookError::Register)
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {

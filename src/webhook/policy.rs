@@ -277,6 +277,14 @@ pub fn validate_request(
             if op == Op::Update
                 && let Some(obj) = obj
             {
+                // Who broke is the authenticated user the mutating webhook wrote, nobody else.
+                let broken_by = annotations(obj).get(BROKEN_BY_ANNOTATION).cloned();
+                if broken_by != owner.get(BROKEN_BY_ANNOTATION).cloned() && broken_by.as_ref() != Some(&user.username) {
+                    return Decision::Deny(format!(
+                        "metadata.annotations[{BROKEN_BY_ANNOTATION}] records who broke the request (the authenticated \
+                         user, set with the break) and cannot be set by hand"
+                    ));
+                }
                 return immutable(obj, old);
             }
             Decision::allow()

@@ -68,6 +68,9 @@ async fn helm(env: &TestEnv, name: &str, args: &[&str]) -> crate::support::Outpu
     out
 }
 
+/// The namespace label that the webhook of a test release selects (see [`Release::install`]).
+const WEBHOOK_TEST_LABEL: &str = "kubelock.dev/chart-test-webhook";
+
 /// An installed release; uninstalled when dropped after a passing test (kept for
 /// inspection after a failure).
 struct Release {
@@ -83,6 +86,11 @@ impl Release {
     async fn install(env: &TestEnv, name: &str, sets: &[&str], take_ownership: bool) -> Release {
         let chart = chart_dir();
         let mut args = vec!["install", name, chart.to_str().expect("utf-8 path"), "-n", env.ns(), "-o", "json"];
+        // The webhook reviews only a namespace labelled for this release (none is, unless a
+        // test labels one): a release whose webhook has no running pod (no node here) must
+        // not fail the writes of the other tests on the shared cluster.
+        let selector = format!(r#"webhook.namespaceSelector={{"matchLabels":{{"{WEBHOOK_TEST_LABEL}":"{name}"}}}}"#);
+        args.extend(["--set-json", &selector]);
         for set in sets {
             args.extend(["--set", set]);
         }
@@ -400,11 +408,14 @@ async fn default_install_is_restricted_and_least_privilege() {
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
+        "MutatingWebhookConfiguration",
         "PodDisruptionBudget",
         "Role",
         "RoleBinding",
+        "Secret",
         "Service",
         "ServiceAccount",
+        "ValidatingWebhookConfiguration",
     ];
     assert_eq!(release.kinds(), expected_kinds.iter().map(|k| k.to_string()).collect(), "kinds rendered");
 
@@ -489,7 +500,7 @@ async fn default_install_is_restricted_and_least_privilege() {
 
     // The rest of the parts.
     Api::<ServiceAccount>::namespaced(client.clone(), env.ns()).get(&format!("{name}-controller")).await.expect("SA");
-    let pdb = release.rendered("PodDisruptionBudget", None);
+    let pdb = release.rendered("PodDisruptionBudget", Some(&format!("{name}-controller")));
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     let pdb_api = dynamic_api(&client, &pdb, env.ns()).await;
     pdb_api.get(&format!("{name}-controller")).await.expect("the PodDisruptionBudget exists");
@@ -520,8 +531,13 @@ async fn namespace_scoped_install_is_enough_for_a_handover() {
     let env = TestEnv::new().await;
     let name = release_name(&env);
     let watch = format!("watchNamespace={}", env.ns());
-    let release =
-        Release::install(&env, &name, &[&watch, "crds.install=false", "rbac.aggregateClusterRoles=false"], false).await;
+    let release = Release::install(
+        &env,
+        &name,
+        &[&watch, "crds.install=false", "rbac.aggregateClusterRoles=false", "webhook.enabled=false"],
+        false,
+    )
+    .await;
     let client = env.admin().await;
     let kinds = release.kinds();
     assert!(

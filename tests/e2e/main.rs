@@ -15,3 +15,4 @@ mod image;
 mod lock;
 mod node;
 mod smoke;
+mod webhook;

@@ -211,7 +211,11 @@ async fn killed_dev_leaves_no_orphans() {
     let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("printed kubeconfig");
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
     let client = kube::Client::try_from(config).expect("client");
-    Api::<Lock>::all(client).list(&ListParams::default()).await.expect("listing Locks through kubelock dev");
+    Api::<Lock>::all(client.clone()).list(&ListParams::default()).await.expect("listing Locks through kubelock dev");
+    // It runs the admission webhook, as an installed cluster does: a forged creator is refused.
+    kubelock::webhook::config::wait_enforced(&client, "default", Duration::from_secs(1))
+        .await
+        .unwrap_or_else(|e| panic!("kubelock dev without its webhook: {e}"));
 
     let pid = |name: &str| -> ProcessId {
         let text = std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -113,6 +113,39 @@ fn only_the_creator_the_trusted_and_breakers_may_change_or_delete_a_request() {
 }
 
 #[test]
+fn who_broke_is_the_authenticated_breaker_never_a_name_given() {
+    let policy = Policy::default();
+    let old = request(Some("alice"));
+    // A break as the mutating webhook leaves it: who is the authenticated user.
+    let mut broken = old.clone();
+    broken["metadata"]["annotations"][BREAK_ANNOTATION] = json!("stuck");
+    broken["metadata"]["annotations"][BROKEN_BY_ANNOTATION] = json!("bob");
+    let review = |obj: &Value, who: &str| {
+        validate_request(Op::Update, Some(obj), Some(&old), &user(who), Context::default(), Some(true), &policy)
+    };
+    assert!(allowed(&review(&broken, "bob")));
+    // The mutating webhook writes who on a break; a later write cannot change it, nor can the
+    // creator name someone.
+    let d = review(&broken, "carol");
+    assert!(matches!(&d, Decision::Deny(m) if m.contains(BROKEN_BY_ANNOTATION)), "{d:?}");
+    let mut forged = old.clone();
+    forged["metadata"]["annotations"][BROKEN_BY_ANNOTATION] = json!("somebody else");
+    let d = review(&forged, "alice");
+    assert!(matches!(&d, Decision::Deny(m) if m.contains(BROKEN_BY_ANNOTATION)), "{d:?}");
+    // And the mutation records the user, whatever the client put there.
+    let d = mutate_request(Op::Update, &forged_break(&old), Some(&old), &user("bob"));
+    let Decision::Allow { patch, .. } = d else { panic!("{d:?}") };
+    assert!(patch.iter().any(|p| p["value"] == json!("bob")), "{patch:?}");
+}
+
+fn forged_break(old: &Value) -> Value {
+    let mut obj = old.clone();
+    obj["metadata"]["annotations"][BREAK_ANNOTATION] = json!("stuck");
+    obj["metadata"]["annotations"][BROKEN_BY_ANNOTATION] = json!("not-me");
+    obj
+}
+
+#[test]
 fn a_request_of_a_pod_bound_creator_is_its_pods_alone() {
     let policy = Policy::default();
     let mut old = request(Some("system:serviceaccount:ns:app"));

@@ -221,7 +221,18 @@ impl Fixture {
 
     /// The namespace and identities, no controller yet.
     pub async fn without_controller() -> Fixture {
-        let env = TestEnv::new().await;
+        Fixture::on(TestEnv::new().await).await
+    }
+
+    /// In a namespace the admission webhook reviews, with the controller.
+    pub async fn with_webhook() -> Fixture {
+        let mut f = Fixture::on(TestEnv::with_webhook().await).await;
+        f.start_controller(&[]);
+        f
+    }
+
+    /// The identities on `env`, no controller yet.
+    pub async fn on(env: TestEnv) -> Fixture {
         env.grant(Identity::Controller, controller_rules()).await;
         env.grant(Identity::Requester1, requester_rules()).await;
         let locks = env.api(Identity::Admin).await;

@@ -38,6 +38,7 @@ pub mod node;
 pub mod process;
 pub mod servers;
 pub mod wait;
+pub mod webhook;
 
 use std::{
     collections::BTreeMap,
@@ -87,6 +88,8 @@ pub struct Cluster {
     _files: Option<tempfile::TempDir>,
     /// Namespaces are deleted after passing tests only where a namespace controller runs.
     delete_namespaces: bool,
+    /// Its admission webhook, started by the first [`TestEnv::with_webhook`].
+    webhook: OnceCell<Result<webhook::Webhook, String>>,
 }
 
 impl Cluster {
@@ -94,7 +97,13 @@ impl Cluster {
     pub async fn start(opts: ControlPlaneOptions) -> Result<Cluster, String> {
         let cp = ControlPlane::start(opts).await.map_err(|e| format!("starting the control plane: {e}"))?;
         let kubeconfigs = Identity::ALL.iter().map(|id| (*id, cp.kubeconfig(*id))).collect();
-        let cluster = Cluster { control_plane: Some(cp), kubeconfigs, _files: None, delete_namespaces: false };
+        let cluster = Cluster {
+            control_plane: Some(cp),
+            kubeconfigs,
+            _files: None,
+            delete_namespaces: false,
+            webhook: OnceCell::new(),
+        };
         cluster.install_crds().await?;
         Ok(cluster)
     }
@@ -109,7 +118,13 @@ impl Cluster {
                 .await
                 .map_err(|e| format!("KUBELOCK_TEST_CONTROL_PLANE={}: {e}", Path::new(&dir).display()))?;
             let kubeconfigs = Identity::ALL.iter().map(|id| (*id, cp.kubeconfig(*id))).collect();
-            let cluster = Cluster { control_plane: Some(cp), kubeconfigs, _files: None, delete_namespaces: false };
+            let cluster = Cluster {
+                control_plane: Some(cp),
+                kubeconfigs,
+                _files: None,
+                delete_namespaces: false,
+                webhook: OnceCell::new(),
+            };
             cluster.install_crds().await?;
             return Ok(cluster);
         }
@@ -131,7 +146,13 @@ impl Cluster {
                 .map_err(|e| fail(e.to_string()))?;
             kubeconfigs.insert(*id, file);
         }
-        let cluster = Cluster { control_plane: None, kubeconfigs, _files: Some(files), delete_namespaces: true };
+        let cluster = Cluster {
+            control_plane: None,
+            kubeconfigs,
+            _files: Some(files),
+            delete_namespaces: true,
+            webhook: OnceCell::new(),
+        };
         cluster.install_crds().await?;
         Ok(cluster)
     }
@@ -144,6 +165,16 @@ impl Cluster {
     /// The local control plane, if the tests run on one.
     pub fn control_plane(&self) -> Option<&ControlPlane> {
         self.control_plane.as_ref()
+    }
+
+    /// The webhook of this cluster, started on first use (local control planes only: the
+    /// API server must reach it at a loopback address).
+    pub async fn webhook(&self) -> &webhook::Webhook {
+        let cp =
+            self.control_plane().expect("the webhook tests need the local control plane, not KUBELOCK_TEST_KUBECONFIG");
+        let dir = cp.dir().join("webhook-test");
+        let started = self.webhook.get_or_init(|| webhook::Webhook::start(self, &dir)).await;
+        started.as_ref().unwrap_or_else(|e| panic!("starting the admission webhook: {e}"))
     }
 
     /// The kubeconfig file of an identity.
@@ -242,17 +273,36 @@ impl TestEnv {
         env
     }
 
+    /// A new namespace on the shared cluster that the admission webhook reviews (requests,
+    /// Locks, fenced ConfigMaps and Secrets), as on a cluster with the chart installed.
+    pub async fn with_webhook() -> TestEnv {
+        let cluster = shared_cluster().await;
+        cluster.webhook().await;
+        let env = TestEnv::on_labelled(cluster, &[webhook::LABEL]).await;
+        // The API server reads namespace labels from its cache: wait until it sends this one's.
+        kubelock::webhook::config::wait_enforced(&env.admin().await, env.ns(), TIMEOUT).await.unwrap_or_else(|e| {
+            panic!(
+                "{e}; webhook log:\n{}",
+                env.cluster.webhook.get().and_then(|w| w.as_ref().ok()).map(|w| w.log_tail(20)).unwrap_or_default()
+            )
+        });
+        env
+    }
+
     /// A new namespace on `cluster`.
     pub async fn on(cluster: Arc<Cluster>) -> TestEnv {
+        TestEnv::on_labelled(cluster, &[]).await
+    }
+
+    /// A new namespace on `cluster` with these labels besides the tests' own.
+    pub async fn on_labelled(cluster: Arc<Cluster>, labels: &[(&str, &str)]) -> TestEnv {
         let ns = namespace_name();
+        let mut labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        labels.insert("kubelock.dev/test".into(), "true".into());
         let admin = cluster.config(Identity::Admin).await;
         let client = kubelock::connect::client_from_config(admin.clone()).expect("creating a client");
         let namespace = Namespace {
-            metadata: ObjectMeta {
-                name: Some(ns.clone()),
-                labels: Some([("kubelock.dev/test".to_string(), "true".to_string())].into()),
-                ..Default::default()
-            },
+            metadata: ObjectMeta { name: Some(ns.clone()), labels: Some(labels), ..Default::default() },
             ..Default::default()
         };
         Api::<Namespace>::all(client)
