@@ -286,8 +286,9 @@ fn chart_crds_match_the_types() {
 }
 
 /// Values documented as a whole object in the README rather than key by key.
-const OPAQUE_VALUES: [&str; 6] = [
+const OPAQUE_VALUES: [&str; 7] = [
     "resources",
+    "webhook.resources",
     "podSecurityContext",
     "containerSecurityContext",
     "livenessProbe",
@@ -990,4 +991,119 @@ async fn check_sidecar_snippet(env: &TestEnv, notes: &str) {
     let violations = restricted_violations(&pod);
     assert!(violations.is_empty(), "the sidecar snippet breaks the restricted profile:\n{}", violations.join("\n"));
     dry_run_create(&env.admin().await, env.ns(), deployment).await.unwrap_or_else(|e| panic!("sidecar snippet: {e}"));
+}
+
+/// The webhook the chart installs: its serving certificate, signed by the CA the chart
+/// generated (the caBundle of both configurations), is served by `kubelock webhook` from
+/// the Secret's files and verifies for the Service's DNS name and no other; every webhook
+/// fails closed; its Deployment is restricted, two replicas, with a PodDisruptionBudget.
+#[tokio::test]
+async fn the_charts_webhook_serves_its_own_certificate_and_fails_closed() {
+    use k8s_openapi::api::{
+        admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
+        core::v1::Secret,
+    };
+    let env = TestEnv::new().await;
+    let name = release_name(&env);
+    let release = Release::install(&env, &name, &[], true).await;
+    let client = env.admin().await;
+    let webhook = format!("{name}-webhook");
+    let host = format!("{webhook}.{}.svc", env.ns());
+
+    let secret = Api::<Secret>::namespaced(client.clone(), env.ns())
+        .get(&format!("{webhook}-tls"))
+        .await
+        .expect("the TLS Secret");
+    let data = secret.data.expect("Secret data");
+    let dir = tempfile::tempdir().expect("temp dir");
+    for file in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::write(dir.path().join(file), &data[file].0).expect("writing the certificate files");
+    }
+    let ca = data["ca.crt"].0.clone();
+    let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone()).get(&webhook).await.expect("mutating");
+    let validating =
+        Api::<ValidatingWebhookConfiguration>::all(client.clone()).get(&webhook).await.expect("validating");
+    let mut configured = Vec::new();
+    for w in mutating.webhooks.iter().flatten() {
+        configured.push((
+            w.name.clone(),
+            w.failure_policy.clone(),
+            w.client_config.ca_bundle.clone(),
+            w.client_config.service.clone(),
+        ));
+    }
+    for w in validating.webhooks.iter().flatten() {
+        configured.push((
+            w.name.clone(),
+            w.failure_policy.clone(),
+            w.client_config.ca_bundle.clone(),
+            w.client_config.service.clone(),
+        ));
+    }
+    let names: Vec<&str> = configured.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(names, ["requests.kubelock.dev", "requests.kubelock.dev", "locks.kubelock.dev", "fenced.kubelock.dev"]);
+    for (hook, policy, bundle, service) in &configured {
+        assert_eq!(policy.as_deref(), Some("Fail"), "{hook} fails open");
+        assert_eq!(bundle.as_ref().map(|b| &b.0), Some(&ca), "{hook}: its caBundle is not the chart's CA");
+        let service = service.as_ref().expect("a Service reference");
+        assert_eq!((service.name.as_str(), service.port), (webhook.as_str(), Some(443)), "{hook}");
+    }
+    let fenced = validating.webhooks.iter().flatten().find(|w| w.name == "fenced.kubelock.dev").expect("the fence");
+    let kinds: Vec<String> =
+        fenced.rules.iter().flatten().flat_map(|r| r.resources.clone().unwrap_or_default()).collect();
+    assert_eq!(kinds, ["configmaps", "secrets"]);
+
+    let deployment =
+        Api::<Deployment>::namespaced(client.clone(), env.ns()).get(&webhook).await.expect("the webhook Deployment");
+    let spec = deployment.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.expect("pod spec");
+    let violations = restricted_violations(&pod);
+    assert!(violations.is_empty(), "the webhook pod breaks the restricted profile:\n{}", violations.join("\n"));
+    let args = pod.containers[0].args.clone().unwrap_or_default();
+    let trusted = format!("--trusted-user=system:serviceaccount:{}:{name}-controller", env.ns());
+    assert!(args.contains(&trusted), "the controller is not trusted: {args:?}");
+    release.rendered("PodDisruptionBudget", Some(&webhook));
+
+    // Served by the webhook from exactly those files, verified as the API server does.
+    let address_file = dir.path().join("address");
+    let mut served = env
+        .kubelock(Identity::Admin, "webhook")
+        .args(["webhook", "--listen", "127.0.0.1:0", "--cert-dir"])
+        .arg(dir.path())
+        .arg("--address-file")
+        .arg(&address_file)
+        .spawn();
+    let address = eventually("the webhook to listen", TIMEOUT, || async {
+        std::fs::read_to_string(&address_file).map(|a| a.trim().to_string()).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e} (exited: {:?})\n{}", served.try_status(), served.stderr_tail(20)));
+    let tls_get = |server_name: &str| {
+        let (ip, port) = address.rsplit_once(':').expect("host:port");
+        let script = "import socket, ssl, sys\n\
+            ctx = ssl.create_default_context(cafile=sys.argv[1])\n\
+            s = ctx.wrap_socket(socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=10), server_hostname=sys.argv[4])\n\
+            s.sendall(b'GET /healthz HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n\
+            print(s.recv(4096).decode().splitlines()[0])\n";
+        std::process::Command::new(python())
+            .args(["-c", script])
+            .arg(dir.path().join("ca.crt"))
+            .args([ip, port, server_name])
+            .output()
+            .expect("running python3")
+    };
+    let ok = tls_get(&host);
+    assert!(
+        ok.status.success() && String::from_utf8_lossy(&ok.stdout).contains("200"),
+        "TLS to {host} with the chart's CA: {}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let wrong = tls_get("kubelock-webhook.elsewhere.svc");
+    assert!(
+        !wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("CERTIFICATE_VERIFY_FAILED"),
+        "a name the certificate is not for verified: {}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
 }

@@ -32,6 +32,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: controller
 {{- end }}
 
+{{/* Selector labels of the webhook pods. */}}
+{{- define "kubelock.webhookSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubelock.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: webhook
+{{- end }}
+
 {{/* Labels of every object; $component names its part (controller, rbac, crds). */}}
 {{- define "kubelock.labels" -}}
 {{- $ := index . 0 }}
