@@ -224,3 +224,179 @@ async fn bounds_of_locks_and_requests_are_refused_at_admission_naming_the_field(
     assert!(m.contains("spec.maxWaiting is 2"), "{m}");
     refused(f.requests.create(&PostParams::default(), &third).await, "a third waiter");
 }
+
+// ---------------------------------------------------------------------------------------
+// The shop: a stock in a fenced ConfigMap, buyers that read, decide and write back.
+
+/// Stock and ledger (`sales`: comma-separated sale ids) of the shop's ConfigMap.
+fn shop(cm: &ConfigMap) -> (i64, Vec<String>) {
+    let data = cm.data.clone().unwrap_or_default();
+    let stock = data.get("stock").and_then(|s| s.parse().ok()).expect("a stock");
+    let sales = data.get("sales").map(|s| s.split(',').filter(|s| !s.is_empty()).map(String::from).collect());
+    (stock, sales.unwrap_or_default())
+}
+
+/// One sale as a buyer makes it: the write-back of what it read, with its token, as a merge
+/// patch (no resourceVersion: a stale writer overwrites what it did not see, unless fenced).
+/// `Ok(true)`: sold; `Ok(false)`: out of stock; `Err(message)`: refused.
+async fn sell(cms: &Api<ConfigMap>, read: &ConfigMap, token: i64, sale: &str) -> Result<bool, String> {
+    let (stock, mut sales) = shop(read);
+    if stock <= 0 {
+        return Ok(false);
+    }
+    sales.push(sale.to_string());
+    let patch = json!({
+        "metadata": {"annotations": {FENCING_TOKEN_ANNOTATION: token.to_string()}},
+        "data": {"stock": (stock - 1).to_string(), "sales": sales.join(",")},
+    });
+    match cms.patch("stock", &PatchParams::default(), &merge(patch)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 403 => Err(e.message),
+        Err(e) => panic!("selling {sale}: {e}"),
+    }
+}
+
+/// The seed's scenario under faults: three buyers sell under the Lock; a fourth is frozen
+/// (its request granted, then never renewed, as a paused process) between its read and its
+/// write, thawed once another buyer sold after its grant ended, and writes its stale sale;
+/// the controller is killed and replaced twice. The API server refuses every stale write:
+/// the stock never goes below zero and every sale a buyer recorded is in the ledger exactly
+/// once, with none it did not record.
+#[tokio::test]
+async fn the_stock_is_never_oversold_and_no_sale_lost_with_frozen_buyers_and_controller_kills() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    const STOCK: i64 = 30;
+    const FREEZES: usize = 3;
+    let mut f = Fixture::with_webhook().await;
+    f.env.grant(Identity::Requester1, vec![rule(&[""], &["configmaps"], &["get", "create", "patch"])]).await;
+    f.lock("stock", 1, "2s", "0s").await;
+    let ns = f.env.ns().to_string();
+    let cms: Api<ConfigMap> = f.env.api(Identity::Requester1).await;
+    let locks = LockClient::new(f.env.client(Identity::Requester1).await, &ns);
+
+    let opening = locks.acquire(AcquireOptions::new("stock")).await.expect("the opening grant");
+    let mut cm = ConfigMap {
+        metadata: ObjectMeta { name: Some("stock".into()), ..Default::default() },
+        data: Some([("stock".to_string(), STOCK.to_string()), ("sales".to_string(), String::new())].into()),
+        ..Default::default()
+    };
+    opening.fence(&mut cm);
+    cms.create(&PostParams::default(), &cm).await.expect("opening the shop");
+    opening.release().await.expect("release");
+
+    let frozen_done = Arc::new(AtomicBool::new(false));
+    let buyers: Vec<_> = (0..3)
+        .map(|b| {
+            let (locks, cms, frozen_done) = (locks.clone(), cms.clone(), frozen_done.clone());
+            tokio::spawn(async move {
+                let mut recorded = Vec::new();
+                for n in 0.. {
+                    let guard = locks.acquire(AcquireOptions::new("stock")).await.expect("a buyer's grant");
+                    let read = cms.get("stock").await.expect("reading the stock");
+                    let sale = format!("b{b}-{n}");
+                    let sold = sell(&cms, &read, guard.token(), &sale).await;
+                    guard.release().await.expect("a buyer's release");
+                    match sold {
+                        Ok(true) => recorded.push(sale),
+                        Ok(false) if frozen_done.load(Ordering::SeqCst) => break,
+                        Ok(false) => {}
+                        Err(m) => panic!("a current holder's write was refused: {m}"),
+                    }
+                }
+                recorded
+            })
+        })
+        .collect();
+
+    // The frozen buyer: granted, reads, stops renewing; thawed once another sold after it.
+    let frozen = {
+        let (requests, cms, locks_api, frozen_done) =
+            (f.requests.clone(), cms.clone(), f.locks.clone(), frozen_done.clone());
+        tokio::spawn(async move {
+            let mut refusals = Vec::new();
+            for round in 0..FREEZES {
+                let name = format!("frozen-{round}");
+                create_request(&requests, &name, "stock", 1, None).await;
+                // It renews while it waits (as every client does), not once granted.
+                let granted = eventually("the frozen buyer's grant", TIMEOUT, || async {
+                    let r = requests.get(&name).await.map_err(|e| e.to_string())?;
+                    if r.phase() == Phase::Granted {
+                        return Ok(r);
+                    }
+                    let renew = json!({"spec": {"renewTime": MicroTime(jiff::Timestamp::now())}});
+                    requests.patch(&name, &PatchParams::default(), &merge(renew)).await.map_err(|e| e.to_string())?;
+                    Err(format!("{:?}", r.phase()))
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+                let token = granted.status.and_then(|s| s.token).expect("a token");
+                let read = cms.get("stock").await.expect("the frozen buyer's read");
+                // Frozen: no renewal. Its lease passes, the next buyer is granted and sells.
+                wait_until(&locks_api, "stock", "the frozen grant to end", TIMEOUT, |l: &Lock| {
+                    l.status.as_ref().is_some_and(|s| !s.holders.iter().any(|h| h.request == name))
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+                let sold_after = eventually("another buyer to sell after the frozen grant", TIMEOUT, || async {
+                    let now = cms.get("stock").await.map_err(|e| e.to_string())?;
+                    let last: i64 =
+                        now.annotations().get(FENCING_TOKEN_ANNOTATION).and_then(|t| t.parse().ok()).unwrap_or(0);
+                    if last > token || shop(&now).0 == 0 {
+                        Ok(shop(&now).0 > 0)
+                    } else {
+                        Err(format!("last write {last}"))
+                    }
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+                if !sold_after {
+                    break; // sold out meanwhile
+                }
+                match sell(&cms, &read, token, &format!("frozen-{round}")).await {
+                    Err(m) => refusals.push(m),
+                    Ok(sold) => panic!("the frozen buyer's stale write was admitted (sold: {sold})"),
+                }
+            }
+            frozen_done.store(true, Ordering::SeqCst);
+            refusals
+        })
+    };
+
+    // The controller is killed (SIGKILL) and replaced twice while they sell.
+    let mut kills = 0;
+    for at in [STOCK - 5, STOCK - 15] {
+        eventually("sales to go on", TIMEOUT, || async {
+            let now = cms.get("stock").await.map_err(|e| e.to_string())?;
+            if shop(&now).0 <= at { Ok(()) } else { Err(format!("stock {}", shop(&now).0)) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        f.controllers.last_mut().expect("a controller").kill();
+        kills += 1;
+        f.start_controller(&[]);
+    }
+
+    let refusals = frozen.await.expect("the frozen buyer");
+    let mut recorded = Vec::new();
+    for buyer in buyers {
+        recorded.extend(buyer.await.expect("a buyer"));
+    }
+    let (stock, ledger) = shop(&cms.get("stock").await.expect("the final stock"));
+    assert_eq!(stock, 0, "the buyers stop once sold out");
+    assert_eq!(kills, 2, "the controller was killed twice");
+    assert!(!refusals.is_empty(), "no stale write was tried: the faults did not happen");
+    for m in &refusals {
+        assert!(m.contains("is not a current holder's"), "refused for another reason: {m}");
+    }
+    let mut sorted = ledger.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ledger.len(), "a sale applied twice: {ledger:?}");
+    recorded.sort();
+    assert_eq!(sorted, recorded, "the ledger and the buyers' records differ (a sale lost or a phantom)");
+    assert_eq!(ledger.len() as i64, STOCK, "sold {} of {STOCK}", ledger.len());
+    eprintln!("shop: {} sales, {} stale writes refused, {kills} controller kills", ledger.len(), refusals.len());
+}
