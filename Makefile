@@ -21,7 +21,7 @@ deps: ## Install what is missing: C toolchain, Rust, etcd, kube-apiserver (first
 	@hack/deps.sh
 
 demo: deps ## Live demo on a local control plane: contention, handovers, fencing; then runs until Ctrl-C.
-	$(CARGO) build --release --bin kubelock
+	$(CARGO) build --release --bin kubelock --example inventory
 	KUBELOCK=target/release/kubelock DEV_ARGS="$(DEV_ARGS)" hack/demo.sh
 
 test: deps ## Run every test, including the end-to-end tests against a real kube-apiserver.

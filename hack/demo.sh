@@ -18,6 +18,13 @@ if [ ! -x "$KUBELOCK" ]; then
   cargo build --quiet
 fi
 KUBELOCK=$(cd "$(dirname "$KUBELOCK")" && pwd)/$(basename "$KUBELOCK")
+# The shop's buyers (examples/inventory.rs), built beside kubelock.
+INVENTORY=${INVENTORY:-$(dirname "$KUBELOCK")/examples/inventory}
+if [ ! -x "$INVENTORY" ]; then
+  echo "demo: building examples/inventory.rs" >&2
+  cargo build --quiet --example inventory
+  INVENTORY=target/debug/examples/inventory
+fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kubelock-demo.XXXXXX")
 PIDS=()
@@ -118,6 +125,30 @@ sed 's/^/    /' "$WORK/frozen.err" | grep 'kubelock:' || true
 echo "    frozen holder's kubelock run exited $code (75 = lock lost)"
 wait "$WAITER" || true
 PIDS=()
+
+say "the shop: its stock in a ConfigMap fenced by a Lock; a buyer frozen past its lease, thawed after others sold"
+# shop LOCK [--no-fence]: 10 items; the frozen buyer reads first, then alice and bob sell.
+shop() {
+  local lock=$1 rec=$WORK/$1.sales pid
+  shift
+  create_lock "$lock" 1 3s 0s
+  "$INVENTORY" --lock "$lock" open --stock 10 "$@" | sed 's/^/    /'
+  "$INVENTORY" --lock "$lock" buy frozen --freeze-after-read --record "$rec" >"$WORK/$lock.frozen" &
+  pid=$!
+  # Stopped (state T in /proc/PID/stat) once it has read the stock.
+  until [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" = T ]; do sleep 0.05; done
+  sed 's/^/    /' "$WORK/$lock.frozen"
+  "$INVENTORY" --lock "$lock" buy alice --count 2 --record "$rec" | sed 's/^/    /'
+  "$INVENTORY" --lock "$lock" buy bob --count 2 --record "$rec" | sed 's/^/    /'
+  kill -CONT "$pid"
+  wait "$pid" || true
+  tail -n +2 "$WORK/$lock.frozen" | sed 's/^/    /'
+  "$INVENTORY" --lock "$lock" audit --opened 10 --record "$rec" | sed 's/^/    audit: /' || true
+}
+echo "-- fenced (kubelock.dev/fenced-by: shop): the API server refuses the stale write"
+shop shop
+echo "-- the same without the fence: the stale write overwrites the sales it never saw"
+shop shop-unfenced --no-fence
 
 say "kubelock list"
 "$KUBELOCK" list

@@ -537,8 +537,8 @@ async fn validate_fenced(
         }
         None => None,
     };
-    answer(&shared, "validate_fenced", &review, |may_break| {
-        policy::validate_fenced(review.op, review.object.as_ref(), review.old.as_ref(), lock.as_ref(), may_break)
+    answer(&shared, "validate_fenced", &review, |_| {
+        policy::validate_fenced(review.op, review.object.as_ref(), review.old.as_ref(), lock.as_ref())
     })
     .await
 }

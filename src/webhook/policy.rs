@@ -366,27 +366,15 @@ pub fn fencing_lock(obj: Option<&Value>, old: Option<&Value>) -> Option<String> 
 /// - DELETE is allowed while the object's last write carries a current holder's token (a
 ///   holder deletes by writing its token onto the object, then deleting it).
 ///
-/// Subjects allowed to break the Lock may write anyway (with a warning): the way out when a
-/// Lock was deleted for good.
-pub fn validate_fenced(
-    op: Op,
-    obj: Option<&Value>,
-    old: Option<&Value>,
-    lock: Option<&Lock>,
-    may_break: Option<bool>,
-) -> Decision {
+/// Nobody writes past the fence, whatever their rights (cluster administrators and
+/// breakers included: a process with broad credentials is exactly what the fence must stop
+/// when it lost its grant). The way out when a Lock was deleted for good is to recreate it,
+/// acquire it and remove the label with that token.
+pub fn validate_fenced(op: Op, obj: Option<&Value>, old: Option<&Value>, lock: Option<&Lock>) -> Decision {
     let Some(lock_name) = fencing_lock(obj, old) else { return Decision::allow() };
-    let refusal = fence_refusal(op, obj, old, &lock_name, lock);
-    match (refusal, may_break) {
-        (None, _) => Decision::allow(),
-        (Some(_), None) => Decision::NeedsBreakRight(lock_name),
-        (Some(why), Some(true)) => Decision::Allow {
-            patch: Vec::new(),
-            warnings: vec![format!(
-                "written past the fence of lock {lock_name} by a subject allowed to break it: {why}"
-            )],
-        },
-        (Some(why), Some(false)) => Decision::Deny(why),
+    match fence_refusal(op, obj, old, &lock_name, lock) {
+        None => Decision::allow(),
+        Some(why) => Decision::Deny(why),
     }
 }
 
@@ -408,7 +396,10 @@ fn fence_refusal(
         ));
     }
     let Some(lock) = lock else {
-        return Some(format!("this object is fenced by lock {lock_name}, which does not exist"));
+        return Some(format!(
+            "this object is fenced by lock {lock_name}, which does not exist (to lift the fence, create the Lock, \
+             acquire it and remove the label {FENCED_BY_LABEL} with its token)"
+        ));
     };
     let current = current_tokens(lock);
     let (token, whose) = match op {

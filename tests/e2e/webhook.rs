@@ -166,6 +166,10 @@ async fn a_fenced_configmap_takes_the_writes_of_a_current_holder_alone() {
     cm.annotations_mut().insert(FENCING_TOKEN_ANNOTATION.into(), stale.to_string());
     let m = refused(cms1.replace("stock", &pp, &cm).await, "the previous holder's token");
     assert!(m.contains(&format!("token {stale} of this write is not a current holder's")), "{m}");
+    // Whatever the writer's rights: a cluster administrator's stale write is refused too.
+    let admin: Api<ConfigMap> = f.env.api(Identity::Admin).await;
+    let m = refused(admin.replace("stock", &pp, &cm).await, "an administrator's stale write");
+    assert!(m.contains("is not a current holder's"), "{m}");
     g2.fence(&mut cm);
     let cm = cms2.replace("stock", &pp, &cm).await.expect("the current holder writes");
     assert_eq!(cm.data.as_ref().and_then(|d| d.get("stock")).map(String::as_str), Some("9"));

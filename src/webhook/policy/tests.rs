@@ -286,7 +286,7 @@ fn bounds_at_create() {
 #[test]
 fn a_fenced_object_takes_writes_of_current_holders_only() {
     let lock = lock_with_holders(&[12]);
-    let ok = |op, obj: Option<&Value>, old: Option<&Value>| validate_fenced(op, obj, old, Some(&lock), Some(false));
+    let ok = |op, obj: Option<&Value>, old: Option<&Value>| validate_fenced(op, obj, old, Some(&lock));
     assert!(allowed(&ok(Op::Create, Some(&fenced(Some("stock"), Some("12"))), None)));
     for (token, why) in [(None, "carries no fencing token"), (Some("7"), "token 7"), (Some("x"), "not a fencing token")]
     {
@@ -296,8 +296,7 @@ fn a_fenced_object_takes_writes_of_current_holders_only() {
     // The previous holder's write after a handover: its token is no longer current.
     let old = fenced(Some("stock"), Some("12"));
     let moved_on = lock_with_holders(&[13]);
-    let d =
-        validate_fenced(Op::Update, Some(&fenced(Some("stock"), Some("12"))), Some(&old), Some(&moved_on), Some(false));
+    let d = validate_fenced(Op::Update, Some(&fenced(Some("stock"), Some("12"))), Some(&old), Some(&moved_on));
     assert!(matches!(&d, Decision::Deny(m) if m.contains("token 12") && m.contains("[13]")), "{d:?}");
     // Removing the label needs a current token too.
     let d = ok(Op::Update, Some(&fenced(None, None)), Some(&old));
@@ -308,22 +307,20 @@ fn a_fenced_object_takes_writes_of_current_holders_only() {
     assert!(matches!(&d, Decision::Deny(m) if m.contains("cannot move")), "{d:?}");
     // A delete: the last write must be a current holder's.
     assert!(allowed(&ok(Op::Delete, None, Some(&old))));
-    let d = validate_fenced(Op::Delete, None, Some(&old), Some(&moved_on), Some(false));
+    let d = validate_fenced(Op::Delete, None, Some(&old), Some(&moved_on));
     assert!(matches!(&d, Decision::Deny(_)), "{d:?}");
-    // A missing Lock fences everything; a breaker writes past it, warned.
-    let d = validate_fenced(Op::Update, Some(&old), Some(&old), None, None);
-    assert_eq!(d, Decision::NeedsBreakRight("stock".into()));
-    let d = validate_fenced(Op::Update, Some(&old), Some(&old), None, Some(true));
-    assert!(matches!(&d, Decision::Allow { warnings, .. } if !warnings.is_empty()), "{d:?}");
+    // A missing Lock fences everything, for everyone (no right writes past the fence).
+    let d = validate_fenced(Op::Update, Some(&old), Some(&old), None);
+    assert!(matches!(&d, Decision::Deny(m) if m.contains("does not exist")), "{d:?}");
     // Objects without the label are none of the fence's business.
-    assert!(allowed(&validate_fenced(Op::Update, Some(&fenced(None, None)), Some(&fenced(None, None)), None, None)));
+    assert!(allowed(&validate_fenced(Op::Update, Some(&fenced(None, None)), Some(&fenced(None, None)), None)));
 }
 
 #[test]
 fn a_semaphore_holder_cannot_write_below_the_last_token() {
     let lock = lock_with_holders(&[20, 21]);
     let old = fenced(Some("stock"), Some("21"));
-    let d = validate_fenced(Op::Update, Some(&fenced(Some("stock"), Some("20"))), Some(&old), Some(&lock), Some(false));
+    let d = validate_fenced(Op::Update, Some(&fenced(Some("stock"), Some("20"))), Some(&old), Some(&lock));
     assert!(matches!(&d, Decision::Deny(m) if m.contains("lower than token 21")), "{d:?}");
 }
 
@@ -367,7 +364,7 @@ proptest! {
         let lock = lock_with_holders(&holders);
         let old = fenced(Some("stock"), Some(&last.to_string()));
         let new = fenced(Some("stock"), Some(&token.to_string()));
-        let d = validate_fenced(Op::Update, Some(&new), Some(&old), Some(&lock), Some(false));
+        let d = validate_fenced(Op::Update, Some(&new), Some(&old), Some(&lock));
         if allowed(&d) {
             prop_assert!(holders.contains(&token) && token >= last);
         }
