@@ -240,12 +240,23 @@ pub fn validate_request(
             let Some(old) = old else { return Decision::allow() };
             let owner = annotations(old);
             let lock_name = old.pointer("/spec/lockName").and_then(Value::as_str).unwrap_or("").to_string();
-            if policy.trusts(user) {
-                return Decision::allow();
-            }
             let is_owner = owner.get(OWNER_ANNOTATION).is_none_or(|o| *o == user.username)
                 && owner.get(OWNER_UID_ANNOTATION).is_none_or(|u| user.uid.is_empty() || *u == user.uid)
                 && owner.get(OWNER_POD_ANNOTATION).is_none_or(|p| user.pod.as_ref().is_some_and(|(n, _)| n == p));
+            // The release mark frees the permits at once: it is the holder's word that it
+            // stopped acting, so its creator's alone (anyone else ends a grant by a break or
+            // a delete, which drain).
+            let released = |o: &Value| o.pointer("/spec/released") == Some(&Value::Bool(true));
+            if op == Op::Update && obj.is_some_and(released) && !released(old) && !is_owner {
+                return Decision::Deny(format!(
+                    "spec.released is the holder's own release: only the creator of lockrequest {} may set it (to take \
+                     the lock from its holder, break it: kubelock break {lock_name})",
+                    name_of(old)
+                ));
+            }
+            if policy.trusts(user) {
+                return Decision::allow();
+            }
             let breaking = op == Op::Update
                 && obj.is_some_and(|o| annotations(o).get(BREAK_ANNOTATION) != owner.get(BREAK_ANNOTATION));
             if breaking || !is_owner {

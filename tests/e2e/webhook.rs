@@ -94,6 +94,9 @@ async fn only_its_creator_the_controller_and_a_breaker_may_touch_a_request() {
 
     // A breaker (verb break on the Lock) may break it, recorded as who it is, and delete it.
     f.env.grant(Identity::Requester2, vec![rule(&["kubelock.dev"], &["locks"], &["break"])]).await;
+    // Not by marking it released, though: that would free the permits at once.
+    let m = refused(theirs.patch("r1", &pp, &merge(json!({"spec": {"released": true}}))).await, "a breaker's release");
+    assert!(m.contains("spec.released is the holder's own release"), "{m}");
     f.env
         .kubelock(Identity::Requester2, "break")
         .args(["break", "db", "--reason", "stuck migration", "--by", "someone-else"])

@@ -113,6 +113,23 @@ fn only_the_creator_the_trusted_and_breakers_may_change_or_delete_a_request() {
 }
 
 #[test]
+fn the_release_mark_is_the_creators_alone() {
+    let policy = Policy { trusted_users: vec!["controller".into()], ..Policy::default() };
+    let old = request(Some("alice"));
+    let mut released = old.clone();
+    released["spec"]["released"] = json!(true);
+    let review = |who: &User, may_break| {
+        validate_request(Op::Update, Some(&released), Some(&old), who, Context::default(), may_break, &policy)
+    };
+    assert!(allowed(&review(&user("alice"), None)));
+    let admin = User { groups: vec!["system:masters".into()], ..user("root") };
+    for (who, may_break) in [(user("bob"), Some(true)), (user("controller"), None), (admin, None)] {
+        let d = review(&who, may_break);
+        assert!(matches!(&d, Decision::Deny(m) if m.contains("spec.released")), "{}: {d:?}", who.username);
+    }
+}
+
+#[test]
 fn who_broke_is_the_authenticated_breaker_never_a_name_given() {
     let policy = Policy::default();
     let old = request(Some("alice"));
