@@ -1023,23 +1023,12 @@ async fn the_charts_webhook_serves_its_own_certificate_and_fails_closed() {
     let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone()).get(&webhook).await.expect("mutating");
     let validating =
         Api::<ValidatingWebhookConfiguration>::all(client.clone()).get(&webhook).await.expect("validating");
-    let mut configured = Vec::new();
-    for w in mutating.webhooks.iter().flatten() {
-        configured.push((
-            w.name.clone(),
-            w.failure_policy.clone(),
-            w.client_config.ca_bundle.clone(),
-            w.client_config.service.clone(),
-        ));
-    }
-    for w in validating.webhooks.iter().flatten() {
-        configured.push((
-            w.name.clone(),
-            w.failure_policy.clone(),
-            w.client_config.ca_bundle.clone(),
-            w.client_config.service.clone(),
-        ));
-    }
+    let hooks = mutating.webhooks.iter().flatten().map(|w| (&w.name, &w.failure_policy, &w.client_config));
+    let hooks =
+        hooks.chain(validating.webhooks.iter().flatten().map(|w| (&w.name, &w.failure_policy, &w.client_config)));
+    let configured: Vec<_> = hooks
+        .map(|(name, policy, client)| (name.clone(), policy.clone(), client.ca_bundle.clone(), client.service.clone()))
+        .collect();
     let names: Vec<&str> = configured.iter().map(|c| c.0.as_str()).collect();
     assert_eq!(names, ["requests.kubelock.dev", "requests.kubelock.dev", "locks.kubelock.dev", "fenced.kubelock.dev"]);
     for (hook, policy, bundle, service) in &configured {

@@ -96,6 +96,11 @@ impl Cluster {
     /// Starts a local control plane and installs the CRDs.
     pub async fn start(opts: ControlPlaneOptions) -> Result<Cluster, String> {
         let cp = ControlPlane::start(opts).await.map_err(|e| format!("starting the control plane: {e}"))?;
+        Cluster::local(cp).await
+    }
+
+    /// A local control plane's cluster, with the CRDs installed.
+    async fn local(cp: ControlPlane) -> Result<Cluster, String> {
         let kubeconfigs = Identity::ALL.iter().map(|id| (*id, cp.kubeconfig(*id))).collect();
         let cluster = Cluster {
             control_plane: Some(cp),
@@ -117,16 +122,7 @@ impl Cluster {
             let cp = ControlPlane::attach(PathBuf::from(&dir), Duration::from_secs(10))
                 .await
                 .map_err(|e| format!("KUBELOCK_TEST_CONTROL_PLANE={}: {e}", Path::new(&dir).display()))?;
-            let kubeconfigs = Identity::ALL.iter().map(|id| (*id, cp.kubeconfig(*id))).collect();
-            let cluster = Cluster {
-                control_plane: Some(cp),
-                kubeconfigs,
-                _files: None,
-                delete_namespaces: false,
-                webhook: OnceCell::new(),
-            };
-            cluster.install_crds().await?;
-            return Ok(cluster);
+            return Cluster::local(cp).await;
         }
         Cluster::start(ControlPlaneOptions::default()).await
     }
