@@ -233,17 +233,21 @@ pub struct StatusArgs {
     pub output: Output,
 }
 
-/// `kubelock status LOCK`: holders, tokens, queue.
-pub async fn status(args: StatusArgs, client_args: &ClientArgs) -> Result<ExitCode, CliError> {
+/// The Lock `name` of the selected namespace (an error if missing) and the requests' API there.
+async fn read_lock(client_args: &ClientArgs, name: &str) -> Result<(Lock, Api<LockRequest>), CliError> {
     let (kube, namespace) = client_args.client().await?;
-    let t = client_args.request_timeout;
     let locks: Api<Lock> = Api::namespaced(kube.clone(), &namespace);
     let requests: Api<LockRequest> = Api::namespaced(kube, &namespace);
-    let lock = timed(t, "reading the lock", locks.get_opt(&args.lock)).await?.ok_or_else(|| CliError::NotFound {
-        what: "lock",
-        name: args.lock.clone(),
-        namespace: namespace.clone(),
-    })?;
+    let lock = timed(client_args.request_timeout, "reading the lock", locks.get_opt(name))
+        .await?
+        .ok_or_else(|| CliError::NotFound { what: "lock", name: name.to_string(), namespace: namespace.clone() })?;
+    Ok((lock, requests))
+}
+
+/// `kubelock status LOCK`: holders, tokens, queue.
+pub async fn status(args: StatusArgs, client_args: &ClientArgs) -> Result<ExitCode, CliError> {
+    let t = client_args.request_timeout;
+    let (lock, requests) = read_lock(client_args, &args.lock).await?;
     if args.output != Output::Table {
         print_output(&lock, args.output, String::new)?;
         return Ok(ExitCode::SUCCESS);
@@ -335,21 +339,15 @@ fn whoami(client_args: &ClientArgs) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// `kubelock break LOCK --reason TEXT`: annotates the holder's request; the controller
-/// expires it (lockDelay applies) and records an Event with who and why.
+/// `kubelock break LOCK --reason TEXT`: annotates the holder's request; the controller ends
+/// the grant (draining until the holder cannot act, then lockDelay) and records an Event
+/// with who and why (with the admission webhook: the authenticated user, not `--by`).
 pub async fn break_lock(args: BreakArgs, client_args: &ClientArgs) -> Result<ExitCode, CliError> {
     if args.reason.trim().is_empty() {
         return Ok(usage("break: --reason must not be empty (it is recorded with the break)"));
     }
-    let (kube, namespace) = client_args.client().await?;
     let t = client_args.request_timeout;
-    let locks: Api<Lock> = Api::namespaced(kube.clone(), &namespace);
-    let requests: Api<LockRequest> = Api::namespaced(kube, &namespace);
-    let lock = timed(t, "reading the lock", locks.get_opt(&args.lock)).await?.ok_or_else(|| CliError::NotFound {
-        what: "lock",
-        name: args.lock.clone(),
-        namespace: namespace.clone(),
-    })?;
+    let (lock, requests) = read_lock(client_args, &args.lock).await?;
     let holders = lock.status.clone().unwrap_or_default().holders;
     let holder = match &args.request {
         Some(r) => match holders.iter().find(|h| h.request == *r) {

@@ -123,51 +123,43 @@ pub fn configurations(
             rule(&[f.group.as_str()], &[f.version.as_str()], &[f.resource.as_str()], &["CREATE", "UPDATE", "DELETE"])
         })
         .collect();
+    let validating_hook = |what: &str, path: &str, rules: Vec<RuleWithOperations>| ValidatingWebhook {
+        name: format!("{what}.{GROUP}"),
+        client_config: client_config(target, path, ca_bundle),
+        rules: Some(rules),
+        failure_policy: fail.clone(),
+        side_effects: none.clone(),
+        admission_review_versions: versions.clone(),
+        namespace_selector: namespaces.clone(),
+        timeout_seconds: Some(5),
+        ..Default::default()
+    };
+    let fence = ValidatingWebhook {
+        // Only objects a Lock guards (either side of an update: removing the label too).
+        object_selector: Some(LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: FENCED_BY_LABEL.into(),
+                operator: "Exists".into(),
+                values: None,
+            }]),
+            ..Default::default()
+        }),
+        ..validating_hook("fenced", "/validate/fenced", fenced_rules)
+    };
     let validating = ValidatingWebhookConfiguration {
         metadata: meta,
         webhooks: Some(vec![
-            ValidatingWebhook {
-                name: format!("requests.{GROUP}"),
-                client_config: client_config(target, "/validate/lockrequests", ca_bundle),
-                rules: Some(vec![rule(&[GROUP], &["*"], &["lockrequests"], &["CREATE", "UPDATE", "DELETE"])]),
-                failure_policy: fail.clone(),
-                side_effects: none.clone(),
-                admission_review_versions: versions.clone(),
-                namespace_selector: namespaces.clone(),
-                timeout_seconds: Some(5),
-                ..Default::default()
-            },
-            ValidatingWebhook {
-                name: format!("locks.{GROUP}"),
-                client_config: client_config(target, "/validate/locks", ca_bundle),
-                rules: Some(vec![rule(&[GROUP], &["*"], &["locks"], &["CREATE", "UPDATE"])]),
-                failure_policy: fail.clone(),
-                side_effects: none.clone(),
-                admission_review_versions: versions.clone(),
-                namespace_selector: namespaces.clone(),
-                timeout_seconds: Some(5),
-                ..Default::default()
-            },
-            ValidatingWebhook {
-                name: format!("fenced.{GROUP}"),
-                client_config: client_config(target, "/validate/fenced", ca_bundle),
-                rules: Some(fenced_rules),
-                failure_policy: fail,
-                side_effects: none,
-                admission_review_versions: versions,
-                namespace_selector: namespaces,
-                // Only objects a Lock guards (either side of an update: removing the label too).
-                object_selector: Some(LabelSelector {
-                    match_expressions: Some(vec![LabelSelectorRequirement {
-                        key: FENCED_BY_LABEL.into(),
-                        operator: "Exists".into(),
-                        values: None,
-                    }]),
-                    ..Default::default()
-                }),
-                timeout_seconds: Some(5),
-                ..Default::default()
-            },
+            validating_hook(
+                "requests",
+                "/validate/lockrequests",
+                vec![rule(&[GROUP], &["*"], &["lockrequests"], &["CREATE", "UPDATE", "DELETE"])],
+            ),
+            validating_hook(
+                "locks",
+                "/validate/locks",
+                vec![rule(&[GROUP], &["*"], &["locks"], &["CREATE", "UPDATE"])],
+            ),
+            fence,
         ]),
     };
     (mutating, validating)

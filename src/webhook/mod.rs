@@ -446,14 +446,19 @@ fn rejected(response: impl Into<Box<AdmissionResponse>>) -> Json<AdmissionReview
     Json(response.into().into_review())
 }
 
-async fn mutate_requests(
-    State(shared): State<Arc<Shared>>,
-    Json(body): Json<AdmissionReview<DynamicObject>>,
-) -> Json<AdmissionReview<DynamicObject>> {
-    let review = match review_of(body) {
-        Ok(r) => r,
-        Err(response) => return rejected(response),
-    };
+/// Every handler's input: the review's request, or an answer that it is not one.
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Review {
+    type Rejection = Json<AdmissionReview<DynamicObject>>;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(body) = Json::<AdmissionReview<DynamicObject>>::from_request(req, state)
+            .await
+            .map_err(|e| rejected(AdmissionResponse::invalid(format!("not an admission review: {e}"))))?;
+        review_of(body).map_err(rejected)
+    }
+}
+
+async fn mutate_requests(State(shared): State<Arc<Shared>>, review: Review) -> Json<AdmissionReview<DynamicObject>> {
     let empty = Value::Null;
     let object = review.object.as_ref().unwrap_or(&empty);
     answer(&shared, "mutate_lockrequests", &review, |_| {
@@ -462,14 +467,7 @@ async fn mutate_requests(
     .await
 }
 
-async fn validate_requests(
-    State(shared): State<Arc<Shared>>,
-    Json(body): Json<AdmissionReview<DynamicObject>>,
-) -> Json<AdmissionReview<DynamicObject>> {
-    let review = match review_of(body) {
-        Ok(r) => r,
-        Err(response) => return rejected(response),
-    };
+async fn validate_requests(State(shared): State<Arc<Shared>>, review: Review) -> Json<AdmissionReview<DynamicObject>> {
     let ns = review.request.namespace.clone().unwrap_or_default();
     let lock_name = review.object.as_ref().or(review.old.as_ref()).and_then(|o| o.pointer("/spec/lockName")?.as_str());
     let lock = lock_name.and_then(|name| shared.locks.get(&reflector::ObjectRef::new(name).within(&ns)));
@@ -488,14 +486,7 @@ async fn validate_requests(
     .await
 }
 
-async fn validate_locks(
-    State(shared): State<Arc<Shared>>,
-    Json(body): Json<AdmissionReview<DynamicObject>>,
-) -> Json<AdmissionReview<DynamicObject>> {
-    let review = match review_of(body) {
-        Ok(r) => r,
-        Err(response) => return rejected(response),
-    };
+async fn validate_locks(State(shared): State<Arc<Shared>>, review: Review) -> Json<AdmissionReview<DynamicObject>> {
     let decision = match &review.object {
         Some(obj) if review.op != Op::Delete => policy::validate_lock(obj, &shared.policy),
         _ => Decision::Allow { patch: Vec::new(), warnings: Vec::new() },
@@ -503,14 +494,7 @@ async fn validate_locks(
     answer(&shared, "validate_locks", &review, |_| decision.clone()).await
 }
 
-async fn validate_fenced(
-    State(shared): State<Arc<Shared>>,
-    Json(body): Json<AdmissionReview<DynamicObject>>,
-) -> Json<AdmissionReview<DynamicObject>> {
-    let review = match review_of(body) {
-        Ok(r) => r,
-        Err(response) => return rejected(response),
-    };
+async fn validate_fenced(State(shared): State<Arc<Shared>>, review: Review) -> Json<AdmissionReview<DynamicObject>> {
     let ns = review.request.namespace.clone().unwrap_or_default();
     // The Lock as etcd has it now (a quorum read): a cache that lags the end of a grant
     // would let the old holder's write through.
