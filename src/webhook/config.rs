@@ -120,7 +120,14 @@ pub fn configurations(
     let fenced_rules = fenced
         .iter()
         .map(|f| {
-            rule(&[f.group.as_str()], &[f.version.as_str()], &[f.resource.as_str()], &["CREATE", "UPDATE", "DELETE"])
+            // Its subresources too (a custom resource's status is written past the object).
+            let all = format!("{}/*", f.resource);
+            rule(
+                &[f.group.as_str()],
+                &[f.version.as_str()],
+                &[f.resource.as_str(), &all],
+                &["CREATE", "UPDATE", "DELETE"],
+            )
         })
         .collect();
     let validating_hook = |what: &str, path: &str, rules: Vec<RuleWithOperations>| ValidatingWebhook {

@@ -1040,7 +1040,7 @@ async fn the_charts_webhook_serves_its_own_certificate_and_fails_closed() {
     let fenced = validating.webhooks.iter().flatten().find(|w| w.name == "fenced.kubelock.dev").expect("the fence");
     let kinds: Vec<String> =
         fenced.rules.iter().flatten().flat_map(|r| r.resources.clone().unwrap_or_default()).collect();
-    assert_eq!(kinds, ["configmaps", "secrets"]);
+    assert_eq!(kinds, ["configmaps", "configmaps/*", "secrets", "secrets/*"]);
 
     let deployment =
         Api::<Deployment>::namespaced(client.clone(), env.ns()).get(&webhook).await.expect("the webhook Deployment");
