@@ -44,6 +44,10 @@ pub const OWNER_UID_ANNOTATION: &str = "kubelock.dev/owner-uid";
 /// The pod whose bound ServiceAccount token created the request: later writes must come from
 /// the same pod (replicas sharing a ServiceAccount cannot touch each other's requests).
 pub const OWNER_POD_ANNOTATION: &str = "kubelock.dev/owner-pod";
+/// The finalizer the controller puts on a Lock before its first grant: a Lock being deleted
+/// stays until its grants drained (its status is where they are remembered), and only then
+/// goes. A recreated Lock of the name therefore never misses a grant that may still act.
+pub const LOCK_FINALIZER: &str = "kubelock.dev/grants";
 /// Label of an object guarded by a Lock (its value): with the admission webhook, it accepts
 /// writes only with the fencing token of a current holder of that Lock.
 pub const FENCED_BY_LABEL: &str = "kubelock.dev/fenced-by";

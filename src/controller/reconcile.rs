@@ -204,6 +204,34 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         if plan.lock_status.is_some() && !fence(&ctx, &ns, &by_uid, &plan, &mut reads).await? {
             continue; // a holder renewed (or went) meanwhile: plan again with what was read
         }
+        // Before its first grant, the Lock takes the finalizer that keeps it, once deleted,
+        // until its grants drained (then plan again on the patched version).
+        let grants = |s: &crate::api::LockStatus| !s.holders.is_empty() || !s.draining.is_empty();
+        let finalized = lock.finalizers().iter().any(|f| f == api::LOCK_FINALIZER);
+        if !finalized && lock.metadata.deletion_timestamp.is_none() && plan.lock_status.as_ref().is_some_and(grants) {
+            let mut finalizers = lock.finalizers().to_vec();
+            finalizers.push(api::LOCK_FINALIZER.to_string());
+            match locks.set_finalizers(&ctx, &lock, finalizers).await {
+                Ok(patched) => {
+                    ctx.metrics.write("lock_finalizer", "ok");
+                    lock = Arc::new(patched);
+                }
+                Err(Error::Kube(e)) if is_status(&e, 409) => {
+                    ctx.metrics.write("lock_finalizer", "conflict");
+                    match locks.get_opt(&ctx, &name).await? {
+                        Some(read) => lock = Arc::new(read),
+                        None => return Ok(Action::await_change()),
+                    }
+                }
+                Err(Error::Kube(e)) if is_status(&e, 404) => return Ok(Action::await_change()),
+                Err(e) => {
+                    ctx.metrics.write("lock_finalizer", "error");
+                    return Err(e);
+                }
+            }
+            lock_fresh = true;
+            continue;
+        }
         // Compare-and-swap the Lock status.
         if let Some(status) = &plan.lock_status {
             match locks.replace_status(&ctx, &lock, status).await {
@@ -232,6 +260,25 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
                 Err(Error::Kube(e)) if is_status(&e, 404) => return Ok(Action::await_change()),
                 Err(e) => {
                     ctx.metrics.write("lock_status", "error");
+                    return Err(e);
+                }
+            }
+        }
+        // A Lock being deleted goes once nothing it granted takes permits any more.
+        if lock.metadata.deletion_timestamp.is_some()
+            && !lock.status.as_ref().is_some_and(grants)
+            && lock.finalizers().iter().any(|f| f == api::LOCK_FINALIZER)
+        {
+            let finalizers = lock.finalizers().iter().filter(|f| *f != api::LOCK_FINALIZER).cloned().collect();
+            match locks.set_finalizers(&ctx, &lock, finalizers).await {
+                Ok(_) => ctx.metrics.write("lock_finalizer", "ok"),
+                Err(Error::Kube(e)) if is_status(&e, 404) => {}
+                Err(Error::Kube(e)) if is_status(&e, 409) => {
+                    ctx.metrics.write("lock_finalizer", "conflict");
+                    return Ok(Action::await_change()); // the watch brings the newer version
+                }
+                Err(e) => {
+                    ctx.metrics.write("lock_finalizer", "error");
                     return Err(e);
                 }
             }

@@ -57,6 +57,18 @@ where
         Ok(ctx.call(self.api.get_opt(name)).await?.map(|o| self.typed(o)))
     }
 
+    /// Sets the finalizers of `obj` to `finalizers`, as of the resourceVersion read (a merge
+    /// patch carrying it: 409 if the object changed meanwhile).
+    pub(super) async fn set_finalizers(&self, ctx: &Context, obj: &K, finalizers: Vec<String>) -> Result<K, Error> {
+        let meta = obj.meta();
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": meta.resource_version, "finalizers": finalizers},
+        });
+        let name = meta.name.clone().unwrap_or_default();
+        let params = kube::api::PatchParams { field_manager: Some(CONTROLLER_MANAGER.into()), ..Default::default() };
+        Ok(self.typed(ctx.call(self.api.patch(&name, &params, &kube::api::Patch::Merge(&patch))).await?))
+    }
+
     pub(super) async fn replace_status(
         &self,
         ctx: &Context,

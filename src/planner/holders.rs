@@ -222,7 +222,15 @@ pub(super) fn plan_holders(
         let req = by_uid.get(h.request_uid.as_str()).copied();
         let seen = observed(inputs, &h.request_uid, req);
         let held = Some(since(h.granted_at.0, now.wall));
-        match end_of(h, req, inputs, &seen, plan) {
+        let mut end = end_of(h, req, inputs, &seen, plan);
+        if matches!(end, End::Keep) && inputs.lock.metadata.deletion_timestamp.is_some() {
+            // The Lock is being deleted (its finalizer keeps it until its grants are free):
+            // every grant drains under the one rule, here, where a recreated Lock of this name
+            // cannot miss it.
+            let message = "its Lock is being deleted".to_string();
+            end = End::Drain { kind: EventKind::Expired, reason: Reason::LockDeleted, message, restart: false };
+        }
+        match end {
             End::Keep => {
                 plan.wake(seen.at + lease_of(&h.lease_duration));
                 obs.renewals.insert(h.request_uid.clone(), seen);

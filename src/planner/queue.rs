@@ -143,6 +143,11 @@ pub(super) fn grant<'a>(
                 continue;
             }
         };
+        if inputs.lock.metadata.deletion_timestamp.is_some() {
+            // Kept by its finalizer until its grants drained; a new Lock of the name grants.
+            waiting.push((r, Reason::LockDeleted, format!("{wants}: lock {lock_name} is being deleted")));
+            continue;
+        }
         if delayed {
             waiting.push((r, Reason::LockDelay, format!("{wants}: lock delay after an expiry")));
             continue;

@@ -669,6 +669,29 @@ fn break_expires_the_holder_with_who_and_why() {
 }
 
 #[test]
+fn a_lock_being_deleted_drains_its_grants_and_grants_nothing() {
+    let mut w = World::new(lock(2, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    assert_eq!(w.holders(), ["a", "b"]);
+    w.add(request("c", 1, 3));
+    // Deleted: its finalizer keeps it; both grants drain here, nothing is granted.
+    w.lock.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+    w.step();
+    assert!(w.holders().is_empty());
+    let reasons: Vec<String> = w.status().draining.iter().map(|d| d.reason.clone()).collect();
+    assert_eq!(reasons, ["LockDeleted", "LockDeleted"]);
+    assert_eq!(w.phase("c"), Phase::Pending);
+    // The holders' leases pass: the grants are free, still nothing is granted.
+    w.mono += secs(30);
+    w.step();
+    assert!(w.status().draining.is_empty() && w.holders().is_empty());
+    assert_eq!(w.phase("c"), Phase::Pending);
+}
+
+#[test]
 fn a_delete_by_someone_else_keeps_the_permits_for_the_lease_then_the_lock_delay() {
     let mut w = World::new(lock(1, "30s", "10m"));
     w.add(request("a", 1, 1));

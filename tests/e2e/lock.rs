@@ -11,7 +11,7 @@ use kube::{
     Api, ResourceExt as _,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use kubelock::api::{Lock, LockRequest, LockRequestSpec, Phase, PodRef};
+use kubelock::api::{LOCK_FINALIZER, Lock, LockRequest, LockRequestSpec, Phase, PodRef};
 use rand::{RngExt as _, SeedableRng as _};
 
 use crate::support::{
@@ -211,33 +211,43 @@ async fn deleting_the_holder_pod_releases_it() {
 }
 
 #[tokio::test]
-async fn deleting_a_held_lock_expires_its_holders_and_a_new_one_waits_for_them_to_drain() {
+async fn a_deleted_lock_stays_until_its_grants_drained_and_then_a_new_one_grants() {
     let f = Fixture::new().await;
     let old = f.lock("db", 1, "4s", "0s").await;
     f.request("holder", "db", 1).await;
     let granted = f.wait_phase("holder", Phase::Granted).await;
+    let granted_at = std::time::Instant::now();
     let old_token = status(&granted).token.expect("a token");
+    let held = f.locks.get("db").await.expect("the lock");
+    assert!(held.finalizers().iter().any(|f| f == LOCK_FINALIZER), "no finalizer on a granted Lock: {held:?}");
     f.request("waiter", "db", 1).await;
     wait_until(&f.requests, "waiter", "queued", TIMEOUT, |r| status(r).position == Some(0)).await.unwrap();
+
     f.locks.delete("db", &DeleteParams::default()).await.expect("deleting the lock");
     let holder = f.wait_phase("holder", Phase::Expired).await;
     assert_eq!(reason(&holder), "LockDeleted");
-    wait_until(&f.requests, "waiter", "told the lock is gone", TIMEOUT, |r| reason(r) == "LockNotFound").await.unwrap();
-    // Recreated at once: the old holder may still act on what the name guards, until its
-    // lease has passed; the new Lock drains it first.
-    let new = f.lock("db", 1, "4s", "0s").await;
-    let recreated = std::time::Instant::now();
-    wait_until(&f.locks, "db", "the old grant draining", TIMEOUT, |l| {
-        l.status.as_ref().is_some_and(|s| s.draining.iter().any(|d| d.request == "holder"))
+    // Its finalizer keeps it while the grant drains: the record of the grant stays, and no
+    // second Lock of the name can be made meanwhile.
+    wait_until(&f.locks, "db", "the grant draining on the deleting Lock", TIMEOUT, |l| {
+        l.metadata.deletion_timestamp.is_some()
+            && l.status.as_ref().is_some_and(|s| s.draining.iter().any(|d| d.request == "holder"))
     })
     .await
     .unwrap();
-    let waiter = f.wait_phase("waiter", Phase::Granted).await;
+    match f.locks.create(&PostParams::default(), &lock("db", 1)).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        other => panic!("a second Lock db while the first one drains: {other:?}"),
+    }
+    assert_eq!(f.wait_phase("waiter", Phase::Pending).await.phase(), Phase::Pending);
+    // Gone once the holder's lease passed (it never renewed after its grant).
+    crate::support::wait_gone(&f.locks, "db", TIMEOUT).await.expect("the deleted Lock goes once drained");
     assert!(
-        recreated.elapsed() >= Duration::from_millis(3900),
-        "granted {:?} after the recreation",
-        recreated.elapsed()
+        granted_at.elapsed() >= Duration::from_millis(3500),
+        "the Lock went {:?} after the grant, before the holder's lease of 4s",
+        granted_at.elapsed()
     );
+    let new = f.lock("db", 1, "4s", "0s").await;
+    let waiter = f.wait_phase("waiter", Phase::Granted).await;
     assert!(status(&waiter).token.expect("a token") > old_token, "tokens never go back for a Lock's name");
     assert_eq!(status(&waiter).lock_uid, new.uid());
     assert_ne!(new.uid(), old.uid());

@@ -110,7 +110,7 @@ type Calls<'a> = (&'a str, &'a str, &'a [&'a str]);
 
 /// The controller's API calls on Locks and LockRequests (src/controller).
 const CONTROLLER_CALLS: [Calls; 4] = [
-    ("kubelock.dev", "locks", &["get", "list", "watch"]),
+    ("kubelock.dev", "locks", &["get", "list", "watch", "patch"]),
     ("kubelock.dev", "locks/status", &["update"]),
     ("kubelock.dev", "lockrequests", &["get", "list", "watch", "delete"]),
     ("kubelock.dev", "lockrequests/status", &["update"]),
