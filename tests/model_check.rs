@@ -1931,10 +1931,7 @@ mod ends {
                 if matches!(s.clients[c], Client::Waiting | Client::Holding) {
                     actions.push(Action::Read(i));
                 }
-                if alive
-                    && s.clients[c] != Client::Idle
-                    && s.reqs[c].as_ref().is_some_and(|r| !r.released)
-                {
+                if alive && s.clients[c] != Client::Idle && s.reqs[c].as_ref().is_some_and(|r| !r.released) {
                     actions.push(Action::Release(i));
                 }
                 if let Some(r) = &s.reqs[c] {

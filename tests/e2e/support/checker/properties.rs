@@ -660,17 +660,33 @@ fn check_lock_version(
         .unwrap_or_default();
     let draining_before: HashSet<&str> =
         prev.as_ref().map(|p| p.draining.iter().map(|h| h.request_uid.as_str()).collect()).unwrap_or_default();
+    let name_issued_before = by_name.get(&l.name).copied().unwrap_or(0);
     for d in &l.draining {
         if !draining_before.contains(d.request_uid.as_str()) {
             summary.drained += 1;
             if !before.contains_key(d.request_uid.as_str()) {
-                bad("tokens", format!("rev {rev}: {} draining (token {}) without having been a holder", d.request, d.token));
+                // A grant of an earlier Lock of this name (deleted and recreated) drains here:
+                // it is not over until it leaves this Lock's draining.
+                let earlier = grants
+                    .values_mut()
+                    .find(|g| g.lock == l.name && g.token == d.token && g.request_uid == d.request_uid);
+                match earlier {
+                    Some(g) => g.ended = None,
+                    None if d.token > name_issued_before => bad(
+                        "tokens",
+                        format!("rev {rev}: {} draining (token {}) without having been a holder", d.request, d.token),
+                    ),
+                    None => {}
+                }
             }
         }
         if let Some(old) = taking_before.get(d.request_uid.as_str())
             && old.token != d.token
         {
-            bad("tokens", format!("rev {rev}: {}'s token changed from {} to {} when it drained", d.request, old.token, d.token));
+            bad(
+                "tokens",
+                format!("rev {rev}: {}'s token changed from {} to {} when it drained", d.request, old.token, d.token),
+            );
         }
     }
     let name_issued = by_name.get(&l.name).copied().unwrap_or(0);
@@ -782,7 +798,14 @@ fn check_lock_version(
             EndKind::ByController
         };
         expired_here |= kind == EndKind::ByController;
-        if let Some(g) = grants.get_mut(&(l.uid.clone(), old.token))
+        let key = (l.uid.clone(), old.token);
+        let g = if grants.contains_key(&key) {
+            grants.get_mut(&key)
+        } else {
+            // Drained here after its own Lock was deleted.
+            grants.values_mut().find(|g| g.lock == l.name && g.token == old.token && g.request_uid == *uid)
+        };
+        if let Some(g) = g
             && g.ended.is_none()
         {
             g.ended = Some((rev, at, kind));

@@ -134,6 +134,14 @@ pub enum FaultKind {
     SkewedRenewal,
     /// A burst of requests on one Lock (`who` says how many).
     Burst,
+    /// A holder's request deleted by another party.
+    OthersDelete,
+    /// A holder broken (the annotations `kubelock break` writes).
+    Break,
+    /// A granted request's `spec.lockName` changed.
+    Repoint,
+    /// A Lock deleted and created again under its name.
+    LockRecreate,
 }
 
 impl FaultKind {
@@ -149,6 +157,10 @@ impl FaultKind {
             FaultKind::RuntimePause => "runtime-pause",
             FaultKind::SkewedRenewal => "skewed-renewal",
             FaultKind::Burst => "burst",
+            FaultKind::OthersDelete => "others-delete",
+            FaultKind::Break => "break",
+            FaultKind::Repoint => "repoint",
+            FaultKind::LockRecreate => "lock-recreate",
         }
     }
 }
