@@ -1,6 +1,6 @@
 # Fault injection; included by the Makefile. Owned with tests/e2e/faults.rs.
 #
-#   make chaos                                  10 seeds x the three fault runs, 120 s workload each
+#   make chaos                                  10 seeds x the four fault runs, 120 s workload each
 #   make chaos CHAOS_SEEDS=50 CHAOS_SECONDS=60  more seeds, shorter runs
 #   make chaos CHAOS_SEED=123456 CHAOS_SEEDS=1  replay one seed
 #

@@ -5,14 +5,14 @@
 #   CHAOS_SEEDS    how many seeds (runs of each fault test)            default 10
 #   CHAOS_SEED     the first seed; the others follow it                default: random
 #   CHAOS_SECONDS  workload time of each run (KUBELOCK_FAULT_SECONDS)  default 120
-#   CHAOS_TESTS    which tests (cargo test filters)                    default: the three fault runs
+#   CHAOS_TESTS    which tests (cargo test filters)                    default: the four fault runs
 #   CHAOS_OUT      where the report and the logs of failed runs go     default target/chaos
 set -euo pipefail
 
 seeds=${CHAOS_SEEDS:-10}
 first=${CHAOS_SEED:-$(( (RANDOM << 15 | RANDOM) % 1000000000 ))}
 seconds=${CHAOS_SECONDS:-120}
-tests=${CHAOS_TESTS:-faults::controllers_crash_and_split_brain faults::control_plane_outages_frozen_and_skewed_holders faults::a_burst_of_requests_is_granted_in_order}
+tests=${CHAOS_TESTS:-faults::controllers_crash_and_split_brain faults::control_plane_outages_frozen_and_skewed_holders faults::grants_ended_by_others_while_holders_act faults::a_burst_of_requests_is_granted_in_order}
 out=${CHAOS_OUT:-target/chaos}
 cargo=${CARGO:-cargo}
 
@@ -41,7 +41,7 @@ echo
 echo "chaos summary ($(( $(date +%s) - started ))s; one line per run in $report)"
 awk '
   { for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] } }
-  { runs++; violations += f["violations"]; grants += f["grants"]; expiries += f["expiries"]
+  { runs++; violations += f["violations"]; grants += f["grants"]; expiries += f["expiries"]; drained += f["drained"]
     revisions += f["revisions"]; pairs += f["fifo_pairs"]; steps += f["steps"]
     if (f["longest_stall_ms"] > stall) stall = f["longest_stall_ms"]
     n = split(f["faults"], fs, ",")
@@ -50,7 +50,7 @@ awk '
     printf "  runs judged:        %d\n", runs
     printf "  faults injected:    %d", total
     sep = " ("; for (k in faults) { printf "%s%s %d", sep, k, faults[k]; sep = ", " } ; if (total) printf ")"; printf "\n"
-    printf "  grants checked:     %d (%d expiries, %d FIFO pairs, %d Lock/LockRequest revisions)\n", grants, expiries, pairs, revisions
+    printf "  grants checked:     %d (%d expiries, %d drained, %d FIFO pairs, %d Lock/LockRequest revisions)\n", grants, expiries, drained, pairs, revisions
     printf "  holder steps:       %d (each checked inside its grant)\n", steps
     printf "  longest stall:      %d ms (outside excused time)\n", stall
     printf "  violations:         %d\n", violations

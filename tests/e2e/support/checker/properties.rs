@@ -1,10 +1,12 @@
 //! What the checker judges ([`check`]), on what [`super::recording`] recorded.
 //!
 //! Let `o(x)` be the moment the recorder received revision `x`; `o(x) ≥ commit(x)`.
-//! 1. **capacity**: in every Lock version, the permits of `status.holders` sum to at most
-//!    `spec.permits`; no request is listed twice.
+//! 1. **capacity**: in every Lock version, the permits of `status.holders` and
+//!    `status.draining` sum to at most `spec.permits`; no request is listed twice.
 //! 2. **tokens**, per Lock UID: `fencingToken` never decreases; a grant that appears has a
 //!    token above every token issued before (and ≤ `fencingToken`), unique to its request;
+//!    per Lock *name*: a grant's token is above every token issued under that name before,
+//!    by earlier Locks of the name included (deleted and recreated);
 //!    a holder's token never changes; a request is never granted twice; every holder entry
 //!    names a request for this Lock with the same permits.
 //! 3. **mirror**: a request whose status says `Granted` (token t, lock UID u) was listed with t
@@ -12,13 +14,15 @@
 //! 4. **FIFO**: for requests A, B of one Lock with `creationTimestamp(A) < creationTimestamp(B)`
 //!    (different seconds: within a second the controller breaks ties by its own watch arrival
 //!    order, which no observer can know) and A committed before B: when B is granted (revision
-//!    g), A is not waiting at g — created before g, not deleted, not granted, not finished
+//!    g), A is not waiting at g — created before g, not deleted, not marked released (a waiter
+//!    that gave up), not granted, not finished
 //!    (Expired/Rejected), asking for no more than the Lock's permits. If both are granted in
 //!    the same version, A's token is lower. (The queue is strict FIFO with head-of-line
 //!    blocking, so this holds for any permits, not only equal ones.)
 //! 5. **progress** (no lost wake-up): at any revision, the queue's head (by creationTimestamp,
 //!    then commit order) fits into the *truly* free capacity (spec.permits minus the permits of
-//!    holders whose request still exists: a deleted request frees its permits at once) and no
+//!    holders, draining grants included, except a holder that marked its own release: that
+//!    frees its permits at once) and no
 //!    lock delay is in force — "stalled". A stall may last at most `bounds.stall`, not counting
 //!    the time excused by faults: no controller running for at least `controller_startup`, or
 //!    the API server/etcd down (until ready + `control_plane_recovery`, which covers the
@@ -32,7 +36,8 @@
 //! 8. **lock delay**: after an expiry on a Lock with a lock delay, the status says so and no
 //!    grant is recorded less than `lockDelay − bounds.observer_lag` later.
 //! 9. **acting within the grant**: every interval in which a holder acted ended no later than
-//!    the recorder saw the Lock version that ended its grant (`to ≤ o(end)`: a holder must never
+//!    the recorder saw the Lock version that ended its grant (the one that lists it neither
+//!    in `holders` nor in `draining`: a draining grant's holder may still act) (`to ≤ o(end)`: a holder must never
 //!    act after the status without it was committed; `o(end) ≥ commit(end)` makes a violation
 //!    certain, observer lag can only hide one). The start is not compared with `o(grant)`: the
 //!    holder may see its grant before the recorder does.
@@ -98,6 +103,9 @@ pub struct Summary {
     pub grants: usize,
     /// Grants ended by the controller (expiry, pod gone, break) rather than a release.
     pub expiries: usize,
+    /// Grants that went through `status.draining` (ended by another party, a break, a pod
+    /// gone, a spec change or a Lock recreated, while the holder might still act).
+    pub drained: usize,
     /// Pairs of requests whose FIFO order was judged.
     pub fifo_pairs: usize,
     /// Acting intervals reported by holders, and the steps in them.
@@ -114,11 +122,12 @@ impl std::fmt::Display for Summary {
         let faults: Vec<String> = self.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
         write!(
             f,
-            "{} revisions ({} Lock versions), {} grants ({} ended by the controller), {} FIFO pairs, {} acting intervals ({} steps), longest unexcused stall {:.3}s; faults: {}",
+            "{} revisions ({} Lock versions), {} grants ({} ended by the controller, {} drained), {} FIFO pairs, {} acting intervals ({} steps), longest unexcused stall {:.3}s; faults: {}",
             self.records,
             self.lock_versions,
             self.grants,
             self.expiries,
+            self.drained,
             self.fifo_pairs,
             self.acted,
             self.steps,
@@ -189,6 +198,10 @@ struct RequestInfo {
     phase: Option<String>,
     token: Option<i64>,
     deleted: Option<(u64, At)>,
+    /// The holder marked its own release (`spec.released`): a waiter that gave up, or a
+    /// holder done. The first revision that said so.
+    released: bool,
+    released_rev: Option<u64>,
     final_rev: Option<u64>,
     /// Recorder times of spec changes (generation bumps), creation included.
     spec_changes: Vec<At>,
@@ -328,6 +341,8 @@ pub fn check(log: &Log, bounds: &Bounds) -> Result<Summary, Box<Failure>> {
     let mut stalled_since: HashMap<String, (At, u64)> = HashMap::new();
     // (lock name) -> (o(expiry), lock delay) of the last expiry.
     let mut last_expiry: HashMap<String, (At, Duration, u64)> = HashMap::new();
+    // Lock name -> the highest token issued under it, by any Lock of that name.
+    let mut by_name: HashMap<String, i64> = HashMap::new();
 
     for rec in &records {
         let (rev, at) = (rec.rev, rec.at);
@@ -347,6 +362,10 @@ pub fn check(log: &Log, bounds: &Bounds) -> Result<Summary, Box<Failure>> {
                     info.spec_changes.push(at);
                 }
                 info.generation = r.generation;
+                if r.released && !info.released {
+                    info.released = true;
+                    info.released_rev = Some(rev);
+                }
                 // Only a change of the status is a mirror write (a renewal carries the old one).
                 let mirrored = first || info.phase != r.phase || info.token != r.token;
                 info.phase = r.phase.clone();
@@ -419,6 +438,7 @@ pub fn check(log: &Log, bounds: &Bounds) -> Result<Summary, Box<Failure>> {
                     &mut v,
                     &mut summary,
                     &mut last_expiry,
+                    &mut by_name,
                 );
                 stall_state.entry(l.name.clone()).or_default().0 = Some(l.clone());
                 for h in &l.holders {
@@ -604,15 +624,24 @@ fn check_lock_version(
     v: &mut Vec<Violation>,
     summary: &mut Summary,
     last_expiry: &mut HashMap<String, (At, Duration, u64)>,
+    by_name: &mut HashMap<String, i64>,
 ) {
     let mut bad = |property, message: String| v.push(Violation { property, at, lock: l.name.clone(), message });
     let track = tracks.entry(l.uid.clone()).or_default();
-    let held: i64 = l.holders.iter().map(|h| h.permits).sum();
+    let held: i64 = l.holders.iter().chain(&l.draining).map(|h| h.permits).sum();
     if held > l.permits {
-        bad("capacity", format!("rev {rev}: {held} permits held of {} ({})", l.permits, names(&l.holders)));
+        bad(
+            "capacity",
+            format!(
+                "rev {rev}: {held} permits held of {} (holders {}; draining {})",
+                l.permits,
+                names(&l.holders),
+                names(&l.draining)
+            ),
+        );
     }
     let mut listed = HashSet::new();
-    for h in &l.holders {
+    for h in l.holders.iter().chain(&l.draining) {
         if !listed.insert(h.request_uid.clone()) {
             bad("capacity", format!("rev {rev}: {} listed twice", h.request));
         }
@@ -624,6 +653,43 @@ fn check_lock_version(
     }
     let before: HashMap<&str, &HolderEntry> =
         prev.as_ref().map(|p| p.holders.iter().map(|h| (h.request_uid.as_str(), h)).collect()).unwrap_or_default();
+    // Grants taking permits before this version: holders and draining.
+    let taking_before: HashMap<&str, &HolderEntry> = prev
+        .as_ref()
+        .map(|p| p.holders.iter().chain(&p.draining).map(|h| (h.request_uid.as_str(), h)).collect())
+        .unwrap_or_default();
+    let draining_before: HashSet<&str> =
+        prev.as_ref().map(|p| p.draining.iter().map(|h| h.request_uid.as_str()).collect()).unwrap_or_default();
+    let name_issued_before = by_name.get(&l.name).copied().unwrap_or(0);
+    for d in &l.draining {
+        if !draining_before.contains(d.request_uid.as_str()) {
+            summary.drained += 1;
+            if !before.contains_key(d.request_uid.as_str()) {
+                // A grant of an earlier Lock of this name (deleted and recreated) drains here:
+                // it is not over until it leaves this Lock's draining.
+                let earlier = grants
+                    .values_mut()
+                    .find(|g| g.lock == l.name && g.token == d.token && g.request_uid == d.request_uid);
+                match earlier {
+                    Some(g) => g.ended = None,
+                    None if d.token > name_issued_before => bad(
+                        "tokens",
+                        format!("rev {rev}: {} draining (token {}) without having been a holder", d.request, d.token),
+                    ),
+                    None => {}
+                }
+            }
+        }
+        if let Some(old) = taking_before.get(d.request_uid.as_str())
+            && old.token != d.token
+        {
+            bad(
+                "tokens",
+                format!("rev {rev}: {}'s token changed from {} to {} when it drained", d.request, old.token, d.token),
+            );
+        }
+    }
+    let name_issued = by_name.get(&l.name).copied().unwrap_or(0);
     let issued_before = track.issued.max(prev_fencing);
     let mut new_grant = false;
     for h in &l.holders {
@@ -649,6 +715,15 @@ fn check_lock_version(
                         format!(
                             "rev {rev}: new grant to {} has token {}, not above {issued_before} issued before",
                             h.request, h.token
+                        ),
+                    );
+                }
+                if h.token <= name_issued && name_issued > issued_before {
+                    bad(
+                        "tokens",
+                        format!(
+                            "rev {rev}: new grant to {} has token {}, not above {name_issued} issued under the name {} before (by an earlier Lock of that name)",
+                            h.request, h.token, l.name
                         ),
                     );
                 }
@@ -687,6 +762,8 @@ fn check_lock_version(
                 track.owner.insert(h.token, h.request_uid.clone());
                 track.granted.insert(h.request_uid.clone());
                 track.issued = track.issued.max(h.token);
+                let n = by_name.entry(l.name.clone()).or_default();
+                *n = (*n).max(h.token);
                 grants.insert(
                     (l.uid.clone(), h.token),
                     Grant {
@@ -706,17 +783,29 @@ fn check_lock_version(
             }
         }
     }
-    // Grants that ended in this version: released (request deleted first) or by the controller.
+    // Grants that ended in this version (listed neither as holder nor as draining any more):
+    // released (the holder's own mark, or the request deleted first) or by the controller.
     let mut expired_here = false;
-    for (uid, old) in &before {
+    for (uid, old) in &taking_before {
         if listed.contains(*uid) {
             continue;
         }
         let deleted_first = requests.get(*uid).and_then(|r| r.deleted).is_some_and(|(d, _)| d < rev);
-        let kind =
-            if deleted_first || !requests.contains_key(*uid) { EndKind::Released } else { EndKind::ByController };
+        let marked = requests.get(*uid).is_some_and(|r| r.released);
+        let kind = if deleted_first || marked || !requests.contains_key(*uid) {
+            EndKind::Released
+        } else {
+            EndKind::ByController
+        };
         expired_here |= kind == EndKind::ByController;
-        if let Some(g) = grants.get_mut(&(l.uid.clone(), old.token))
+        let key = (l.uid.clone(), old.token);
+        let g = if grants.contains_key(&key) {
+            grants.get_mut(&key)
+        } else {
+            // Drained here after its own Lock was deleted.
+            grants.values_mut().find(|g| g.lock == l.name && g.token == old.token && g.request_uid == *uid)
+        };
+        if let Some(g) = g
             && g.ended.is_none()
         {
             g.ended = Some((rev, at, kind));
@@ -757,14 +846,19 @@ fn is_stalled(lock: &LockVersion, uids: &BTreeSet<String>, requests: &HashMap<St
     if lock.delayed {
         return false;
     }
-    let exists = |uid: &str| requests.get(uid).is_none_or(|r| r.deleted.is_none());
-    let held: i64 = lock.holders.iter().filter(|h| exists(&h.request_uid)).map(|h| h.permits).sum();
+    // A holder that marked its release frees its permits at once; any other holder, and
+    // every draining grant, still takes them (a delete by another party drains, as the one
+    // rule says).
+    let freed = |uid: &str| requests.get(uid).is_some_and(|r| r.released);
+    let held: i64 = lock.holders.iter().filter(|h| !freed(&h.request_uid)).map(|h| h.permits).sum::<i64>()
+        + lock.draining.iter().map(|h| h.permits).sum::<i64>();
     let listed: HashSet<&str> = lock.holders.iter().map(|h| h.request_uid.as_str()).collect();
     let head = uids
         .iter()
         .filter_map(|uid| requests.get(uid).map(|r| (uid, r)))
         .filter(|(uid, r)| {
             r.deleted.is_none()
+                && !r.released
                 && r.final_rev.is_none()
                 && r.granted_rev.is_none()
                 && !listed.contains(uid.as_str())
@@ -866,6 +960,7 @@ fn check_fifo(
                 }
                 let waiting = a.create_rev < g
                     && a.deleted.is_none_or(|(d, _)| d > g)
+                    && a.released_rev.is_none_or(|r| r > g)
                     && !granted_by_g
                     && a.final_rev.is_none_or(|f| f > g);
                 if waiting {

@@ -33,6 +33,9 @@ pub struct LockVersion {
     pub lock_delay: Duration,
     pub fencing: i64,
     pub holders: Vec<HolderEntry>,
+    /// `status.draining`: grants that ended while their holder may still act; they keep
+    /// their permits.
+    pub draining: Vec<HolderEntry>,
     /// `status.delayedUntil` is set: a lock delay holds back grants.
     pub delayed: bool,
     pub waiting: i64,
@@ -65,6 +68,8 @@ pub struct RequestVersion {
     pub token: Option<i64>,
     pub lock_uid: Option<String>,
     pub pod_ref: bool,
+    /// `spec.released`: the holder's own release mark.
+    pub released: bool,
 }
 
 /// What one revision changed.
@@ -129,6 +134,14 @@ pub enum FaultKind {
     SkewedRenewal,
     /// A burst of requests on one Lock (`who` says how many).
     Burst,
+    /// A holder's request deleted by another party.
+    OthersDelete,
+    /// A holder broken (the annotations `kubelock break` writes).
+    Break,
+    /// A granted request's `spec.lockName` changed.
+    Repoint,
+    /// A Lock deleted and created again under its name.
+    LockRecreate,
 }
 
 impl FaultKind {
@@ -144,6 +157,10 @@ impl FaultKind {
             FaultKind::RuntimePause => "runtime-pause",
             FaultKind::SkewedRenewal => "skewed-renewal",
             FaultKind::Burst => "burst",
+            FaultKind::OthersDelete => "others-delete",
+            FaultKind::Break => "break",
+            FaultKind::Repoint => "repoint",
+            FaultKind::LockRecreate => "lock-recreate",
         }
     }
 }
@@ -297,23 +314,28 @@ pub fn lock_version(v: &Value) -> LockVersion {
         permits: v["spec"]["permits"].as_i64().unwrap_or(1),
         lock_delay: dur(&v["spec"]["lockDelay"]),
         fencing: status["fencingToken"].as_i64().unwrap_or(0),
-        holders: status["holders"]
-            .as_array()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| HolderEntry {
-                        request: h["request"].as_str().unwrap_or_default().into(),
-                        request_uid: h["requestUID"].as_str().unwrap_or_default().into(),
-                        permits: h["permits"].as_i64().unwrap_or(0),
-                        token: h["token"].as_i64().unwrap_or(0),
-                        lease: dur(&h["leaseDuration"]),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        holders: entries(&status["holders"]),
+        draining: entries(&status["draining"]),
         delayed: !status["delayedUntil"].is_null(),
         waiting: status["waiting"].as_i64().unwrap_or(0),
     }
+}
+
+/// `status.holders` or `status.draining`, read leniently.
+fn entries(v: &Value) -> Vec<HolderEntry> {
+    v.as_array()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| HolderEntry {
+                    request: h["request"].as_str().unwrap_or_default().into(),
+                    request_uid: h["requestUID"].as_str().unwrap_or_default().into(),
+                    permits: h["permits"].as_i64().unwrap_or(0),
+                    token: h["token"].as_i64().unwrap_or(0),
+                    lease: dur(&h["leaseDuration"]),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn request_version(v: &Value, e: &etcd::KeyEvent) -> RequestVersion {
@@ -336,5 +358,6 @@ fn request_version(v: &Value, e: &etcd::KeyEvent) -> RequestVersion {
         token: status["token"].as_i64(),
         lock_uid: status["lockUID"].as_str().map(str::to_string),
         pod_ref: !v["spec"]["podRef"].is_null(),
+        released: v["spec"]["released"].as_bool().unwrap_or(false),
     }
 }

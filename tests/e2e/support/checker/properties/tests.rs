@@ -107,6 +107,40 @@ impl H {
         self.commit_lock(at);
     }
 
+    /// The request's own release mark (`spec.released`).
+    fn mark_released(&mut self, at: u64, name: &str) {
+        let r = self.requests.get_mut(name).unwrap();
+        r.released = true;
+        r.generation += 1;
+        let r = r.clone();
+        self.push(at, Change::Request(r));
+    }
+
+    /// Lock status: `name`'s grant moves from `holders` to `draining`.
+    fn drain(&mut self, at: u64, name: &str) {
+        let i = self.lock.holders.iter().position(|h| h.request == name).unwrap();
+        let h = self.lock.holders.remove(i);
+        self.lock.draining.push(h);
+        self.commit_lock(at);
+    }
+
+    /// Lock status: `name`'s draining grant frees its permits.
+    fn undrain(&mut self, at: u64, name: &str) {
+        self.lock.draining.retain(|h| h.request != name);
+        self.commit_lock(at);
+    }
+
+    /// The Lock deleted and created again under the same name, with a new UID and a status
+    /// that starts from `fencing`.
+    fn recreate(&mut self, at: u64, uid: &str, fencing: i64) {
+        let old = std::mem::replace(&mut self.lock.uid, uid.into());
+        self.push(at, Change::LockGone { name: self.lock.name.clone(), uid: old });
+        self.lock.holders.clear();
+        self.lock.draining.clear();
+        self.lock.fencing = fencing;
+        self.commit_lock(at);
+    }
+
     fn report(&mut self, r: Report) {
         self.log.reports.push(r);
     }
@@ -249,7 +283,7 @@ fn a_lost_wake_up_is_caught() {
     h.create(10, "a", 1, 1);
     h.create(20, "b", 2, 1);
     h.grant(30, "a");
-    h.delete(100, "a");
+    h.mark_released(100, "a");
     // The controller only notices 12 s later.
     h.ungrant(12_100, "a");
     h.grant(12_100, "b");
@@ -264,7 +298,7 @@ fn a_stall_while_no_controller_runs_is_excused() {
     h.create(20, "b", 2, 1);
     h.grant(30, "a");
     h.log.faults.push(Fault { kind: FaultKind::ControllerKill, at: ms(50), until: None, who: "c0".into() });
-    h.delete(100, "a");
+    h.mark_released(100, "a");
     h.log.faults.push(Fault { kind: FaultKind::ControllerStart, at: ms(6000), until: None, who: "c1".into() });
     h.ungrant(6500, "a");
     h.grant(6500, "b");
@@ -360,4 +394,88 @@ fn excuse_windows_merge() {
     assert_eq!(i.0.len(), 2);
     assert_eq!(i.overlap(ms(0), ms(35)), Duration::from_millis(25));
     assert!(i.contains(ms(35)));
+}
+
+#[test]
+fn a_grant_while_another_drains_is_caught() {
+    let mut h = H::new(1);
+    h.create(10, "a", 1, 1);
+    h.create(20, "b", 2, 1);
+    h.grant(30, "a");
+    h.delete(40, "a"); // by another party: no release mark, the grant drains
+    h.drain(50, "a");
+    h.grant(60, "b");
+    let text = h.fails("capacity");
+    assert!(text.contains("2 permits held of 1") && text.contains("draining a"), "{text}");
+}
+
+#[test]
+fn a_draining_holder_may_act_until_its_grant_leaves_draining() {
+    let mut h = H::new(1);
+    h.create(10, "a", 1, 1);
+    h.create(20, "b", 2, 1);
+    h.grant(30, "a");
+    h.delete(40, "a");
+    h.drain(50, "a");
+    h.undrain(200, "a");
+    h.grant(200, "b");
+    // a acts on after the drain began (it has not seen it yet), and stops before it ended.
+    h.report(acted("L", 1, 35, 150));
+    h.report(acted("L", 2, 210, 250));
+    let s = h.check().unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(s.drained, 1, "{s}");
+    // Acting after the drain ended is caught.
+    h.report(acted("L", 1, 150, 205));
+    let text = h.fails("acting");
+    assert!(text.contains("after the recorder saw rev"), "{text}");
+}
+
+#[test]
+fn a_token_going_back_across_a_recreated_lock_is_caught() {
+    let mut h = H::new(1);
+    h.create(10, "a", 1, 1);
+    h.create(20, "b", 2, 1);
+    h.lock.fencing = 1_000;
+    h.grant(30, "a"); // token 1001
+    h.delete(40, "a");
+    h.ungrant(50, "a");
+    h.recreate(60, "L2", 0);
+    h.grant(70, "b"); // token 1: above nothing of this UID, below 1001 of the name
+    let text = h.fails("tokens");
+    assert!(text.contains("issued under the name L before"), "{text}");
+    // With a floor above what the name issued it passes.
+    let mut h = H::new(1);
+    h.create(10, "a", 1, 1);
+    h.create(20, "b", 2, 1);
+    h.lock.fencing = 1_000;
+    h.grant(30, "a");
+    h.delete(40, "a");
+    h.ungrant(50, "a");
+    h.recreate(60, "L2", 2_000);
+    h.grant(70, "b");
+    h.check().unwrap_or_else(|f| panic!("{f}"));
+}
+
+#[test]
+fn a_waiter_that_marked_its_release_is_not_overtaken() {
+    let mut h = H::new(1);
+    h.create(10, "a", 1, 1);
+    h.create(20, "b", 2, 1);
+    h.create(30, "c", 3, 1);
+    h.grant(40, "a");
+    h.mark_released(50, "b"); // b gave up waiting: marked, not yet deleted by the controller
+    h.mark_released(60, "a");
+    h.ungrant(70, "a");
+    h.grant(70, "c");
+    h.check().unwrap_or_else(|f| panic!("{f}"));
+    // Without the mark, c overtook b.
+    let mut h = H::new(1);
+    h.create(10, "a", 1, 1);
+    h.create(20, "b", 2, 1);
+    h.create(30, "c", 3, 1);
+    h.grant(40, "a");
+    h.mark_released(60, "a");
+    h.ungrant(70, "a");
+    h.grant(70, "c");
+    h.fails("fifo");
 }
