@@ -783,21 +783,8 @@ async fn grants_ended_by_others_while_holders_act() {
         let lock_name = if run.rng.random_bool(0.5) { "mutex" } else { "pool" };
         if kind == FaultKind::LockRecreate {
             let Ok(old) = run.locks.get(lock_name).await else { continue };
-            // Only a Lock whose every grant is also recorded in its request's status, with
-            // nothing draining: main keeps no other record of a deleted Lock's grants, and a
-            // recreated Lock would not drain the others (docs/reliability.md, "Not proven").
-            // The delete is conditioned on the version read.
-            let status = old.status.clone().unwrap_or_default();
-            let mut mirrored = status.draining.is_empty();
-            for h in &status.holders {
-                let r = requests.get_opt(&h.request).await.ok().flatten();
-                mirrored &= r
-                    .and_then(|r| r.status)
-                    .is_some_and(|s| s.phase == Some(Phase::Granted) && s.lock_uid.as_deref() == old.uid().as_deref());
-            }
-            if !mirrored {
-                continue;
-            }
+            // Any Lock, whatever its grants: deleted, it drains them in its own status (its
+            // finalizer keeps it until then), and only then goes and may be made again.
             let at = checker::now();
             let pre = Preconditions { resource_version: old.resource_version(), uid: old.uid() };
             if run
