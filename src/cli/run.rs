@@ -157,6 +157,21 @@ impl Target {
     }
 }
 
+/// Waits until no process is left in the group `pgid` (polled: no event reports it), or the
+/// local deadline passes; true if it emptied.
+async fn group_gone_by(pgid: rustix::process::Pid, deadline: BootInstant) -> bool {
+    loop {
+        // Orphans of the group become our children when we are the pod's PID 1: reap them,
+        // or their zombies would keep the group alive (the command itself is reaped already).
+        while let Ok(Some(_)) = rustix::process::wait(rustix::process::WaitOptions::NOHANG) {}
+        match rustix::process::test_kill_process_group(pgid) {
+            Err(rustix::io::Errno::SRCH) => return true,
+            _ if BootInstant::now() >= deadline => return false,
+            _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// Signals kubelock forwards to the command.
 pub(super) struct Forwarded {
     int: tokio::signal::unix::Signal,
@@ -391,7 +406,17 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
         })
     });
     let token = guard.token();
-    if let Err(e) = guard.release().await {
+    // The release mark frees the permits at once: only once nothing the command started can
+    // still act. In its own group, what it left behind (a shell's workers, a background job)
+    // is killed and waited for; what outlives the deadline keeps the lock to its lease.
+    let group_gone = !own_group || {
+        target.send(rustix::process::Signal::KILL);
+        group_gone_by(target.pid, deadline_or_now(&guard)).await
+    };
+    if !group_gone {
+        eprintln!("kubelock: processes of the command's group still run after its exit; the lock is left to its lease");
+        guard.detach();
+    } else if let Err(e) = guard.release().await {
         eprintln!("kubelock: releasing lock {}: {e} (the lease will expire)", args.lock);
     }
     let status = match status {

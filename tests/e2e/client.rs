@@ -361,6 +361,37 @@ async fn a_holder_cut_off_from_the_api_server_stops_at_its_deadline() {
 /// A command that ignores SIGTERM and keeps writing is killed at the local deadline at the
 /// latest: past it the next holder may be granted (a lease after the last renewal the
 /// controller saw). It is told to stop `--grace` before.
+/// A command that exits while processes it started still run (a shell's background worker):
+/// `kubelock run` releases only once its group is empty, so the lock is never free while the
+/// worker may still act.
+#[tokio::test]
+async fn the_lock_is_released_only_once_nothing_the_command_started_runs() {
+    let f = Fixture::new().await;
+    f.lock("left", 1, "10s", "0s").await;
+    let pid_file = f.env.log_dir().join("worker.pid");
+    let script =
+        format!("(trap '' TERM; while :; do sleep 0.05; done) & echo $! > {p}; exit 0", p = pid_file.display());
+    let mut run = f
+        .env
+        .kubelock(Identity::Requester1, "run")
+        .args(["run", "--lock", "left", "--process-group", "own", "--", "sh", "-c", &script])
+        .spawn();
+    let status = run.wait(TIMEOUT).await;
+    assert_eq!(code(status, "run", &run), 0, "stderr:\n{}", run.stderr_tail(20));
+    let pid: u32 = std::fs::read_to_string(&pid_file).expect("the worker's pid").trim().parse().expect("a pid");
+    wait_until(&f.locks, "left", "the lock free", TIMEOUT, |l| {
+        l.status.as_ref().is_some_and(|s| s.fencing_token > 0 && s.holders.is_empty() && s.draining.is_empty())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let worker = crate::support::ProcessId::of(pid);
+    assert!(
+        worker.as_ref().is_none_or(|w| !w.alive()),
+        "the lock is free while the command's worker {pid} still runs: {:?}",
+        worker.map(|w| w.cmdline())
+    );
+}
+
 #[tokio::test]
 async fn a_command_that_ignores_sigterm_is_killed_by_the_deadline() {
     let env = TestEnv::private().await;
