@@ -118,6 +118,8 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabel, Counter>,
     /// Events not published: the queue was full, or the Events API refused or failed them.
     pub events_dropped: Counter,
+    /// Events left out by the rate bound per Lock (`--events-per-lock-per-minute`).
+    pub events_suppressed: Counter,
     /// 1 while an API the controller uses is forbidden or missing (it runs degraded).
     pub api_unavailable: Family<ApiLabel, Gauge>,
     /// 1 while this replica leads (or runs without leader election).
@@ -144,6 +146,7 @@ impl Metrics {
             reconcile_duration: latency(),
             reconcile_errors: Family::default(),
             events_dropped: Counter::default(),
+            events_suppressed: Counter::default(),
             api_unavailable: Family::default(),
             leader: Gauge::default(),
         };
@@ -169,6 +172,11 @@ impl Metrics {
             "events_dropped",
             "Events not published (queue full, or refused or failed by the API server)",
             m.events_dropped.clone(),
+        );
+        registry.register(
+            "events_suppressed",
+            "Events left out by the rate bound per Lock (--events-per-lock-per-minute)",
+            m.events_suppressed.clone(),
         );
         registry.register(
             "api_unavailable",

@@ -28,6 +28,41 @@ pub struct Throughput {
     pub errors: u64,
     /// Mutating requests the API server served during the window, by resource and verb.
     pub api_writes: std::collections::BTreeMap<String, f64>,
+    /// The controller's own writes during the run, by kind/outcome (its metrics).
+    pub controller_writes: std::collections::BTreeMap<String, f64>,
+}
+
+/// What a write the API server counted is, for kubelock's objects: (resource and verb as
+/// counted, the kind of write in the write budget).
+const KINDS: &[(&str, &str)] = &[
+    ("lockrequests POST", "request create"),
+    ("locks/status PUT", "Lock CAS"),
+    ("lockrequests/status PUT", "request status (positions, mirrors, fences)"),
+    ("lockrequests PATCH", "release mark or renewal"),
+    ("lockrequests DELETE", "delete"),
+    ("events POST", "Event"),
+    ("events PATCH", "Event"),
+];
+
+impl Throughput {
+    /// API writes per grant by kind of write (the API server's counts of the window).
+    pub fn per_grant_by_kind(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut out = std::collections::BTreeMap::new();
+        for (key, v) in &self.api_writes {
+            let kind = KINDS.iter().find(|(k, _)| k == key).map_or(key.as_str(), |(_, kind)| kind);
+            *out.entry(kind.to_string()).or_insert(0.0) += v / self.grants.max(1) as f64;
+        }
+        // The controller's count splits the request-status writes into fences and mirrors.
+        if let Some(fences) = self.controller_writes.get("request_fence/ok") {
+            out.insert("of which fences".into(), fences / self.grants.max(1) as f64);
+        }
+        out
+    }
+
+    /// All API writes to kubelock objects and Events per grant.
+    pub fn writes_per_grant(&self) -> Option<f64> {
+        (self.grants > 0).then(|| self.api_writes.values().sum::<f64>() / self.grants as f64)
+    }
 }
 
 impl Throughput {
@@ -44,7 +79,9 @@ impl Throughput {
             "grants_per_s": (self.per_second() * 10.0).round() / 10.0,
             "client_errors": self.errors,
             "apiserver_writes_in_window": self.api_writes,
-            "apiserver_writes_per_grant": (self.grants > 0).then(|| ((self.api_writes.values().sum::<f64>() / self.grants as f64) * 10.0).round() / 10.0),
+            "apiserver_writes_per_grant": self.writes_per_grant().map(|v| (v * 100.0).round() / 100.0),
+            "apiserver_writes_per_grant_by_kind": self.per_grant_by_kind().into_iter().map(|(k, v)| (k, json!((v * 100.0).round() / 100.0))).collect::<serde_json::Map<String, Value>>(),
+            "controller_writes": self.controller_writes,
         })
     }
 }
@@ -116,6 +153,7 @@ pub async fn throughput(
         grants: shared.grants.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
         api_writes: crate::sys::delta(&writes_after, &writes_before),
+        controller_writes: Default::default(),
     })
 }
 

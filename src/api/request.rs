@@ -166,8 +166,12 @@ pub struct LockRequestStatus {
     #[serde(default, rename = "lockUID", skip_serializing_if = "Option::is_none")]
     pub lock_uid: Option<String>,
 
-    /// 0-based place in the queue while `Pending` (0 = next). Exact for the first 10 places;
-    /// further back it is refreshed every 10 places to save writes.
+    /// Place in the queue while `Pending`, 0-based: 0 is exact and means granted next. Further
+    /// back it is the place when last written, never less than the true place (the queue
+    /// only moves forward): written exactly whenever the status is written anyway, and
+    /// refreshed once more than twice the true place plus one, front first, at most one
+    /// request per grant, so a grant costs one position write whatever the queue's length.
+    /// `Lock.status.queue` lists the first 10 waiters in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<i32>,
 

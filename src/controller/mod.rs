@@ -69,6 +69,10 @@ pub struct ControllerArgs {
     /// Publish Kubernetes Events (Granted, Released, Expired, Rejected, Broken).
     #[arg(long, env = "KUBELOCK_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub events: bool,
+    /// Events published per Lock at most: a burst of this many, then this many a minute;
+    /// those beyond are counted and summed up in the next one (0: no bound).
+    #[arg(long, env = "KUBELOCK_EVENTS_PER_LOCK_PER_MINUTE", default_value_t = 60)]
+    pub events_per_lock_per_minute: u32,
     /// Reconciles running at once (different Locks; one Lock is never reconciled twice at once).
     #[arg(long, env = "KUBELOCK_CONCURRENCY", default_value_t = 64)]
     pub concurrency: u16,
@@ -338,7 +342,9 @@ async fn run_active(
     let (request_store, request_writer) = reflector::store::<LockRequest>();
     let (pod_store, pod_writer) = reflector::store::<Pod>();
     let cache = Cache::new(lock_store.clone(), request_store.clone(), args.watch_pods.then(|| pod_store.clone()));
-    let events = args.events.then(|| EventSink::spawn(client.clone(), Some(identity), metrics.clone()));
+    let events = args
+        .events
+        .then(|| EventSink::spawn(client.clone(), Some(identity), metrics.clone(), args.events_per_lock_per_minute));
     let ctx = Arc::new(Context::new(client.clone(), cache, settings, metrics, events, request_timeout));
     let (lock_tx, lock_rx) = mpsc::unbounded_channel::<ObjectRef<Lock>>();
     let (orphan_tx, orphan_rx) = mpsc::unbounded_channel::<ObjectRef<LockRequest>>();

@@ -8,7 +8,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time}
 use kube::ResourceExt as _;
 
 use super::{
-    QUEUE_WINDOW,
     inputs::{Now, Settings},
     outcome::{Deletion, Plan},
     spec::uid_of,
@@ -65,7 +64,7 @@ pub(super) fn condition(
 /// The status a request should have.
 pub(super) enum Fate<'a> {
     Holding { holder: &'a Holder, lock_uid: &'a str },
-    Waiting { position: usize, reason: Reason, message: String },
+    Waiting { position: i32, reason: Reason, message: String },
     Finished { phase: Phase, reason: Reason, message: String, holder: Option<&'a Holder>, lock_uid: Option<&'a str> },
 }
 
@@ -92,31 +91,21 @@ pub(super) fn desired_status(req: &LockRequest, fate: Fate<'_>, now: Now) -> Loc
                 now.wall,
             )],
         },
-        Fate::Waiting { position, reason, message } => {
-            let exact = position < QUEUE_WINDOW;
-            let position = i32::try_from(position).unwrap_or(i32::MAX);
-            let window = QUEUE_WINDOW as i32;
-            let position = match current.position {
-                // Beyond the window, refresh only every QUEUE_WINDOW places: fewer writes.
-                Some(p) if !exact && p >= position && p - position < window => p,
-                _ => position,
-            };
-            LockRequestStatus {
-                phase: Some(Phase::Pending),
-                position: Some(position),
-                message: Some(message.clone()),
-                conditions: vec![condition(
-                    previous,
-                    ConditionType::Granted,
-                    false,
-                    reason.as_str(),
-                    message,
-                    None,
-                    now.wall,
-                )],
-                ..Default::default()
-            }
-        }
+        Fate::Waiting { position, reason, message } => LockRequestStatus {
+            phase: Some(Phase::Pending),
+            position: Some(position),
+            message: Some(message.clone()),
+            conditions: vec![condition(
+                previous,
+                ConditionType::Granted,
+                false,
+                reason.as_str(),
+                message,
+                None,
+                now.wall,
+            )],
+            ..Default::default()
+        },
         Fate::Finished { phase, reason, message, holder, lock_uid } => {
             let finished_at = if current.phase == Some(phase) { current.finished_at.clone() } else { None };
             LockRequestStatus {
@@ -216,8 +205,35 @@ pub(super) fn lock_conditions(
     vec![ready, held]
 }
 
+/// Position refreshes a plan may make for each grant it makes (see [`request_statuses`]).
+pub(super) const REFRESHES_PER_GRANT: usize = 1;
+
+/// The position a waiting request's status shows, given its true place and the place its
+/// status shows now (`stored`, if it waits already).
+///
+/// `status.position` is exact for the head (0: granted next), and for every request whose
+/// status is written anyway (a first status, a changed reason). Beyond the head it is the
+/// place when last written: the queue only moves forward, so it is never less than the true
+/// place. It is refreshed once it is more than twice the true place (plus one), front first,
+/// at most [`REFRESHES_PER_GRANT`] per grant made: one write per grant whatever the queue's
+/// length, where an exact position for every waiter would cost one write per waiter.
+fn shown_position(place: i32, stored: Option<i32>, written_anyway: bool, refreshes: &mut usize) -> i32 {
+    match stored {
+        Some(p) if place > 0 && p > place && !written_anyway => {
+            let stale = i64::from(p) > 2 * i64::from(place) + 1;
+            if stale && *refreshes > 0 {
+                *refreshes -= 1;
+                place
+            } else {
+                p
+            }
+        }
+        _ => place,
+    }
+}
+
 /// The statuses of the holders (new grants flagged, so they are written first) and of the
-/// waiting requests with their places.
+/// waiting requests with their places (see [`shown_position`]).
 pub(super) fn request_statuses(
     inputs: &super::Inputs<'_>,
     old: &LockStatus,
@@ -229,15 +245,25 @@ pub(super) fn request_statuses(
     let now = inputs.now;
     let by_uid: std::collections::HashMap<&str, &LockRequest> =
         inputs.requests.iter().map(|r| (uid_of(r), r.as_ref())).collect();
+    let mut new_grants = 0;
     for h in holders {
         if let Some(req) = by_uid.get(h.request_uid.as_str()) {
             let newly = old.holders.iter().all(|o| o.request_uid != h.request_uid);
+            new_grants += usize::from(newly);
             plan.update(req, desired_status(req, Fate::Holding { holder: h, lock_uid }, now), newly);
         }
     }
-    for (position, (r, reason, message)) in waiting.iter().enumerate() {
-        let fate = Fate::Waiting { position, reason: *reason, message: message.clone() };
-        plan.update(r, desired_status(r, fate, now), false);
+    let mut refreshes = new_grants * REFRESHES_PER_GRANT;
+    for (place, (r, reason, message)) in waiting.iter().enumerate() {
+        let place = i32::try_from(place).unwrap_or(i32::MAX);
+        let status =
+            |position| desired_status(r, Fate::Waiting { position, reason: *reason, message: message.clone() }, now);
+        let current = r.status.as_ref().filter(|s| s.phase == Some(Phase::Pending));
+        let stored = current.and_then(|s| s.position);
+        // Written anyway if the status with the position it shows differs in anything else.
+        let written_anyway = stored.is_none_or(|p| Some(&status(p)) != r.status.as_ref());
+        let position = shown_position(place, stored, written_anyway, &mut refreshes);
+        plan.update(r, status(position), false);
     }
     plan.requests.sort_by_key(|u| !u.granted);
 }
