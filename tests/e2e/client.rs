@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{
     Cmd, Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv, eventually,
-    fixtures::{ControllerCmd, create_lock, create_pod, free_port, http_get, lock_with, requester_rules},
+    fixtures::{ControllerCmd, Fixture, create_lock, create_pod, free_port, http_get, lock_with, requester_rules},
     process::KUBELOCK,
     wait_until,
 };
