@@ -29,7 +29,13 @@ impl PodIdentity {
     /// Reads the downward-API variables; `None` without `POD_NAME`.
     pub fn from_env() -> Option<Self> {
         let var = |k| std::env::var(k).ok().filter(|v: &String| !v.is_empty());
-        Some(Self { name: var("POD_NAME")?, namespace: var("POD_NAMESPACE"), uid: var("POD_UID") })
+        // Without POD_NAMESPACE, a pod's namespace is its ServiceAccount's (mounted beside the
+        // token): a podRef must never name a pod of another namespace by its name alone.
+        let namespace = var("POD_NAMESPACE").or_else(|| {
+            let ns = std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok()?;
+            Some(ns.trim().to_string()).filter(|n| !n.is_empty())
+        });
+        Some(Self { name: var("POD_NAME")?, namespace, uid: var("POD_UID") })
     }
 
     /// `spec.podRef` for this pod.

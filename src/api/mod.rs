@@ -53,6 +53,9 @@ pub const LOCK_FINALIZER: &str = "kubelock.dev/grants";
 pub const FENCED_BY_LABEL: &str = "kubelock.dev/fenced-by";
 /// Annotation carrying the fencing token of a write to an object [`FENCED_BY_LABEL`] guards.
 pub const FENCING_TOKEN_ANNOTATION: &str = "kubelock.dev/fencing-token";
+/// Set to `"true"`, with a current holder's token, on the last write before deleting an
+/// object [`FENCED_BY_LABEL`] guards: the delete is admitted only then.
+pub const FENCED_DELETE_ANNOTATION: &str = "kubelock.dev/fenced-delete";
 
 /// Label a client puts on its LockRequests: the Lock name (lets `kubectl get lkr -l` filter).
 pub const LOCK_LABEL: &str = "kubelock.dev/lock";

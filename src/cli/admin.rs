@@ -163,7 +163,8 @@ pub struct ReleaseArgs {
     /// and remove the files.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// Release every request of this lock held by --holder.
+    /// Release every request of this lock held by --holder (someone else's: each is deleted,
+    /// and a grant drains until its holder can no longer act).
     #[arg(long, value_name = "NAME", requires = "holder")]
     pub lock: Option<String>,
     /// With --lock: the holder identity whose requests to release.
@@ -198,15 +199,27 @@ pub async fn release(args: ReleaseArgs, client_args: &ClientArgs) -> Result<Exit
             api.list(&ListParams::default().labels(&format!("{LOCK_LABEL}={lock}"))),
         )
         .await?;
-        let before = names.len();
-        names.extend(
-            list.items
-                .iter()
-                .filter(|r| r.spec.lock_name == *lock && r.spec.holder_identity == *holder)
-                .map(|r| r.name_any()),
-        );
-        if names.len() == before {
+        let theirs: Vec<String> = list
+            .items
+            .iter()
+            .filter(|r| r.spec.lock_name == *lock && r.spec.holder_identity == *holder)
+            .map(|r| r.name_any())
+            .collect();
+        if theirs.is_empty() {
             eprintln!("kubelock: no request of lock {lock} is held or queued by {holder:?}");
+        }
+        // Not this process's own grants: deleted, so that a grant drains until its holder
+        // can no longer act (a release mark would free the permits at once).
+        for name in &theirs {
+            match timed(client_args.request_timeout, "deleting the request", api.delete(name, &Default::default()))
+                .await
+            {
+                Ok(_) => println!("lockrequest {name} deleted (a grant drains until its holder can no longer act)"),
+                Err(crate::client::ClientError::Api { source: kube::Error::Api(e), .. }) if e.code == 404 => {
+                    println!("lockrequest {name} not found (already released)")
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     for name in &names {

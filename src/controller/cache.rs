@@ -54,15 +54,17 @@ pub fn strip_pod(pod: &mut Pod) {
         ..Default::default()
     };
     let node_name = pod.spec.as_mut().and_then(|s| s.node_name.take());
-    // A running container keeps a `running` state; any other keeps an empty one.
+    // A running container keeps an empty `running` state, a terminated one an empty
+    // `terminated` one; a waiting one neither.
     let strip = |statuses: Option<Vec<ContainerStatus>>| {
         statuses.map(|list| {
             list.into_iter()
                 .map(|c| {
-                    let running = c.state.and_then(|s| s.running).map(|_| Default::default());
+                    let running = c.state.as_ref().and_then(|s| s.running.as_ref()).map(|_| Default::default());
+                    let terminated = c.state.and_then(|s| s.terminated).map(|_| Default::default());
                     ContainerStatus {
                         name: c.name,
-                        state: Some(ContainerState { running, ..Default::default() }),
+                        state: Some(ContainerState { running, terminated, ..Default::default() }),
                         ..Default::default()
                     }
                 })
@@ -178,8 +180,9 @@ struct Tombstones {
     /// Per request UID: whether its last state carried `spec.released` (unknown: false).
     requests: HashMap<String, (Instant, bool)>,
     locks: HashMap<String, Instant>,
-    /// Per pod: whether its last state showed it stopped (unknown: false).
-    pods: HashMap<PodKey, (Instant, bool)>,
+    /// Per pod name: the UID of the pod deleted under it, and whether its last state showed
+    /// it stopped (unknown: false).
+    pods: HashMap<PodKey, (Instant, String, bool)>,
 }
 
 impl Tombstones {
@@ -188,7 +191,7 @@ impl Tombstones {
         if let Some(cutoff) = cutoff {
             self.requests.retain(|_, (t, _)| *t > cutoff);
             self.locks.retain(|_, t| *t > cutoff);
-            self.pods.retain(|_, (t, _)| *t > cutoff);
+            self.pods.retain(|_, (t, _, _)| *t > cutoff);
         }
     }
 }
@@ -372,8 +375,9 @@ impl Cache {
             watcher::Event::Apply(pod) => locks_of(pod),
             watcher::Event::Delete(pod) => {
                 let key = (pod.namespace().unwrap_or_default(), pod.name_any());
-                let stopped = pod_info(pod).stopped;
-                self.tombstones.lock().expect("tombstones lock poisoned").pods.insert(key, (Instant::now(), stopped));
+                let info = pod_info(pod);
+                let tombstone = (Instant::now(), info.uid, info.stopped);
+                self.tombstones.lock().expect("tombstones lock poisoned").pods.insert(key, tombstone);
                 locks_of(pod)
             }
             watcher::Event::InitDone => {
@@ -401,25 +405,30 @@ impl Cache {
         self.tombstones.lock().expect("tombstones lock poisoned").locks.keys().cloned().collect()
     }
 
-    /// What the caches know about these pods: those present, and those seen deleted with
-    /// whether their last state showed them stopped.
+    /// What the caches know about the pods these references name: those present, and those
+    /// seen deleted with whether their last state showed them stopped. A deletion of another
+    /// pod of the name (another UID than the reference's) confirms nothing about this one.
     pub fn pods_for<'a>(
         &self,
         ns: &str,
-        names: impl IntoIterator<Item = &'a str>,
+        refs: impl IntoIterator<Item = &'a crate::api::PodRef>,
     ) -> (std::collections::BTreeMap<String, PodInfo>, HashMap<String, bool>) {
         let mut pods = std::collections::BTreeMap::new();
         let mut gone = HashMap::new();
         let Some(store) = &self.pods else { return (pods, gone) };
         let tombstones = self.tombstones.lock().expect("tombstones lock poisoned");
-        for name in names {
+        for pod_ref in refs {
+            let name = pod_ref.name.as_str();
             match store.get(&ObjectRef::new(name).within(ns)) {
                 Some(pod) => {
                     pods.insert(name.to_string(), pod_info(&pod));
                 }
                 None => {
-                    if let Some((_, stopped)) = tombstones.pods.get(&(ns.to_string(), name.to_string())) {
-                        gone.insert(name.to_string(), *stopped);
+                    if let Some((_, uid, stopped)) = tombstones.pods.get(&(ns.to_string(), name.to_string())) {
+                        let same = pod_ref.uid.as_ref().is_none_or(|u| u == uid);
+                        let stopped = *stopped && same;
+                        // Several references to one name: stopped only if every one agrees.
+                        gone.entry(name.to_string()).and_modify(|s: &mut bool| *s &= stopped).or_insert(stopped);
                     }
                 }
             }
@@ -493,8 +502,9 @@ impl Cache {
 ///
 /// Stopped means no container of it runs, as the kubelet reported: it never reached a node
 /// (no kubelet ever ran it), or it terminated (Succeeded or Failed: nothing runs again), or it
-/// was being deleted and the kubelet reports every container it started as not running
-/// (during a graceful deletion nothing is started again).
+/// was being deleted and the kubelet reports every container terminated (during a graceful
+/// deletion nothing is started again; a waiting container, e.g. in a crash loop on a node that
+/// is cut off, might have been restarted since, so it does not count).
 pub fn pod_info(pod: &Pod) -> PodInfo {
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref());
@@ -503,12 +513,58 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
     let none_running = status.is_some_and(|s| {
         let all = s.container_statuses.iter().flatten().chain(s.init_container_statuses.iter().flatten());
         s.container_statuses.as_ref().is_some_and(|c| !c.is_empty())
-            && all.into_iter().all(|c| c.state.as_ref().is_none_or(|st| st.running.is_none()))
+            && all.into_iter().all(|c| c.state.as_ref().is_some_and(|st| st.terminated.is_some()))
     });
     let deleting = pod.metadata.deletion_timestamp.is_some();
     PodInfo {
         uid: pod.meta().uid.clone().unwrap_or_default(),
         terminated,
         stopped: terminated || unbound || (deleting && none_running),
+    }
+}
+
+#[cfg(test)]
+mod pod_tests {
+    use k8s_openapi::{
+        api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, PodSpec},
+        apimachinery::pkg::apis::meta::v1::Time,
+    };
+
+    use super::*;
+
+    fn deleting_pod(state: ContainerState) -> Pod {
+        let mut pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                uid: Some("u".into()),
+                deletion_timestamp: Some(Time(jiff::Timestamp::now())),
+                ..Default::default()
+            },
+            spec: Some(PodSpec { node_name: Some("node".into()), ..Default::default() }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "app".into(),
+                    state: Some(state),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        };
+        strip_pod(&mut pod); // as the cache keeps it
+        pod
+    }
+
+    #[test]
+    fn a_deleting_pod_is_stopped_only_once_every_container_terminated() {
+        let terminated = ContainerState {
+            terminated: Some(ContainerStateTerminated { exit_code: 0, ..Default::default() }),
+            ..Default::default()
+        };
+        assert!(pod_info(&deleting_pod(terminated)).stopped);
+        // Waiting (a crash loop's back-off) on a node that may be cut off: it may run again.
+        let waiting = ContainerState { waiting: Some(ContainerStateWaiting::default()), ..Default::default() };
+        assert!(!pod_info(&deleting_pod(waiting)).stopped);
+        assert!(!pod_info(&deleting_pod(ContainerState::default())).stopped);
     }
 }

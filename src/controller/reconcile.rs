@@ -133,13 +133,12 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
                 *r = read.clone();
             }
         }
-        let pod_names = requests
+        let pod_refs = requests
             .iter()
             .filter_map(|r| r.spec.pod_ref.as_ref())
             .chain(status.holders.iter().filter_map(|h| h.pod_ref.as_ref()))
-            .chain(status.draining.iter().filter_map(|d| d.pod_ref.as_ref()))
-            .map(|p| p.name.as_str());
-        let (mut pods, mut gone_pods) = ctx.cache.pods_for(&ns, pod_names);
+            .chain(status.draining.iter().filter_map(|d| d.pod_ref.as_ref()));
+        let (mut pods, mut gone_pods) = ctx.cache.pods_for(&ns, pod_refs);
         pods.extend(reads.pods.clone());
         for (name, stopped) in &reads.gone_pods {
             gone_pods.entry(name.clone()).or_insert(*stopped);

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use crate::api::{
-    BREAK_ANNOTATION, BROKEN_BY_ANNOTATION, FENCED_BY_LABEL, FENCING_TOKEN_ANNOTATION, Lock, OWNER_ANNOTATION,
-    OWNER_POD_ANNOTATION, OWNER_UID_ANNOTATION, duration,
+    BREAK_ANNOTATION, BROKEN_BY_ANNOTATION, FENCED_BY_LABEL, FENCED_DELETE_ANNOTATION, FENCING_TOKEN_ANNOTATION, Lock,
+    OWNER_ANNOTATION, OWNER_POD_ANNOTATION, OWNER_UID_ANNOTATION, duration,
 };
 
 /// Extra keys of a ServiceAccount token bound to a pod (TokenRequest with a pod reference).
@@ -374,8 +374,9 @@ pub fn fencing_lock(obj: Option<&Value>, old: Option<&Value>) -> Option<String> 
 ///   of that Lock, not lower than the token of the object's last write;
 /// - removing the label needs such a token too (it is not a way around the fence), and the
 ///   label cannot be moved to another Lock in one write (remove it, then set the new one);
-/// - DELETE is allowed while the object's last write carries a current holder's token (a
-///   holder deletes by writing its token onto the object, then deleting it).
+/// - DELETE is allowed while the object's last write carries a current holder's token and
+///   `kubelock.dev/fenced-delete: "true"` (a holder deletes by writing both, then deleting:
+///   a stale holder can write neither, so it cannot delete what its successor wrote).
 ///
 /// Nobody writes past the fence, whatever their rights (cluster administrators and
 /// breakers included: a process with broad credentials is exactly what the fence must stop
@@ -441,6 +442,16 @@ fn fence_refusal(
         };
         return Some(format!(
             "this object is fenced by lock {lock_name}: token {token} of {whose} is not a current holder's ({holders})"
+        ));
+    }
+    if op == Op::Delete && old.is_none_or(|o| annotations(o).get(FENCED_DELETE_ANNOTATION).is_none_or(|v| v != "true"))
+    {
+        // A current token on the last write is not enough: it may be the successor's, and the
+        // deleter a stale holder. The holder that means to delete says so under its token.
+        return Some(format!(
+            "this object is fenced by lock {lock_name}: a delete needs its last write to carry \
+             metadata.annotations[{FENCED_DELETE_ANNOTATION}]=\"true\" with a current holder's token (write that, \
+             then delete)"
         ));
     }
     if op == Op::Update

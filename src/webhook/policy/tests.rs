@@ -323,7 +323,12 @@ fn a_fenced_object_takes_writes_of_current_holders_only() {
     let d = ok(Op::Update, Some(&fenced(Some("other"), Some("12"))), Some(&old));
     assert!(matches!(&d, Decision::Deny(m) if m.contains("cannot move")), "{d:?}");
     // A delete: the last write must be a current holder's.
-    assert!(allowed(&ok(Op::Delete, None, Some(&old))));
+    // Not without the holder's word that it deletes: the last write may be a successor's.
+    let d = ok(Op::Delete, None, Some(&old));
+    assert!(matches!(&d, Decision::Deny(m) if m.contains(FENCED_DELETE_ANNOTATION)), "{d:?}");
+    let mut marked = old.clone();
+    marked["metadata"]["annotations"][FENCED_DELETE_ANNOTATION] = json!("true");
+    assert!(allowed(&ok(Op::Delete, None, Some(&marked))));
     let d = validate_fenced(Op::Delete, None, Some(&old), Some(&moved_on));
     assert!(matches!(&d, Decision::Deny(_)), "{d:?}");
     // A missing Lock fences everything, for everyone (no right writes past the fence).
