@@ -157,19 +157,41 @@ impl Target {
     }
 }
 
-/// Waits until no process is left in the group `pgid` (polled: no event reports it), or the
-/// local deadline passes; true if it emptied.
+/// Waits until no live process is left in the group `pgid` (polled: no event reports it),
+/// up to the local deadline, and a moment more for what SIGKILL ended to go when the deadline
+/// has passed already; true if it emptied.
 async fn group_gone_by(pgid: rustix::process::Pid, deadline: BootInstant) -> bool {
+    let until = deadline.max(BootInstant::now().saturating_add(std::time::Duration::from_secs(2)));
     loop {
-        // Orphans of the group become our children when we are the pod's PID 1: reap them,
-        // or their zombies would keep the group alive (the command itself is reaped already).
+        // Orphans of the group become our children when we are the pod's PID 1: reap them.
         while let Ok(Some(_)) = rustix::process::wait(rustix::process::WaitOptions::NOHANG) {}
-        match rustix::process::test_kill_process_group(pgid) {
-            Err(rustix::io::Errno::SRCH) => return true,
-            _ if BootInstant::now() >= deadline => return false,
-            _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        if !group_alive(pgid) {
+            return true;
         }
+        if BootInstant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+/// Whether a process of group `pgid` still runs: zombies do not (an init that does not reap
+/// would keep them forever), so this reads /proc rather than signalling the group.
+fn group_alive(pgid: rustix::process::Pid) -> bool {
+    if rustix::process::test_kill_process_group(pgid) == Err(rustix::io::Errno::SRCH) {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else { return true };
+    let pgid = pgid.as_raw_nonzero().get().to_string();
+    entries.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { return false };
+        // "PID (COMM) STATE PPID PGRP ...": COMM may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let group = fields.nth(1).unwrap_or("");
+        group == pgid && !matches!(state, "Z" | "X")
+    })
 }
 
 /// Signals kubelock forwards to the command.
