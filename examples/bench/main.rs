@@ -409,6 +409,16 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        if config.runs(3) {
+            // The same handover with the admission webhook reviewing every request write
+            // (create, renewals, the release mark, the delete): what it costs.
+            let label = "mutex 2 waiting, webhook on".to_string();
+            r.step(&format!("3. kubelock handover, {label}")).await;
+            match webhook_handover(&client, &locks, &requests, &out_dir, config.handover).await {
+                Ok(h) => r.handovers.push((label, h)),
+                Err(e) => r.failed("3. handover, webhook on", e),
+            }
+        }
         if config.runs(3) && config.runs(2) {
             // The floor again, now, so that a drift of the machine's load shows.
             r.step("2. handover floor, again after 3").await;
@@ -903,4 +913,45 @@ fn fmt_map(m: &std::collections::BTreeMap<String, f64>) -> String {
         return "none".into();
     }
     m.iter().map(|(k, v)| format!("{k}={v:.0}")).collect::<Vec<_>>().join(", ")
+}
+
+/// A mutex handover with two waiters in namespace `bench` while `kubelock webhook` (run here,
+/// on a loopback port, registered for that namespace alone) reviews its requests; the
+/// webhook and its configurations are gone afterwards.
+async fn webhook_handover(
+    client: &kube::Client,
+    locks: &Api<Lock>,
+    requests: &Api<LockRequest>,
+    out_dir: &std::path::Path,
+    budget: Budget,
+) -> anyhow::Result<handover::Handover> {
+    use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+    use kubelock::webhook::{self, WebhookArgs};
+    const LABEL: (&str, &str) = ("kubelock.dev/bench-webhook", "on");
+    const NAME: &str = "kubelock-bench";
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let label = |on: bool| {
+        let value = if on { Value::from(LABEL.1) } else { Value::Null };
+        kube::api::Patch::Merge(json!({"metadata": {"labels": {LABEL.0: value}}}))
+    };
+    namespaces.patch("bench", &Default::default(), &label(true)).await?;
+    let mut args = WebhookArgs::local(out_dir.join("webhook"), NAME);
+    args.namespace_label = Some((LABEL.0.into(), LABEL.1.into()));
+    let listener = webhook::bind(&args.listen)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(webhook::serve(client.clone(), args, listener, async move {
+        let _ = stopped.await;
+    }));
+    let result = async {
+        webhook::config::wait_enforced(client, "bench", Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+        handover::handover(locks, requests, "h-webhook", 1, 2, budget).await
+    }
+    .await;
+    // Unregistered before it stops: it fails closed, and the next items use this namespace.
+    let _ = Api::<MutatingWebhookConfiguration>::all(client.clone()).delete(NAME, &Default::default()).await;
+    let _ = Api::<ValidatingWebhookConfiguration>::all(client.clone()).delete(NAME, &Default::default()).await;
+    namespaces.patch("bench", &Default::default(), &label(false)).await?;
+    let _ = stop.send(());
+    let _ = serving.await;
+    result
 }

@@ -71,6 +71,9 @@ pub(super) enum Fate<'a> {
 pub(super) fn desired_status(req: &LockRequest, fate: Fate<'_>, now: Now) -> LockRequestStatus {
     let current = req.status.clone().unwrap_or_default();
     let previous = current.conditions.as_slice();
+    let not_granted = |reason: Reason, message: String| {
+        vec![condition(previous, ConditionType::Granted, false, reason.as_str(), message, None, now.wall)]
+    };
     match fate {
         Fate::Holding { holder, lock_uid } => LockRequestStatus {
             phase: Some(Phase::Granted),
@@ -95,15 +98,7 @@ pub(super) fn desired_status(req: &LockRequest, fate: Fate<'_>, now: Now) -> Loc
             phase: Some(Phase::Pending),
             position: Some(position),
             message: Some(message.clone()),
-            conditions: vec![condition(
-                previous,
-                ConditionType::Granted,
-                false,
-                reason.as_str(),
-                message,
-                None,
-                now.wall,
-            )],
+            conditions: not_granted(reason, message),
             ..Default::default()
         },
         Fate::Finished { phase, reason, message, holder, lock_uid } => {
@@ -117,15 +112,7 @@ pub(super) fn desired_status(req: &LockRequest, fate: Fate<'_>, now: Now) -> Loc
                 position: None,
                 finished_at: finished_at.or(Some(MicroTime(now.wall))),
                 message: Some(message.clone()),
-                conditions: vec![condition(
-                    previous,
-                    ConditionType::Granted,
-                    false,
-                    reason.as_str(),
-                    message,
-                    None,
-                    now.wall,
-                )],
+                conditions: not_granted(reason, message),
             }
         }
     }
