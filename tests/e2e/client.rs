@@ -297,7 +297,8 @@ async fn a_frozen_holder_loses_at_its_deadline_and_its_late_writes_are_fenced_of
     assert_eq!(code(status, "holder A", &a), 75, "A must exit 75 (lock lost); stderr:\n{}", a.stderr_tail(20));
     let a_err = a.stderr_tail(20);
     assert!(
-        a_err.contains("lost (the local lease deadline passed without a successful renewal)"),
+        // Thawed, its deadline timer and the guard's loss fire together: either tells it.
+        a_err.contains("the local lease deadline passed without a successful renewal"),
         "A must say its deadline passed; stderr:\n{a_err}"
     );
     assert!(
