@@ -1,4 +1,4 @@
-//! Item 3, kubelock handover: the holder deletes its LockRequest → the next waiter observes its
+//! Item 3, kubelock handover: the holder marks its LockRequest released → the next waiter observes its
 //! grant (first of the Lock watch and its request watch), with `waiters` queued.
 //!
 //! Between samples the system is brought back to rest without sleeping: the releaser
@@ -37,7 +37,7 @@ pub struct Handover {
     pub via_lock: usize,
     pub via_request: usize,
     /// Per sample, wall-clock (release sent, grant seen): to line up with controller logs.
-    /// and how long the releaser's DELETE took.
+    /// and how long the releaser's release mark took.
     pub timeline: Vec<(jiff::Timestamp, jiff::Timestamp, std::time::Duration)>,
 }
 

@@ -5,7 +5,7 @@
 //! What is measured (see README "Performance"):
 //! 1. write floor: CAS PUT of a Lease;
 //! 2. handover floor: DELETE marker → waiter's watch event → CREATE (no operator);
-//! 3. kubelock handover: release (request deleted) → next waiter observes its grant,
+//! 3. kubelock handover: release (request marked released) → next waiter observes its grant,
 //!    mutex and 3-permit semaphore, 2 and 16 waiters queued;
 //! 4. peer: client-go-style Lease polling (RetryPeriod 2 s, ReleaseOnCancel);
 //! 5. peer: etcd's lock API on the same etcd;

@@ -1,7 +1,8 @@
 //! A requester speaking kubelock's protocol with plain kube-rs (docs/design.md, "Client
 //! protocol"), so that the benchmark does not depend on the client library: create a
 //! LockRequest, watch the Lock and the request, count as granted at the first of "listed in
-//! `Lock.status.holders`" and "`phase: Granted`", delete the request to release.
+//! `Lock.status.holders`" and "`phase: Granted`", mark the request released to release (the
+//! controller frees its permits and deletes it).
 
 use std::{pin::Pin, time::Instant};
 
@@ -10,7 +11,7 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::{
     Api, ResourceExt as _,
-    api::{DeleteParams, ObjectMeta, PostParams, Preconditions},
+    api::{ObjectMeta, PostParams},
     runtime::watcher,
 };
 use kubelock::api::{LOCK_LABEL, Lock, LockRequest, LockRequestSpec, LockSpec, Phase};
@@ -151,13 +152,11 @@ pub async fn create(requests: &Api<LockRequest>, lock: &str, holder: &str) -> an
     Ok(requests.create(&PostParams::default(), &request(lock, None, holder)).await?)
 }
 
-/// Releases: deletes the request (precondition: its uid).
+/// Releases as a holder does: marks the request `spec.released` (its uid in the patch: a
+/// request recreated under the name refuses it); the controller frees and deletes it.
 pub async fn release(requests: &Api<LockRequest>, req: &LockRequest) -> anyhow::Result<()> {
-    let dp = DeleteParams {
-        preconditions: Some(Preconditions { uid: req.uid(), resource_version: None }),
-        ..Default::default()
-    };
-    match requests.delete(&req.name_any(), &dp).await {
+    let mark = serde_json::json!({"metadata": {"uid": req.uid()}, "spec": {"released": true}});
+    match requests.patch(&req.name_any(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&mark)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e.into()),

@@ -199,37 +199,25 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         }
         let by_uid: HashMap<String, Arc<LockRequest>> =
             requests.iter().filter_map(|r| Some((r.uid()?, r.clone()))).collect();
+        // Before its first grant, the Lock takes the finalizer that keeps it, once deleted,
+        // until its grants drained (then plan again on the patched version).
+        if lock.metadata.deletion_timestamp.is_none()
+            && !has_finalizer(&lock)
+            && plan.lock_status.as_ref().is_some_and(takes_permits)
+        {
+            lock = match set_finalizer(&ctx, &locks, &lock, true).await? {
+                Some(patched) => Arc::new(patched),
+                None => match locks.get_opt(&ctx, &name).await? {
+                    Some(read) => Arc::new(read),
+                    None => return Ok(Action::await_change()),
+                },
+            };
+            lock_fresh = true;
+            continue;
+        }
         // Fence the ends of grants on their requests before the Lock says so.
         if plan.lock_status.is_some() && !fence(&ctx, &ns, &by_uid, &plan, &mut reads).await? {
             continue; // a holder renewed (or went) meanwhile: plan again with what was read
-        }
-        // Before its first grant, the Lock takes the finalizer that keeps it, once deleted,
-        // until its grants drained (then plan again on the patched version).
-        let grants = |s: &crate::api::LockStatus| !s.holders.is_empty() || !s.draining.is_empty();
-        let finalized = lock.finalizers().iter().any(|f| f == api::LOCK_FINALIZER);
-        if !finalized && lock.metadata.deletion_timestamp.is_none() && plan.lock_status.as_ref().is_some_and(grants) {
-            let mut finalizers = lock.finalizers().to_vec();
-            finalizers.push(api::LOCK_FINALIZER.to_string());
-            match locks.set_finalizers(&ctx, &lock, finalizers).await {
-                Ok(patched) => {
-                    ctx.metrics.write("lock_finalizer", "ok");
-                    lock = Arc::new(patched);
-                }
-                Err(Error::Kube(e)) if is_status(&e, 409) => {
-                    ctx.metrics.write("lock_finalizer", "conflict");
-                    match locks.get_opt(&ctx, &name).await? {
-                        Some(read) => lock = Arc::new(read),
-                        None => return Ok(Action::await_change()),
-                    }
-                }
-                Err(Error::Kube(e)) if is_status(&e, 404) => return Ok(Action::await_change()),
-                Err(e) => {
-                    ctx.metrics.write("lock_finalizer", "error");
-                    return Err(e);
-                }
-            }
-            lock_fresh = true;
-            continue;
         }
         // Compare-and-swap the Lock status.
         if let Some(status) = &plan.lock_status {
@@ -263,24 +251,13 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
                 }
             }
         }
-        // A Lock being deleted goes once nothing it granted takes permits any more.
+        // A Lock being deleted goes once nothing it granted takes permits any more (a
+        // conflict: the watch brings the newer version, and with it another reconcile).
         if lock.metadata.deletion_timestamp.is_some()
-            && !lock.status.as_ref().is_some_and(grants)
-            && lock.finalizers().iter().any(|f| f == api::LOCK_FINALIZER)
+            && !lock.status.as_ref().is_some_and(takes_permits)
+            && has_finalizer(&lock)
         {
-            let finalizers = lock.finalizers().iter().filter(|f| *f != api::LOCK_FINALIZER).cloned().collect();
-            match locks.set_finalizers(&ctx, &lock, finalizers).await {
-                Ok(_) => ctx.metrics.write("lock_finalizer", "ok"),
-                Err(Error::Kube(e)) if is_status(&e, 404) => {}
-                Err(Error::Kube(e)) if is_status(&e, 409) => {
-                    ctx.metrics.write("lock_finalizer", "conflict");
-                    return Ok(Action::await_change()); // the watch brings the newer version
-                }
-                Err(e) => {
-                    ctx.metrics.write("lock_finalizer", "error");
-                    return Err(e);
-                }
-            }
+            set_finalizer(&ctx, &locks, &lock, false).await?;
         }
         // The decision is made: keep what was observed, then tell the requests.
         ctx.observations.lock().expect("observations lock poisoned").insert(uid.clone(), plan.observations.clone());
@@ -340,4 +317,35 @@ pub fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
     ctx.metrics.reconcile_errors.get_or_create(&crate::telemetry::ErrorLabel { category: error.category() }).inc();
     warn!(error = %error, category = error.category(), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(1))
+}
+
+fn has_finalizer(lock: &Lock) -> bool {
+    lock.finalizers().iter().any(|f| f == api::LOCK_FINALIZER)
+}
+
+fn takes_permits(status: &api::LockStatus) -> bool {
+    !status.holders.is_empty() || !status.draining.is_empty()
+}
+
+/// Adds (`on`) or removes the controller's finalizer as of the version read; `None` when the
+/// Lock changed meanwhile or is gone.
+async fn set_finalizer(ctx: &Context, locks: &Objects<Lock>, lock: &Lock, on: bool) -> Result<Option<Lock>, Error> {
+    let mut finalizers: Vec<String> = lock.finalizers().iter().filter(|f| *f != api::LOCK_FINALIZER).cloned().collect();
+    if on {
+        finalizers.push(api::LOCK_FINALIZER.to_string());
+    }
+    match locks.set_finalizers(ctx, lock, finalizers).await {
+        Ok(patched) => {
+            ctx.metrics.write("lock_finalizer", "ok");
+            Ok(Some(patched))
+        }
+        Err(Error::Kube(e)) if is_status(&e, 409) || is_status(&e, 404) => {
+            ctx.metrics.write("lock_finalizer", "conflict");
+            Ok(None)
+        }
+        Err(e) => {
+            ctx.metrics.write("lock_finalizer", "error");
+            Err(e)
+        }
+    }
 }
