@@ -25,6 +25,9 @@ use crate::{
     telemetry::{Metrics, SumGauge},
 };
 
+/// How long a DELETE of ours is trusted to take effect before it is sent again.
+pub(super) const DELETE_AGAIN_AFTER: Duration = Duration::from_secs(10);
+
 /// Shared by all reconciles.
 pub struct Context {
     /// API client.
@@ -50,6 +53,12 @@ pub struct Context {
     /// grant often starts before the watch delivers its mirror writes, and would otherwise
     /// write the same status again with a stale resourceVersion (a certain 409, then a retry).
     written_requests: Mutex<HashMap<String, (String, Arc<LockRequest>)>>,
+    /// Requests we deleted, by UID, with when: until the watch reports them gone, every plan
+    /// of their Lock (a waiter's status change, the next release) asks to delete them again,
+    /// and each DELETE after the first is a certain 404, a write for nothing. Kept past the
+    /// watch's delete event too: a reconcile that read its snapshot before the event still
+    /// plans the deletion.
+    deleted_requests: Mutex<HashMap<String, Instant>>,
     /// Requests waiting, per Lock (for the queue-depth gauge).
     pub(super) waiting: SumGauge,
     /// Grants held, per Lock.
@@ -77,6 +86,7 @@ impl Context {
             observations: Mutex::default(),
             written: Mutex::default(),
             written_requests: Mutex::default(),
+            deleted_requests: Mutex::default(),
             waiting: SumGauge::default(),
             held: SumGauge::default(),
         }
@@ -133,6 +143,22 @@ impl Context {
                 .expect("written requests lock poisoned")
                 .insert(uid, (version, written.into()));
         }
+    }
+
+    /// Whether our DELETE of this request is recent enough that it needs no other. After [`DELETE_AGAIN_AFTER`] it is sent again
+    /// (something else may keep the object: a finalizer, a lost answer).
+    pub(super) fn deleted_recently(&self, uid: &str) -> bool {
+        let deleted = self.deleted_requests.lock().expect("deleted requests lock poisoned");
+        deleted.get(uid).is_some_and(|at| at.elapsed() < DELETE_AGAIN_AFTER)
+    }
+
+    /// Remembers our successful DELETE of a request for [`DELETE_AGAIN_AFTER`].
+    pub(super) fn remember_delete(&self, uid: &str) {
+        let mut deleted = self.deleted_requests.lock().expect("deleted requests lock poisoned");
+        if deleted.len() >= 1024 {
+            deleted.retain(|_, at| at.elapsed() < DELETE_AGAIN_AFTER);
+        }
+        deleted.insert(uid.to_string(), Instant::now());
     }
 
     /// A watch event for a request: once the cache has moved past the version our write

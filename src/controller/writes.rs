@@ -205,16 +205,22 @@ pub(super) async fn delete_finished(ctx: &Arc<Context>, ns: &str, plan: &Plan) {
     let api: Api<LockRequest> = Api::namespaced(ctx.client.clone(), ns);
     let deletions: Vec<(String, String)> = plan.deletions.iter().map(|d| (d.name.clone(), d.uid.clone())).collect();
     for (name, uid) in deletions {
+        if ctx.deleted_recently(&uid) {
+            continue; // deleted; its watch event is on its way
+        }
         let dp = DeleteParams {
-            preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
+            preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }),
             ..Default::default()
         };
         match ctx.call(api.delete(&name, &dp)).await {
             Ok(_) => {
                 ctx.metrics.write("request_delete", "ok");
+                ctx.remember_delete(&uid);
                 debug!(request = %name, "deleted finished request");
             }
-            Err(Error::Kube(e)) if is_status(&e, 404) || is_status(&e, 409) => {}
+            Err(Error::Kube(e)) if is_status(&e, 404) || is_status(&e, 409) => {
+                ctx.metrics.write("request_delete", "gone");
+            }
             Err(e) => {
                 ctx.metrics.write("request_delete", "error");
                 warn!(request = %name, error = %e, "deleting finished request");

@@ -529,3 +529,50 @@ async fn a_controller_that_may_not_use_its_lease_runs_without_leader_election() 
     let body = http_get(port, "/metrics").await.unwrap().body;
     assert!(body.contains(r#"kubelock_api_unavailable{api="leases"} 1"#), "{body}");
 }
+
+/// The sum of `kubelock_api_writes_total` for one kind and outcome in a `/metrics` body.
+fn writes_counted(metrics: &str, kind: &str, outcome: &str) -> f64 {
+    let labels = format!("kind=\"{kind}\",outcome=\"{outcome}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kubelock_api_writes_total{") && l.contains(&labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A request its holder released is deleted once: the reconciles that run before the watch
+/// reports it gone (new requests, the next release) do not DELETE it again, which the API
+/// server would answer 404 for nothing (a hot lock paid three of those per grant).
+#[tokio::test]
+async fn a_released_request_is_deleted_once_however_busy_its_lock() {
+    let mut f = Fixture::without_controller().await;
+    let port = free_port();
+    f.controllers.push(ControllerCmd::new(&f.env, Identity::Controller, "controller").admin_port(port).spawn());
+    f.lock("hot", 1, "30s", "0s").await;
+    const CLIENTS: usize = 4;
+    const ROUNDS: usize = 8;
+    let clients = (0..CLIENTS).map(|c| {
+        let requests = f.requests.clone();
+        async move {
+            for round in 0..ROUNDS {
+                let name = format!("c{c}-{round}");
+                create_request(&requests, &name, "hot", 1, None).await;
+                wait_until(&requests, &name, "granted", TIMEOUT, |r| r.phase() == Phase::Granted)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                release(&requests, &name).await;
+            }
+        }
+    });
+    join_all(clients).await;
+    let grants = (CLIENTS * ROUNDS) as f64;
+    let metrics = eventually("every released request deleted", TIMEOUT, || async {
+        let body = http_get(port, "/metrics").await?.body;
+        if writes_counted(&body, "request_delete", "ok") >= grants { Ok(body) } else { Err(body) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(writes_counted(&metrics, "request_delete", "ok"), grants);
+    assert_eq!(writes_counted(&metrics, "request_delete", "gone"), 0.0, "DELETEs answered 404:\n{metrics}");
+    assert!(f.requests.list(&Default::default()).await.unwrap().items.is_empty());
+}
