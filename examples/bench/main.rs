@@ -11,10 +11,12 @@
 //! 5. peer: etcd's lock API on the same etcd;
 //! 6. throughput: 100 Locks × 4 clients, and one hot Lock × 32 clients;
 //! 7. scale: controller started against 10,000 Locks and 20,000 LockRequests;
-//! 8. renewal: 1,000 holders renewing at the default lease.
+//! 8. renewal: 1,000 holders renewing at the default lease;
+//! 9. peer: ZooKeeper's lock recipe (kazoo), handover and hot-lock throughput;
+//! 10. a long queue: 100,000 requests on one Lock, API writes per grant and controller RSS.
 //!
 //! Environment: `BENCH_QUICK=1` (small, ~2 min), `BENCH_ONLY=1,2,3` (some items),
-//! `BENCH_SCALE_LOCKS`, `BENCH_RENEW_HOLDERS`, `BENCH_THROUGHPUT_SECS`, `BENCH_IDLE_SECS`,
+//! `BENCH_SCALE_LOCKS`, `BENCH_QUEUE` (item 10's length), `BENCH_RENEW_HOLDERS`, `BENCH_THROUGHPUT_SECS`, `BENCH_IDLE_SECS`,
 //! `BENCH_BUDGET_SECS` (whole run, default 540: the scale settle gets what is left),
 //! `BENCH_TRACE=1` (controller logs at
 //! `kubelock=trace`, kept in target/bench/), `BENCH_CONTROLLER_ARGS` (extra controller flags),
@@ -23,6 +25,7 @@
 mod floor;
 mod handover;
 mod peers;
+mod queue;
 mod requester;
 mod scale;
 mod stats;
@@ -99,6 +102,8 @@ struct Config {
     idle: Duration,
     renew_holders: usize,
     renew_window: Duration,
+    queue_len: usize,
+    queue_grants: usize,
     budget: Duration,
     trace: bool,
     controller_args: Vec<String>,
@@ -126,6 +131,8 @@ impl Config {
             idle: Duration::from_secs(env_num("BENCH_IDLE_SECS", q(20, 5))),
             renew_holders: env_num("BENCH_RENEW_HOLDERS", q(1_000, 200)) as usize,
             renew_window: Duration::from_secs(q(30, 10)),
+            queue_len: env_num("BENCH_QUEUE", q(100_000, 2_000)) as usize,
+            queue_grants: q(50, 20) as usize,
             budget: Duration::from_secs(env_num("BENCH_BUDGET_SECS", 570)),
             trace: std::env::var("BENCH_TRACE").is_ok_and(|v| !v.is_empty() && v != "0"),
             controller_args: std::env::var("BENCH_CONTROLLER_ARGS")
@@ -150,6 +157,10 @@ struct Results {
     handovers: Vec<(String, handover::Handover)>,
     lease_polling: Option<Samples>,
     etcd_lock: Option<Samples>,
+    zookeeper_handover: Option<Samples>,
+    /// Hot lock on ZooKeeper: (clients, grants, seconds).
+    zookeeper_throughput: Option<(usize, u64, f64)>,
+    queue: Option<queue::Queue>,
     throughput: Vec<(String, throughput::Throughput)>,
     scale: Option<scale::Scale>,
     renewal: Option<scale::Renewal>,
@@ -308,7 +319,7 @@ async fn main() -> anyhow::Result<()> {
     let client = cp.client(Identity::Admin).await?;
     kubelock::devenv::install_crds(&client, Duration::from_secs(60)).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    for ns in ["bench", "bench-floor", "bench-scale"] {
+    for ns in ["bench", "bench-floor", "bench-scale", "bench-queue"] {
         namespaces
             .create(
                 &PostParams::default(),
@@ -365,6 +376,23 @@ async fn main() -> anyhow::Result<()> {
         match peers::lease_polling(&leases, 2, config.lease).await {
             Ok(s) => r.lease_polling = Some(s),
             Err(e) => r.failed("4. Lease polling", e),
+        }
+    }
+
+    if config.runs(9) {
+        r.step("9. ZooKeeper lock").await;
+        let zk = async {
+            let zk = peers::ZooKeeper::start(&out_dir.join("zookeeper")).await?;
+            let handover = zk.handover(2, config.handover).await?;
+            let (grants, secs) = zk.throughput(config.hot_clients, config.throughput_window).await?;
+            anyhow::Ok((handover, grants, secs))
+        };
+        match zk.await {
+            Ok((h, grants, secs)) => {
+                r.zookeeper_handover = Some(h);
+                r.zookeeper_throughput = Some((config.hot_clients, grants, secs));
+            }
+            Err(e) => r.failed("9. ZooKeeper lock", e),
         }
     }
 
@@ -545,6 +573,25 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    if config.runs(10) {
+        r.step(&format!("10. long queue: {} requests on one Lock", config.queue_len)).await;
+        let run = queue::long_queue(
+            &client,
+            &binary,
+            &cp.kubeconfig(Identity::Admin),
+            "bench-queue",
+            &out_dir,
+            &ctl_args,
+            config.queue_len,
+            config.queue_grants,
+        )
+        .await;
+        match run {
+            Ok(q) => r.queue = Some(q),
+            Err(e) => r.failed("10. long queue", e),
+        }
+    }
+
     r.step("end").await;
     let total = run_start.elapsed();
     let report = report(&config, &r, machine, &etcd_fs, total);
@@ -573,6 +620,7 @@ struct Key {
     mutex2: Option<Duration>,
     lease: Option<Duration>,
     etcd: Option<Duration>,
+    zookeeper: Option<Duration>,
 }
 
 fn key(r: &Results) -> Key {
@@ -589,6 +637,7 @@ fn key(r: &Results) -> Key {
         mutex2: r.handovers.iter().find(|(l, _)| l == "mutex 2 waiting").and_then(|(_, h)| h.samples.p50()),
         lease: r.lease_polling.as_ref().and_then(Samples::p50),
         etcd: r.etcd_lock.as_ref().and_then(Samples::p50),
+        zookeeper: r.zookeeper_handover.as_ref().and_then(Samples::p50),
     }
 }
 
@@ -647,14 +696,35 @@ fn targets(r: &Results) -> Vec<(String, String, String, Option<bool>)> {
             s.idle_cpu_per_s.map(|v| v < 0.01),
         ));
     }
-    // Not measured by this bench yet: listed so that the table shows every target.
+    match &r.queue {
+        Some(q) => {
+            let per = q.writes_per_grant();
+            t.push((
+                format!("{} queued on one Lock: API writes per grant", q.queued),
+                per.map_or("-".into(), |v| format!("{v:.2}")),
+                "O(1): <= 8".into(),
+                per.map(|v| v <= 8.0),
+            ));
+            t.push((
+                format!("{} queued: controller peak RSS", q.queued),
+                format!("{:.0} MiB", q.peak_rss_mib),
+                "< 256 MiB".into(),
+                Some(q.peak_rss_mib < 256.0),
+            ));
+        }
+        None => t.push(("long queue on one Lock".into(), "not run".into(), "O(1), RSS < 256 MiB".into(), None)),
+    }
+    let hot = r.throughput.iter().find(|(_, tp)| tp.locks == 1).map(|(_, tp)| tp.per_second());
+    let zk = r.zookeeper_throughput.map(|(_, g, s)| g as f64 / s);
     t.push((
-        "100,000 queued on one Lock: writes per grant, RSS".into(),
-        "not measured".into(),
-        "O(1), RSS < 256 MiB".into(),
+        "hot-lock throughput, kubelock / ZooKeeper".into(),
+        match (hot, zk) {
+            (Some(h), Some(z)) if z > 0.0 => format!("{:.2}x ({h:.1} vs {z:.1}/s)", h / z),
+            _ => "-".into(),
+        },
+        "reported (a ratio)".into(),
         None,
     ));
-    t.push(("vs ZooKeeper lock, hot-lock throughput".into(), "not measured".into(), "a ratio".into(), None));
     t
 }
 
@@ -709,6 +779,17 @@ fn report(config: &Config, r: &Results, machine: Value, etcd_fs: &str, total: Du
     if let Some(x) = &r.renewal {
         items.insert("8_renewal".into(), x.to_json());
     }
+    if let Some(s) = &r.zookeeper_handover {
+        let mut v = json!({ "handover_2_waiting": s.to_json() });
+        if let Some((clients, grants, secs)) = r.zookeeper_throughput {
+            v["hot_lock"] = json!({"clients": clients, "grants": grants, "seconds": scale::round(secs, 2),
+                "grants_per_s": scale::round(grants as f64 / secs, 1)});
+        }
+        items.insert("9_zookeeper_lock_peer".into(), v);
+    }
+    if let Some(q) = &r.queue {
+        items.insert("10_long_queue".into(), q.to_json());
+    }
     let r2 = |v: Option<f64>| v.map(|v| scale::round(v, 2));
     json!({
         "machine": machine,
@@ -731,6 +812,7 @@ fn report(config: &Config, r: &Results, machine: Value, etcd_fs: &str, total: Du
             "kubelock_mutex2_over_custom_resource_handover_floor": r2(ratio(k.mutex2, k.cr_floor)),
             "lease_polling_over_kubelock_mutex2": r2(ratio(k.lease, k.mutex2)),
             "kubelock_mutex2_over_etcd_lock": r2(ratio(k.mutex2, k.etcd)),
+            "kubelock_mutex2_over_zookeeper_lock": r2(ratio(k.mutex2, k.zookeeper)),
         },
         "targets": targets(r).into_iter().map(|(n, m, t, p)| json!({"target": n, "measured": m, "goal": t, "pass": p})).collect::<Vec<_>>(),
         "errors": r.errors.iter().map(|(i, e)| json!({"item": i, "error": e})).collect::<Vec<_>>(),
@@ -788,6 +870,9 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
     if let Some(s) = &r.etcd_lock {
         row("5 peer: etcd lock API (unlock -> lock returns)", s);
     }
+    if let Some(s) = &r.zookeeper_handover {
+        row("9 peer: ZooKeeper lock (kazoo, release -> acquire)", s);
+    }
     if !r.throughput.is_empty() {
         println!();
         println!("{:<56} {:>9} {:>9}", "throughput (hold time 0)", "grants", "grants/s");
@@ -806,6 +891,14 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
                 println!("    by kind: {}", kinds.join(", "));
                 println!("    controller writes: {}", fmt_map(&t.controller_writes));
             }
+        }
+        if let Some((clients, grants, secs)) = r.zookeeper_throughput {
+            println!(
+                "{:<56} {:>9} {:>9.1}",
+                format!("9 ZooKeeper: 1 lock x {clients} clients, {secs:.0} s"),
+                grants,
+                grants as f64 / secs
+            );
         }
     }
     if let Some(s) = &r.scale {
@@ -862,6 +955,21 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
             x.expirations
         );
     }
+    if let Some(q) = &r.queue {
+        println!();
+        println!("10 long queue: {} requests on one Lock ({:.0} s to create)", q.queued, q.create_s);
+        println!("  settled (API server quiet)            {:.1} s after the controller started", q.settle_s);
+        println!("  API writes to settle                  {}", fmt_map(&q.settle_api_writes));
+        println!(
+            "  {} handovers in {:.1} s: API writes per grant {}   ({})",
+            q.grants,
+            q.window_s,
+            q.writes_per_grant().map_or("-".into(), |v| format!("{v:.2}")),
+            fmt_map(&q.api_writes)
+        );
+        println!("  controller writes                     {}", fmt_map(&q.controller_writes));
+        println!("  controller peak RSS (VmHWM)           {:.0} MiB  (RSS {:.0} MiB)", q.peak_rss_mib, q.rss_mib);
+    }
     println!();
     println!("per step: etcd WAL fsyncs (count, p50/p99 from etcd's histogram) and CPU seconds used by");
     println!("kube-apiserver (api), etcd, the controller (ctl) and this benchmark (bench):");
@@ -893,6 +1001,7 @@ fn print_table(r: &Results, report: &Value, total: Duration) {
     );
     println!("  Lease polling / kubelock handover       {}", fmt_ratio(&ratios["lease_polling_over_kubelock_mutex2"]));
     println!("  kubelock handover / etcd lock           {}", fmt_ratio(&ratios["kubelock_mutex2_over_etcd_lock"]));
+    println!("  kubelock handover / ZooKeeper lock      {}", fmt_ratio(&ratios["kubelock_mutex2_over_zookeeper_lock"]));
     println!();
     println!("targets:");
     for (name, measured, goal, pass) in targets(r) {

@@ -248,3 +248,127 @@ pub async fn etcd_lock_handover(endpoint: &str, budget: Budget) -> anyhow::Resul
     etcd_post(&addr, "/v3/lock/unlock", json!({ "key": held_key })).await?;
     Ok(samples)
 }
+
+// ---------------------------------------------------------------------------------------
+// 9. ZooKeeper's lock recipe (kazoo's `Lock`), on a standalone ZooKeeper on loopback with its
+// transaction log on the same disk as etcd's data (fsync per write, as etcd).
+
+/// Where Debian's `zookeeper` package puts the server (override: `ZOOKEEPER_CLASSPATH`).
+const ZOOKEEPER_JAR: &str = "/usr/share/java/zookeeper.jar";
+
+/// A standalone ZooKeeper server, killed with the bench.
+pub struct ZooKeeper {
+    child: std::process::Child,
+    pub hosts: String,
+}
+
+impl ZooKeeper {
+    /// Starts one in `dir` (its config, data and log) and waits until it answers `ruok`.
+    pub async fn start(dir: &std::path::Path) -> anyhow::Result<ZooKeeper> {
+        let classpath = std::env::var("ZOOKEEPER_CLASSPATH").unwrap_or_else(|_| ZOOKEEPER_JAR.into());
+        if !classpath.split(':').any(|p| std::path::Path::new(p).exists()) {
+            bail!("ZooKeeper not installed ({classpath} missing): `make bench-peers` installs Debian's zookeeper");
+        }
+        let data = dir.join("data");
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data)?;
+        let port = crate::sys::free_port()?;
+        let cfg = dir.join("zoo.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "tickTime=2000\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
+                 admin.enableServer=false\n4lw.commands.whitelist=ruok\nmaxClientCnxns=0\n",
+                data.display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("zookeeper.log"))?;
+        let mut cmd = kubelock::devenv::guarded_command("java");
+        cmd.args(["-cp", &classpath, "org.apache.zookeeper.server.ZooKeeperServerMain"])
+            .arg(&cfg)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = kubelock::devenv::spawn_guarded(cmd).context("starting java (ZooKeeper)")?;
+        let mut zk = ZooKeeper { child, hosts: format!("127.0.0.1:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = zk.child.try_wait()? {
+                bail!("ZooKeeper exited ({status}); see {}", dir.join("zookeeper.log").display());
+            }
+            if zk.ruok().await {
+                return Ok(zk);
+            }
+            if Instant::now() > deadline {
+                bail!("ZooKeeper did not answer on {} within 60 s", zk.hosts);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn ruok(&self) -> bool {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Ok(mut s) = tokio::net::TcpStream::connect(&self.hosts).await else { return false };
+        let mut answer = String::new();
+        s.write_all(b"ruok").await.is_ok() && s.read_to_string(&mut answer).await.is_ok() && answer == "imok"
+    }
+
+    /// `examples/bench/zookeeper.py ARGS` against this server: its JSON answer.
+    async fn script(&self, args: &[String]) -> anyhow::Result<Value> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bench/zookeeper.py");
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let out = tokio::process::Command::new(&python)
+            .arg(script)
+            .args(["--hosts", &self.hosts])
+            .args(args)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .with_context(|| format!("running {python} {script}"))?;
+        if !out.status.success() {
+            bail!(
+                "{script} {}: {}\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).lines().rev().take(8).collect::<Vec<_>>().join("\n")
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{script} printed no JSON"))
+    }
+
+    /// Release → the next client's `acquire()` returns, `waiters` waiting.
+    pub async fn handover(&self, waiters: usize, budget: Budget) -> anyhow::Result<Samples> {
+        let v = self
+            .script(&[
+                "handover".into(),
+                format!("--waiters={waiters}"),
+                format!("--samples={}", budget.samples),
+                format!("--seconds={}", budget.time.as_secs_f64().max(5.0)),
+            ])
+            .await?;
+        let mut samples = Samples::default();
+        for ms in v["samples_ms"].as_array().context("no samples_ms")? {
+            samples.push(Duration::from_secs_f64(ms.as_f64().unwrap_or(0.0) / 1e3));
+        }
+        Ok(samples)
+    }
+
+    /// `clients` acquiring and releasing at once for `window`: (grants, seconds).
+    pub async fn throughput(&self, clients: usize, window: Duration) -> anyhow::Result<(u64, f64)> {
+        let v = self
+            .script(&[
+                "throughput".into(),
+                format!("--clients={clients}"),
+                format!("--seconds={}", window.as_secs_f64()),
+            ])
+            .await?;
+        Ok((v["grants"].as_u64().context("no grants")?, v["seconds"].as_f64().context("no seconds")?))
+    }
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

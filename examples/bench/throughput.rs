@@ -114,6 +114,9 @@ pub async fn throughput(
     for c in created {
         c?;
     }
+    // What the Locks' creation and the previous item still write (finalizers, Events, deletes)
+    // is not this item's.
+    crate::scale::wait_quiet(kube_client).await?;
     let shared = Arc::new(Shared { window: OnceLock::new(), grants: AtomicU64::new(0), errors: AtomicU64::new(0) });
     let stop = CancellationToken::new();
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
