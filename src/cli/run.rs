@@ -34,6 +34,7 @@ pub enum ProcessGroup {
     /// the whole group, so the command's own children are stopped too.
     Own,
     /// The command stays in kubelock's process group; signals go to the command's PID only.
+    /// What it leaves running when it exits is killed before the release all the same.
     Same,
 }
 
