@@ -34,6 +34,7 @@ pub enum ProcessGroup {
     /// the whole group, so the command's own children are stopped too.
     Own,
     /// The command stays in kubelock's process group; signals go to the command's PID only.
+    /// What it leaves running when it exits is killed before the release all the same.
     Same,
 }
 
@@ -157,15 +158,28 @@ impl Target {
     }
 }
 
-/// Waits until no live process is left in the group `pgid` (polled: no event reports it),
-/// up to the local deadline, and a moment more for what SIGKILL ended to go when the deadline
-/// has passed already; true if it emptied.
-async fn group_gone_by(pgid: rustix::process::Pid, deadline: BootInstant) -> bool {
+/// Waits until nothing the command started is left alive, up to the local deadline, and a
+/// moment more for what SIGKILL ended to go when the deadline has passed already; true if
+/// nothing is left. Polled: no event reports it. What is left is killed: its own process group
+/// (when it has one), and every process reparented to kubelock, its subreaper (the command's
+/// orphans, whatever their group or session: a `--process-group same` command's background
+/// jobs, a worker that called `setsid`).
+async fn leftovers_gone_by(target: Target, deadline: BootInstant) -> bool {
     let until = deadline.max(BootInstant::now().saturating_add(std::time::Duration::from_secs(2)));
+    let me = rustix::process::getpid();
     loop {
-        // Orphans of the group become our children when we are the pod's PID 1: reap them.
+        // Orphans become our children (we are their subreaper, or the pod's PID 1): reap them.
         while let Ok(Some(_)) = rustix::process::wait(rustix::process::WaitOptions::NOHANG) {}
-        if !group_alive(pgid) {
+        let group = target.group && group_alive(target.pid);
+        if group {
+            target.send(rustix::process::Signal::KILL);
+        }
+        let children = live_children(me);
+        for child in &children {
+            // Our child until we reap it: its PID cannot be reused meanwhile.
+            let _ = rustix::process::kill_process(*child, rustix::process::Signal::KILL);
+        }
+        if !group && children.is_empty() {
             return true;
         }
         if BootInstant::now() >= until {
@@ -175,23 +189,46 @@ async fn group_gone_by(pgid: rustix::process::Pid, deadline: BootInstant) -> boo
     }
 }
 
-/// Whether a process of group `pgid` still runs: zombies do not (an init that does not reap
-/// would keep them forever), so this reads /proc rather than signalling the group.
+/// `(state, parent, process group)` of each process, from /proc: zombies do not run (an
+/// init that does not reap would keep them forever), so this reads /proc rather than
+/// signalling.
+fn processes() -> Vec<(rustix::process::Pid, String, i32, i32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok().and_then(rustix::process::Pid::from_raw)?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "PID (COMM) STATE PPID PGRP ...": COMM may hold spaces and parentheses.
+            let (_, rest) = stat.rsplit_once(')')?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?.to_string();
+            let parent = fields.next()?.parse().ok()?;
+            let group = fields.next()?.parse().ok()?;
+            Some((pid, state, parent, group))
+        })
+        .collect()
+}
+
+fn running(state: &str) -> bool {
+    !matches!(state, "Z" | "X")
+}
+
+/// Our children that still run.
+fn live_children(me: rustix::process::Pid) -> Vec<rustix::process::Pid> {
+    let me = me.as_raw_nonzero().get();
+    processes().into_iter().filter(|(_, state, parent, _)| *parent == me && running(state)).map(|(p, ..)| p).collect()
+}
+
+/// Whether a process of group `pgid` still runs.
 fn group_alive(pgid: rustix::process::Pid) -> bool {
     if rustix::process::test_kill_process_group(pgid) == Err(rustix::io::Errno::SRCH) {
         return false;
     }
-    let Ok(entries) = std::fs::read_dir("/proc") else { return true };
-    let pgid = pgid.as_raw_nonzero().get().to_string();
-    entries.flatten().any(|e| {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { return false };
-        // "PID (COMM) STATE PPID PGRP ...": COMM may hold spaces and parentheses.
-        let Some((_, rest)) = stat.rsplit_once(')') else { return false };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("");
-        let group = fields.nth(1).unwrap_or("");
-        group == pgid && !matches!(state, "Z" | "X")
-    })
+    let pgid = pgid.as_raw_nonzero().get();
+    let all = processes();
+    // /proc unreadable: assume it runs.
+    all.is_empty() || all.iter().any(|(_, state, _, group)| *group == pgid && running(state))
 }
 
 /// Signals kubelock forwards to the command.
@@ -341,6 +378,11 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
     if own_group {
         command.process_group(0);
     }
+    // What the command leaves behind when it exits (orphans, whatever their process group or
+    // session) becomes our child, so that the release waits for it too.
+    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+        eprintln!("kubelock: cannot become the subreaper of the command's processes: {e}");
+    }
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -429,14 +471,14 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
     });
     let token = guard.token();
     // The release mark frees the permits at once: only once nothing the command started can
-    // still act. In its own group, what it left behind (a shell's workers, a background job)
-    // is killed and waited for; what outlives the deadline keeps the lock to its lease.
-    let group_gone = !own_group || {
+    // still act. What it left behind (a shell's workers, a background job, in its group or
+    // not) is killed and waited for; what outlives the deadline keeps the lock to its lease.
+    if own_group {
         target.send(rustix::process::Signal::KILL);
-        group_gone_by(target.pid, deadline_or_now(&guard)).await
-    };
-    if !group_gone {
-        eprintln!("kubelock: processes of the command's group still run after its exit; the lock is left to its lease");
+    }
+    let nothing_left = leftovers_gone_by(target, deadline_or_now(&guard)).await;
+    if !nothing_left {
+        eprintln!("kubelock: processes the command started still run after its exit; the lock is left to its lease");
         guard.detach();
     } else if let Err(e) = guard.release().await {
         eprintln!("kubelock: releasing lock {}: {e} (the lease will expire)", args.lock);

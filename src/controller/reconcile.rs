@@ -253,10 +253,7 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         }
         // A Lock being deleted goes once nothing it granted takes permits any more (a
         // conflict: the watch brings the newer version, and with it another reconcile).
-        if lock.metadata.deletion_timestamp.is_some()
-            && !lock.status.as_ref().is_some_and(takes_permits)
-            && has_finalizer(&lock)
-        {
+        if may_go(&lock) {
             set_finalizer(&ctx, &locks, &lock, false).await?;
         }
         // The decision is made: keep what was observed, then tell the requests.
@@ -327,6 +324,16 @@ fn takes_permits(status: &api::LockStatus) -> bool {
     !status.holders.is_empty() || !status.draining.is_empty()
 }
 
+/// Whether a Lock being deleted may go (its finalizer removed): nothing it granted takes
+/// permits any more, as far as its status can be read in full (a grant it cannot read is
+/// a grant still).
+fn may_go(lock: &Lock) -> bool {
+    lock.metadata.deletion_timestamp.is_some()
+        && has_finalizer(lock)
+        && !lock.status.as_ref().is_some_and(takes_permits)
+        && !planner::grants_unreadable(lock)
+}
+
 /// Adds (`on`) or removes the controller's finalizer as of the version read; `None` when the
 /// Lock changed meanwhile or is gone.
 async fn set_finalizer(ctx: &Context, locks: &Objects<Lock>, lock: &Lock, on: bool) -> Result<Option<Lock>, Error> {
@@ -347,5 +354,51 @@ async fn set_finalizer(ctx: &Context, locks: &Objects<Lock>, lock: &Lock, on: bo
             ctx.metrics.write("lock_finalizer", "error");
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deleting_lock(status: serde_json::Value) -> Lock {
+        let value = serde_json::json!({
+            "apiVersion": "kubelock.dev/v1alpha1", "kind": "Lock",
+            "metadata": {"name": "db", "namespace": "ns", "uid": "lock-uid", "generation": 1,
+                         "finalizers": [api::LOCK_FINALIZER], "deletionTimestamp": "2027-01-15T08:00:00Z"},
+            "spec": {"permits": 1, "leaseDuration": "30s"},
+            "status": status,
+        });
+        api::lenient(value, api::placeholder_lock)
+    }
+
+    /// The finalizer keeps a deleted Lock, and so the record of its grants, until they are
+    /// free: a grant the controller cannot read (a value beyond the Rust types, which the
+    /// schema's plain `integer` admits) is still a grant, and the Lock must not go with it.
+    #[test]
+    fn a_deleted_lock_with_grants_it_cannot_read_keeps_its_finalizer() {
+        let entry = |what: &str| {
+            let mut e = serde_json::json!({
+                "request": "r0", "requestUID": "u0", "holder": "h0", "permits": i64::from(i32::MAX) + 1,
+                "token": 7, "leaseDuration": "30s"});
+            if what == "draining" {
+                e["reason"] = "Deleted".into();
+                e["endedAt"] = "2027-01-15T08:00:00.000000Z".into();
+            } else {
+                e["grantedAt"] = "2027-01-15T08:00:00.000000Z".into();
+            }
+            e
+        };
+        for what in ["holders", "draining"] {
+            let lock = deleting_lock(serde_json::json!({"fencingToken": 7, what: [entry(what)]}));
+            assert!(api::malformed(&lock).is_some_and(|m| m.contains(what)), "{:?}", api::malformed(&lock));
+            assert!(!may_go(&lock), "the Lock goes with an unreadable entry of status.{what}");
+        }
+        // Once nothing takes permits, it goes; not before.
+        assert!(may_go(&deleting_lock(serde_json::json!({"fencingToken": 7}))));
+        let held = deleting_lock(serde_json::json!({"fencingToken": 7, "holders": [{
+            "request": "r0", "requestUID": "u0", "holder": "h0", "permits": 1, "token": 7,
+            "leaseDuration": "30s", "grantedAt": "2027-01-15T08:00:00.000000Z"}]}));
+        assert!(!may_go(&held));
     }
 }

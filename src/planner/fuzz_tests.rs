@@ -550,3 +550,43 @@ fn an_unreadable_request_status_is_rewritten() {
     assert_eq!(p.requests.len(), 1, "{p:?}");
     assert_eq!(p.requests[0].status.phase, Some(Phase::Granted));
 }
+
+/// A draining grant takes permits as a holder does: an entry the reader could not read (its
+/// `permits` beyond i32, which the schema's plain `integer` admits) was dropped, and the plan
+/// wrote a status without it and granted the next request while the ended holder could
+/// still act.
+#[test]
+fn an_unreadable_draining_entry_is_never_dropped_and_its_permits_stay_taken() {
+    let value = json!({
+        "apiVersion": "kubelock.dev/v1alpha1", "kind": "Lock",
+        "metadata": {"name": "db", "namespace": "ns", "uid": "lock-uid", "generation": 1},
+        "spec": {"permits": 1, "leaseDuration": "30s"},
+        "status": {"fencingToken": 7, "draining": [{
+            "request": "r0", "requestUID": "u0", "holder": "h0", "permits": i64::from(i32::MAX) + 1,
+            "token": 7, "leaseDuration": "30s", "reason": "Deleted", "endedAt": "2027-01-15T08:00:00.000000Z"}]},
+    });
+    let lock = api::lenient(value, api::placeholder_lock);
+    assert!(api::malformed(&lock).is_some_and(|m| m.contains("status.draining")), "{:?}", api::malformed(&lock));
+    let waiter: LockRequest = serde_json::from_value(json!({
+        "apiVersion": "kubelock.dev/v1alpha1", "kind": "LockRequest",
+        "metadata": {"name": "r1", "namespace": "ns", "uid": "u1", "generation": 1,
+                     "creationTimestamp": "2027-01-15T08:00:01Z"},
+        "spec": {"lockName": "db", "holderIdentity": "h1", "permits": 1},
+    }))
+    .expect("a request");
+    let requests = [Arc::new(waiter)];
+    // Plan, write what it asks for, read the Lock back as the controller would, plan again.
+    let mut lock = lock;
+    for round in 0..2 {
+        let p = plan_of(&lock, &requests);
+        let granted: Vec<&str> = p.lock_status.iter().flat_map(|s| &s.holders).map(|h| h.request.as_str()).collect();
+        assert!(granted.is_empty(), "round {round}: granted {granted:?} while the ended holder may still act");
+        assert!(p.invalid_spec.as_deref().is_some_and(|w| w.contains("status.draining")), "round {round}");
+        if let Some(status) = p.lock_status {
+            let mut stored = serde_json::to_value(&lock).expect("json");
+            stored["metadata"]["annotations"] = json!({});
+            stored["status"] = serde_json::to_value(&status).expect("json");
+            lock = api::lenient(stored, api::placeholder_lock);
+        }
+    }
+}

@@ -87,7 +87,8 @@ fn changed_spec(h: &Holder, req: &LockRequest, lock_name: &str) -> Option<String
     None
 }
 
-/// The pod a grant is bound to: the one recorded with it, else the request's.
+/// The pod whose end ends a grant: the one recorded with it, else the request's (whose stop
+/// confirms nothing about the holder, see `end_of`).
 fn bound_pod<'a>(recorded: Option<&'a PodRef>, req: Option<&'a LockRequest>) -> Option<&'a PodRef> {
     recorded.or_else(|| req.and_then(|r| r.spec.pod_ref.as_ref()))
 }
@@ -135,10 +136,13 @@ fn end_of(h: &Holder, req: Option<&LockRequest>, inputs: &Inputs<'_>, seen: &Ren
         return End::Drain { kind: EventKind::Broken, reason: Reason::Broken, message, restart: false };
     }
     match pod_state(bound_pod(h.pod_ref.as_ref(), Some(req)), inputs) {
-        PodState::Gone { why, stopped: true } => {
+        // Only the pod recorded with the grant is the holder's for sure: one named by the
+        // request alone (a grant recorded without its pod, or a podRef added since) ends the
+        // grant, but its stop confirms nothing.
+        PodState::Gone { why, stopped: true } if h.pod_ref.is_some() => {
             return End::Free { kind: EventKind::Expired, reason: Reason::PodGone, message: why };
         }
-        PodState::Gone { why, stopped: false } => {
+        PodState::Gone { why, .. } => {
             let message = format!("{why}; it may still be running");
             return End::Drain { kind: EventKind::Expired, reason: Reason::PodGone, message, restart: false };
         }
@@ -255,8 +259,8 @@ pub(super) fn plan_holders(
                 let at = if restart { now.mono } else { seen.at };
                 obs.renewals.insert(h.request_uid.clone(), Renewal { at, ..seen });
                 plan.wake(at + lease_of(&h.lease_duration));
-                let pod = bound_pod(h.pod_ref.as_ref(), req);
-                pass.draining.push(draining_entry(h, pod, reason, now.wall));
+                // Bound to the pod recorded with the grant, not to one its request names now.
+                pass.draining.push(draining_entry(h, h.pod_ref.as_ref(), reason, now.wall));
                 let note = format!(
                     "{} lost token {}: {message}; its permits drain until it can no longer act",
                     h.holder, h.token

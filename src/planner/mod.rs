@@ -50,11 +50,19 @@ pub const QUEUE_WINDOW: usize = 10;
 /// The lease used for a holder entry whose recorded lease cannot be read (a hand-edited status).
 const FALLBACK_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Whether some of a Lock's grants could not be read: a holder, a grant still draining (its
+/// permits are taken as a holder's are), or the fencing token. Such a status is never
+/// rewritten, and a Lock being deleted keeps its finalizer.
+pub fn grants_unreadable(lock: &crate::api::Lock) -> bool {
+    crate::api::grants_unreadable(lock) || crate::api::malformed(lock).is_some_and(|p| p.contains("status.draining"))
+}
+
 /// Plans one existing Lock with the requests that name it.
 pub fn plan(inputs: Inputs<'_>) -> Plan {
     let Inputs { lock, requests, now, .. } = inputs;
-    if crate::api::grants_unreadable(lock) {
-        // Holders or the fencing token cannot be read: writing a status would lose them.
+    if grants_unreadable(lock) {
+        // Holders, draining grants or the fencing token cannot be read: writing a status
+        // would lose them (and free the permits they take).
         // Touch nothing (no grant either) and say why.
         return Plan {
             invalid_spec: crate::api::malformed(lock).map(str::to_string),

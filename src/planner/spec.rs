@@ -104,15 +104,21 @@ pub(super) fn pod_state(pod_ref: Option<&PodRef>, inputs: &Inputs<'_>) -> PodSta
         return PodState::Fine;
     };
     let name = &pod_ref.name;
+    // Without a UID the reference names whichever pod has the name: a pod of that name that
+    // stopped (an earlier one, still in a lagging cache, while the holder runs in the current
+    // one) says nothing sure about the holder's. Its end drains; only a UID confirms a stop.
+    let identified = pod_ref.uid.is_some();
     match inputs.pods.get(name) {
         // The pod named is another one now: ours is gone, and nothing says how it ended.
         Some(pod) if pod_ref.uid.as_ref().is_some_and(|uid| *uid != pod.uid) => {
             PodState::Gone { why: format!("pod {name} was replaced by another pod of the same name"), stopped: false }
         }
-        Some(pod) if pod.terminated => PodState::Gone { why: format!("pod {name} has terminated"), stopped: true },
+        Some(pod) if pod.terminated => {
+            PodState::Gone { why: format!("pod {name} has terminated"), stopped: identified }
+        }
         Some(_) => PodState::Fine,
         None => match inputs.gone_pods.get(name) {
-            Some(stopped) => PodState::Gone { why: format!("pod {name} was deleted"), stopped: *stopped },
+            Some(stopped) => PodState::Gone { why: format!("pod {name} was deleted"), stopped: *stopped && identified },
             None => PodState::Unknown(name.clone()),
         },
     }

@@ -1181,3 +1181,75 @@ fn a_status_restored_from_a_backup_never_hands_out_a_token_again() {
     w.step();
     assert!(w.token("b") > issued, "token {} after {issued} was issued", w.token("b"));
 }
+
+/// A `podRef` without a UID names a pod by its name alone, and another pod of that name (an
+/// earlier one, terminated or deleted, still in a controller's lagging pod cache, while the
+/// holder runs in the current one) confirms nothing about the holder's: its grant ends, and
+/// drains for its lease, but its permits are not freed at once.
+#[test]
+fn another_pod_of_the_name_never_confirms_a_holder_without_a_pod_uid_stopped() {
+    for stale in ["terminated", "deleted"] {
+        let mut w = World::new(lock(1, "30s", "0s"));
+        w.pods.insert("web-0".into(), PodInfo { uid: "pod-now".into(), terminated: false, stopped: false });
+        let mut a = request("a", 1, 1);
+        a.spec.pod_ref = Some(PodRef { name: "web-0".into(), uid: None });
+        w.add(a);
+        w.add(request("b", 1, 2));
+        w.step();
+        assert_eq!(w.holders(), ["a"]);
+        // Another controller (a new leader, or a second one in split brain) whose pod cache
+        // still shows the earlier web-0: terminated, or its watched deletion, stopped.
+        w.obs = Observations::default();
+        w.mono += secs(1);
+        w.pods.clear();
+        if stale == "terminated" {
+            w.pods.insert("web-0".into(), PodInfo { uid: "pod-before".into(), terminated: true, stopped: true });
+        } else {
+            w.gone_pods.insert("web-0".into(), true);
+        }
+        w.step();
+        assert_eq!(w.phase("b"), Phase::Pending, "{stale}: b granted while a may still act in the current web-0");
+        assert_eq!(w.taken(), 1, "{stale}");
+        assert_eq!(w.status().draining.iter().map(|d| d.request.as_str()).collect::<Vec<_>>(), ["a"], "{stale}");
+        // Its lease passes with no renewal: then it is free.
+        w.mono += secs(30);
+        w.step();
+        assert_eq!(w.holders(), ["b"], "{stale}");
+    }
+}
+
+/// A grant made without a pod is bound to none: a `podRef` added to its request afterwards
+/// (by anyone who may patch it without the webhook, by a trusted user with it), naming a pod
+/// that stopped, says nothing about its holder, which may still act. It ends the grant as a
+/// changed spec does (drained), never frees its permits at once.
+#[test]
+fn a_pod_ref_added_to_a_grant_made_without_one_never_frees_it_at_once() {
+    for stale in ["terminated", "deleted"] {
+        let mut w = World::new(lock(1, "30s", "0s"));
+        w.add(request("a", 1, 1));
+        w.add(request("b", 1, 2));
+        w.step();
+        assert_eq!(w.holders(), ["a"]);
+        assert_eq!(w.status().holders[0].pod_ref, None);
+        if stale == "terminated" {
+            w.pods.insert("p2".into(), PodInfo { uid: "pod-uid-p2".into(), terminated: true, stopped: true });
+        } else {
+            w.gone_pods.insert("p2".into(), true);
+        }
+        let r = w.requests.iter_mut().find(|r| r.name_any() == "a").unwrap();
+        let r = Arc::make_mut(r);
+        r.spec.pod_ref = Some(PodRef { name: "p2".into(), uid: Some("pod-uid-p2".into()) });
+        r.metadata.generation = Some(2);
+        w.mono += secs(1);
+        w.step();
+        assert_eq!(w.phase("b"), Phase::Pending, "{stale}: b granted while a may still act");
+        assert_eq!(w.taken(), 1, "{stale}");
+        assert_eq!(w.status().draining.len(), 1, "{stale}");
+        // The draining grant is not bound to that pod either: its lease decides.
+        w.step();
+        assert_eq!(w.phase("b"), Phase::Pending, "{stale}: the drain ended on the added pod's stop");
+        w.mono += secs(30);
+        w.step();
+        assert_eq!(w.holders(), ["b"], "{stale}");
+    }
+}

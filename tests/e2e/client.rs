@@ -393,6 +393,50 @@ async fn the_lock_is_released_only_once_nothing_the_command_started_runs() {
     );
 }
 
+/// The same for what the command leaves outside its process group: with `--process-group
+/// same` (the command shares kubelock's group, which kubelock cannot kill) and with a worker
+/// that started a session of its own (`setsid`). Before, the release came as soon as the
+/// group was empty, and the next holder was granted while the worker still ran.
+#[tokio::test]
+async fn the_lock_is_released_only_once_nothing_the_command_started_runs_outside_its_group() {
+    let f = Fixture::new().await;
+    for (i, (group, launch)) in [("same", ""), ("own", "setsid ")].into_iter().enumerate() {
+        let lock = format!("left-{i}");
+        f.lock(&lock, 1, "10s", "0s").await;
+        let pid_file = f.env.log_dir().join(format!("worker-{i}.pid"));
+        // The worker writes its own PID (setsid may fork), ignores SIGTERM, and stops by itself
+        // after a while (never left behind). The command exits once the worker runs.
+        let p = pid_file.display();
+        let worker = format!(
+            "echo $$ > {p}.tmp; mv {p}.tmp {p}; trap \"\" TERM; n=0; while [ $n -lt 1200 ]; do sleep 0.05; n=$((n+1)); done"
+        );
+        let script = format!("{launch}sh -c '{worker}' & while [ ! -e {p} ]; do sleep 0.01; done; exit 0");
+        let mut run = f
+            .env
+            .kubelock(Identity::Requester1, &format!("run-{group}"))
+            .args(["run", "--lock", &lock, "--process-group", group, "--", "sh", "-c", &script])
+            .spawn();
+        let status = run.wait(TIMEOUT).await;
+        assert_eq!(code(status, "run", &run), 0, "{group}: stderr:\n{}", run.stderr_tail(20));
+        let pid: u32 = std::fs::read_to_string(&pid_file).expect("the worker's pid").trim().parse().expect("a pid");
+        wait_until(&f.locks, &lock, "the lock free", TIMEOUT, |l| {
+            l.status.as_ref().is_some_and(|s| s.fencing_token > 0 && s.holders.is_empty() && s.draining.is_empty())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let worker = crate::support::ProcessId::of(pid).map(|w| w.cmdline());
+        if worker.is_some()
+            && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
+        {
+            let _ = rustix::process::kill_process(p, Signal::KILL);
+        }
+        assert!(
+            worker.is_none(),
+            "--process-group {group}: the lock is free while the command's worker {pid} still runs: {worker:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_command_that_ignores_sigterm_is_killed_by_the_deadline() {
     let env = TestEnv::private().await;
