@@ -115,8 +115,9 @@ impl LeaderElector {
         self.tx.subscribe()
     }
 
-    /// Campaigns until `shutdown` fires, then releases. Returns an error only for options
-    /// that can never succeed.
+    /// Campaigns until `shutdown` fires, then releases (fire it once the app stopped acting as
+    /// leader). A term lost otherwise is not released: it drains or expires. Returns an error
+    /// only for options that can never succeed.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AcquireError> {
         self.opts.validate()?;
         let mut backoff = BACKOFF_MIN;
@@ -133,17 +134,25 @@ impl LeaderElector {
                         request: guard.request_name().to_string(),
                         state: guard.state(),
                     }));
-                    tokio::select! {
+                    let lost = tokio::select! {
                         reason = guard.lost() => {
                             self.tx.send_replace(Leadership::NotLeading);
                             warn!(lock = %self.opts.lock, token = guard.token(), %reason, "leadership lost");
+                            true
                         }
                         _ = shutdown.cancelled() => {
                             self.tx.send_replace(Leadership::NotLeading);
+                            false
                         }
-                    }
+                    };
                     let token = guard.token();
-                    if let Err(e) = guard.release().await {
+                    if lost {
+                        // Not our release: the app may still act on the term until its local
+                        // deadline (it checked `is_current` before an action now under way), so
+                        // its permits drain (or expire) as the controller decides. The release
+                        // mark would free them at once.
+                        guard.detach();
+                    } else if let Err(e) = guard.release().await {
                         warn!(lock = %self.opts.lock, token, error = %e, "releasing the lock request failed");
                     }
                     if shutdown.is_cancelled() {

@@ -914,6 +914,53 @@ async fn leader_election_hands_over_with_a_larger_token() {
     eprintln!("leader election: step-down -> new leader in {:.1} ms", handover.as_secs_f64() * 1e3);
 }
 
+/// A term ended by someone else (a break) is not the leader's own release: the leader's app
+/// may still act until its local deadline, so the next leader waits for the drain. Before,
+/// the helper marked the lost term's request released, which freed the permits at once.
+#[tokio::test]
+async fn a_broken_leader_term_drains_before_the_next_leader() {
+    let w = world(&[("leader", 1, "6s", "0s")]).await;
+    let env = &w.env;
+    let elector = |who: &'static str| async move {
+        let client = env.client(Identity::Requester1).await;
+        let mut opts = AcquireOptions::new("leader");
+        opts.holder_identity = who.into();
+        LeaderElector::new(LockClient::new(client, env.ns()), opts)
+    };
+    let (e1, e2) = (elector("one").await, elector("two").await);
+    let (mut r1, mut r2) = (e1.subscribe(), e2.subscribe());
+    let (s1, s2) = (CancellationToken::new(), CancellationToken::new());
+    let t1 = tokio::spawn(e1.run(s1.clone()));
+    let first = tokio::time::timeout(TIMEOUT, r1.wait_for(Leadership::is_leading))
+        .await
+        .expect("one leads")
+        .expect("open")
+        .clone();
+    let t2 = tokio::spawn(e2.run(s2.clone()));
+    let locks = w.locks().await;
+    wait_until(&locks, "leader", "two queued", TIMEOUT, |l| l.status.as_ref().is_some_and(|s| s.waiting == 1))
+        .await
+        .expect("queued");
+    let Leadership::Leading(term) = first else { unreachable!() };
+    // Its app may act until this deadline at least (renewals only move it later).
+    let deadline = term.deadline().expect("a deadline while leading");
+    let brk = serde_json::json!({"metadata": {"annotations": {
+        kubelock::api::BREAK_ANNOTATION: "stuck", kubelock::api::BROKEN_BY_ANNOTATION: "admin"}}});
+    w.requests()
+        .await
+        .patch(&term.request, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&brk))
+        .await
+        .expect("breaking the leader's request");
+    tokio::time::timeout(TIMEOUT, r1.wait_for(|l| !l.is_leading())).await.expect("one loses").expect("open");
+    tokio::time::timeout(TIMEOUT, r2.wait_for(Leadership::is_leading)).await.expect("two leads").expect("open");
+    let early = deadline.saturating_since(kubelock::client::BootInstant::now());
+    assert!(early.is_zero(), "two leads {early:?} before the deadline of one's term, which may still act");
+    s1.cancel();
+    s2.cancel();
+    t1.await.expect("join").expect("one stepped down");
+    t2.await.expect("join").expect("two stepped down");
+}
+
 /// The library's wait: a timeout withdraws the request; a cancelled wait too.
 #[tokio::test]
 async fn library_acquire_times_out_and_cancels_cleanly() {
