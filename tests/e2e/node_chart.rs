@@ -699,20 +699,47 @@ impl HolderCase {
         task
     }
 
-    /// After the kill at `killed`: waits for the next holder, checks that the pod acted no
-    /// later than that grant, reports the pod's acting for the checker, prints and returns the
-    /// time from the kill to the grant.
+    /// After the kill at `killed`: waits for the next holder and for the pod's container to
+    /// be gone (a force-deleted pod's container runs on a while), checks that the pod acted no
+    /// later than that grant, reports the pod's acting for the checker, prints the time from
+    /// the kill to the grant. Returns it, and whether the pod's `kubelock run` marked its
+    /// request released (it stopped its command itself).
     async fn next_granted(
         &self,
         case: &str,
         request: &str,
+        container: &str,
         killed: At,
         waiter: tokio::task::JoinHandle<At>,
-    ) -> Duration {
+    ) -> (Duration, bool) {
         let granted = tokio::time::timeout(HOLDER_LEASE * 3, waiter)
             .await
             .unwrap_or_else(|_| panic!("{case}: the next holder was not granted in {:?}", HOLDER_LEASE * 3))
             .expect("the next holder");
+        let socket = self.env.node().containerd_socket.clone();
+        eventually("the holder pod's container to stop", Duration::from_secs(60), || async {
+            let out = tokio::process::Command::new("ctr")
+                .arg("--address")
+                .arg(&socket)
+                .args(["-n", "k8s.io", "task", "ls"])
+                .output()
+                .await
+                .map_err(|e| format!("ctr task ls: {e}"))?;
+            let tasks = String::from_utf8_lossy(&out.stdout).into_owned();
+            let running = tasks.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.first() == Some(&container) && f.get(2).is_some_and(|s| *s != "STOPPED")
+            });
+            if out.status.success() && !running { Ok(()) } else { Err(tasks) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let released = self
+            .journal
+            .snapshot()
+            .records
+            .iter()
+            .any(|r| matches!(&r.change, checker::Change::Request(v) if v.name == request && v.released));
         let acted = read_acted(&self.out);
         let (first, last) = (*acted.first().expect("acting steps"), *acted.last().expect("acting steps"));
         // /proc/uptime has a resolution of 10 ms: a step read as `last` happened before last + 10 ms.
@@ -733,11 +760,12 @@ impl HolderCase {
         });
         let after = granted.saturating_sub(killed);
         eprintln!(
-            "timing: {case}: next holder granted {:.2} s after the kill; the pod last acted {:.2} s after it (lease {} s, grace {} s)",
+            "timing: {case}: next holder granted {:.2} s after the kill; the pod last acted {:.2} s after it (lease {} s, grace {} s); {}",
             seconds(after),
             last.as_secs_f64() - killed.as_secs_f64(),
             HOLDER_LEASE.as_secs(),
-            HOLDER_GRACE.as_secs()
+            HOLDER_GRACE.as_secs(),
+            if released { "its kubelock run stopped the command and released" } else { "it did not release" }
         );
         assert!(
             last_possible < granted,
@@ -746,7 +774,7 @@ impl HolderCase {
             granted.as_secs_f64()
         );
         judge(&self.history, case).await;
-        after
+        (after, released)
     }
 
     /// The holder pod's container ID in containerd.
@@ -779,28 +807,35 @@ async fn a_holder_pod_deleted_gracefully_is_released_once_its_containers_stopped
     let _shared = TURN.read().await;
     let case = HolderCase::start().await;
     let request = case.hold().await;
+    let container = case.container_id().await;
     let waiter = case.waiter().await;
     let killed = checker::now();
     case.pods.delete("holder", &DeleteParams::default()).await.expect("deleting the holder pod");
-    let after = case.next_granted("graceful delete", &request, killed, waiter).await;
+    let (after, released) = case.next_granted("graceful delete", &request, &container, killed, waiter).await;
+    assert!(!released, "the holder released by itself: its command ignores SIGTERM, it cannot have exited");
     assert!(after >= HOLDER_GRACE, "granted {after:?} after the delete, within the pod's grace period");
     assert!(after < HOLDER_LEASE, "granted {after:?} after the delete: by the lease, not by the pod stopping");
 }
 
 /// Force delete (grace 0): the pod object goes at once while its container still runs (the
-/// kubelet stops it a moment later): nothing tells the controller when it stopped, so the
-/// grant drains for a full lease.
+/// kubelet stops it 2 s later), so nothing tells the controller when it stops: the grant
+/// drains. Its `kubelock run`, still running, sees the loss, SIGKILLs its command and marks the
+/// request released, which frees the permits then; had the garbage collector deleted the
+/// request first (it is the pod's dependent), only the lease would.
 #[tokio::test]
-async fn a_holder_pod_force_deleted_keeps_its_grant_for_the_lease() {
+async fn a_holder_pod_force_deleted_drains_until_its_holder_stops() {
     let _shared = TURN.read().await;
     let case = HolderCase::start().await;
     let request = case.hold().await;
+    let container = case.container_id().await;
     let waiter = case.waiter().await;
     let killed = checker::now();
     let force = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
     case.pods.delete("holder", &force).await.expect("force-deleting the holder pod");
-    let after = case.next_granted("force delete", &request, killed, waiter).await;
-    assert!(after >= HOLDER_LEASE, "granted {after:?} after a force delete: before the lease passed");
+    let (after, released) = case.next_granted("force delete", &request, &container, killed, waiter).await;
+    if !released {
+        assert!(after >= HOLDER_LEASE, "granted {after:?} after a force delete: before the lease passed");
+    }
     assert!(after < HOLDER_LEASE + Duration::from_secs(10), "granted {after:?} after a force delete: late");
 }
 
@@ -811,8 +846,8 @@ async fn a_holder_pod_killed_in_containerd_is_released_at_once() {
     let _shared = TURN.read().await;
     let case = HolderCase::start().await;
     let request = case.hold().await;
-    let waiter = case.waiter().await;
     let id = case.container_id().await;
+    let waiter = case.waiter().await;
     let socket = case.env.node().containerd_socket.clone();
     let killed = checker::now();
     let out = case
@@ -824,7 +859,8 @@ async fn a_holder_pod_killed_in_containerd_is_released_at_once() {
         .output(TIMEOUT)
         .await;
     assert!(out.status.is_some_and(|s| s.success()), "ctr task kill: {}{}", out.stdout, out.stderr);
-    let after = case.next_granted("containerd kill", &request, killed, waiter).await;
+    let (after, released) = case.next_granted("containerd kill", &request, &id, killed, waiter).await;
+    assert!(!released, "a SIGKILLed kubelock run released");
     let pod = case.pods.get("holder").await.expect("the holder pod");
     assert_eq!(phase(&pod), "Failed", "{:?}", pod.status);
     assert!(after < HOLDER_LEASE / 2, "granted {after:?} after the kill: by the lease, not by the pod stopping");
