@@ -149,11 +149,14 @@ fn holder_of(lease: &Lease) -> Option<String> {
     lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).filter(|h| !h.is_empty())
 }
 
+/// When the leader-election Lease changed hands, and to whom (`None`: emptied).
+type Changes = Arc<Mutex<Vec<(At, Option<String>)>>>;
+
 /// Who held the leader-election Lease when, as its watch told; journaled for the checker as
 /// controller lifetimes (a replica is up from taking the Lease until it loses it: only the
 /// leader grants).
 struct Leadership {
-    changes: Arc<Mutex<Vec<(At, Option<String>)>>>,
+    changes: Changes,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -165,7 +168,7 @@ impl Drop for Leadership {
 
 impl Leadership {
     async fn watch(leases: Api<Lease>, name: &str, journal: Journal) -> Leadership {
-        let changes: Arc<Mutex<Vec<(At, Option<String>)>>> = Arc::default();
+        let changes: Changes = Arc::default();
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut events = watcher(leases, config).default_backoff().applied_objects().boxed();
         let sink = changes.clone();
@@ -270,6 +273,11 @@ async fn judge(history: &History, what: &str) -> Summary {
     log.end = Some(checker::now());
     let summary = checker::check(&log, &Bounds::default()).unwrap_or_else(|f| panic!("{what}: {f}"));
     eprintln!("{what}: checked {summary}");
+    for r in &log.reports {
+        if let Report::Note { at, who, text } = r {
+            eprintln!("{what}: note at {:.3} s from {who}: {text}", at.as_secs_f64() - log.start.as_secs_f64());
+        }
+    }
     summary
 }
 
