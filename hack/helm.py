@@ -8,6 +8,8 @@ library; `make helm-sdk` installs it). Commands:
   hack/helm.py install RELEASE CHART [-n NS] [-f VALUES.yaml]... [--set k=v]... [--set-json k=JSON]...
                  [--create-namespace] [--take-ownership] [--wait] [--timeout SECONDS]
                  [--manifest] [-o text|json]
+  hack/helm.py upgrade RELEASE CHART [-n NS] [-f VALUES.yaml]... [--set k=v]... [--set-json k=JSON]...
+                 [--reuse-values] [--wait] [--timeout SECONDS] [-o text|json]
   hack/helm.py uninstall RELEASE [-n NS] [--ignore-not-found]
   hack/helm.py manifest RELEASE [-n NS]        the rendered manifest of an installed release
   hack/helm.py notes RELEASE [-n NS]           the NOTES of an installed release
@@ -193,6 +195,28 @@ def cmd_install(sdk, args) -> int:
     return 0
 
 
+def cmd_upgrade(sdk, args) -> int:
+    values = build_values(args)
+    config = configuration(sdk, args)
+    release = asyncio.run(
+        sdk.Upgrade(config).run(
+            args.release,
+            args.chart,
+            values=values or None,
+            wait=args.wait,
+            timeout=args.timeout,
+            reuse_values=args.reuse_values,
+        )
+    )
+    if args.output == "json":
+        print(json.dumps(strip_release(release), indent=2))
+        return 0
+    info = release.get("info") or {}
+    print(f"release {release.get('name')} upgraded in {release.get('namespace')}: "
+          f"revision {release.get('version')}, {info.get('status')}")
+    return 0
+
+
 def cmd_uninstall(sdk, args) -> int:
     config = configuration(sdk, args)
     try:
@@ -243,6 +267,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--manifest", action="store_true", help="print the rendered manifest")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
 
+    p = sub.add_parser("upgrade", parents=[common], help="upgrade an installed release")
+    p.add_argument("release")
+    p.add_argument("chart")
+    p.add_argument("-f", "--values", action="append", metavar="FILE", help="values file (YAML)")
+    p.add_argument("--set", action="append", metavar="K=V", help="set a value (a.b=c; true/false/ints typed)")
+    p.add_argument("--set-json", action="append", metavar="K=JSON", help="set a value to a JSON document")
+    p.add_argument("--reuse-values", action="store_true",
+                   help="merge these values over the release's current ones (default: over the chart's)")
+    p.add_argument("--wait", action="store_true", help="wait until the objects are ready")
+    p.add_argument("--timeout", type=int, default=300, metavar="SECONDS")
+    p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
     p = sub.add_parser("uninstall", parents=[common], help="uninstall a release")
     p.add_argument("release")
     p.add_argument("--ignore-not-found", action="store_true")
@@ -258,6 +294,8 @@ def main(argv: list[str]) -> int:
             return cmd_lint(sdk, args)
         if args.command == "install":
             return cmd_install(sdk, args)
+        if args.command == "upgrade":
+            return cmd_upgrade(sdk, args)
         if args.command == "uninstall":
             return cmd_uninstall(sdk, args)
         return cmd_status_field(sdk, args, args.command)

@@ -115,10 +115,21 @@ fn resolve_command(program: &OsString) -> Result<PathBuf, ExitCode> {
     Err(ExitCode::from(EXIT_NOT_FOUND))
 }
 
-/// `setpriv`, if installed: used to give the command the parent-death signal SIGKILL, so
-/// that it cannot outlive a wrapper that is itself killed (and stops renewing).
-fn setpriv() -> Option<PathBuf> {
-    resolve_quiet("setpriv")
+/// `setpriv`, if installed and it can set the parent-death signal: used to give the command
+/// the parent-death signal SIGKILL, so that it cannot outlive a wrapper that is itself killed
+/// (and stops renewing). BusyBox's applet of that name (alpine, busybox images) has no
+/// `--pdeathsig` and refuses it: the command would never start. Its help tells.
+async fn setpriv() -> Option<PathBuf> {
+    let path = resolve_quiet("setpriv")?;
+    let mut probe = tokio::process::Command::new(&path);
+    probe.arg("--help").stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let help = tokio::time::timeout(Duration::from_secs(2), probe.output()).await.ok()?.ok()?;
+    setpriv_sets_pdeathsig(&help.stdout, &help.stderr).then_some(path)
+}
+
+/// Whether a `setpriv --help` output offers `--pdeathsig`.
+fn setpriv_sets_pdeathsig(stdout: &[u8], stderr: &[u8]) -> bool {
+    [stdout, stderr].iter().any(|out| String::from_utf8_lossy(out).contains("--pdeathsig"))
 }
 
 fn resolve_quiet(name: &str) -> Option<PathBuf> {
@@ -357,7 +368,7 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
         ProcessGroup::Same => false,
         ProcessGroup::Auto => !terminal_foreground,
     };
-    let mut command = match setpriv() {
+    let mut command = match setpriv().await {
         Some(setpriv) => {
             let mut c = tokio::process::Command::new(setpriv);
             c.arg("--pdeathsig").arg("KILL").arg("--").arg(&program_path).args(&args.command[1..]);
@@ -510,6 +521,15 @@ mod tests {
         assert_eq!(exit_code_of(std::process::ExitStatus::from_raw(3 << 8)), 3);
         assert_eq!(exit_code_of(std::process::ExitStatus::from_raw(9)), 137);
         assert_eq!(exit_code_of(std::process::ExitStatus::from_raw(15)), 143);
+    }
+
+    #[test]
+    fn only_a_setpriv_with_pdeathsig_is_used() {
+        let util_linux = b"Usage:\n setpriv [options] <program> [<argument>...]\n --pdeathsig keep|clear|<signame>\n";
+        assert!(setpriv_sets_pdeathsig(util_linux, b""));
+        let busybox = b"BusyBox v1.35.0 multi-call binary.\n\nUsage: setpriv [OPTIONS] PROG ARGS\n\n-d,--dump\t\tShow current capabilities\n--nnp,--no-new-privs\n";
+        assert!(!setpriv_sets_pdeathsig(b"", busybox));
+        assert!(!setpriv_sets_pdeathsig(b"", b""));
     }
 
     #[test]

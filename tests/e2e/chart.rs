@@ -38,13 +38,13 @@ use crate::support::{
 };
 
 /// Timeout of one hack/helm.py run.
-const HELM_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const HELM_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn repo() -> &'static Path {
+pub(crate) fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn chart_dir() -> PathBuf {
+pub(crate) fn chart_dir() -> PathBuf {
     repo().join("charts/kubelock")
 }
 
@@ -53,7 +53,7 @@ fn python() -> String {
 }
 
 /// `hack/helm.py ARGS... --kubeconfig <admin>` as a child process of the test.
-async fn helm(env: &TestEnv, name: &str, args: &[&str]) -> crate::support::Output {
+pub(crate) async fn helm(env: &TestEnv, name: &str, args: &[&str]) -> crate::support::Output {
     let out = env
         .command(name, python())
         .arg(repo().join("hack/helm.py"))
@@ -69,11 +69,11 @@ async fn helm(env: &TestEnv, name: &str, args: &[&str]) -> crate::support::Outpu
 }
 
 /// The namespace label that the webhook of a test release selects (see [`Release::install`]).
-const WEBHOOK_TEST_LABEL: &str = "kubelock.dev/chart-test-webhook";
+pub(crate) const WEBHOOK_TEST_LABEL: &str = "kubelock.dev/chart-test-webhook";
 
 /// An installed release; uninstalled when dropped after a passing test (kept for
 /// inspection after a failure).
-struct Release {
+pub(crate) struct Release {
     name: String,
     namespace: String,
     kubeconfig: PathBuf,
@@ -83,7 +83,7 @@ struct Release {
 
 impl Release {
     /// Installs the chart as `name` into the test's namespace with `--set` values.
-    async fn install(env: &TestEnv, name: &str, sets: &[&str], take_ownership: bool) -> Release {
+    pub(crate) async fn install(env: &TestEnv, name: &str, sets: &[&str], take_ownership: bool) -> Release {
         let chart = chart_dir();
         let mut args = vec!["install", name, chart.to_str().expect("utf-8 path"), "-n", env.ns(), "-o", "json"];
         // The webhook reviews only a namespace labelled for this release (none is, unless a
@@ -125,7 +125,7 @@ impl Release {
         found.into_iter().next().expect("one")
     }
 
-    fn kinds(&self) -> BTreeSet<String> {
+    pub(crate) fn kinds(&self) -> BTreeSet<String> {
         self.manifest_docs().iter().map(|d| d["kind"].as_str().unwrap_or_default().to_string()).collect()
     }
 
@@ -154,7 +154,7 @@ impl Drop for Release {
 
 /// A release name unique to the test: `kubelock-<the namespace's random suffix>`, so the
 /// chart's full name is the release name and cluster-scoped names never collide.
-fn release_name(env: &TestEnv) -> String {
+pub(crate) fn release_name(env: &TestEnv) -> String {
     format!("kubelock-{}", env.ns().rsplit('-').next().unwrap_or("x"))
 }
 
@@ -869,7 +869,7 @@ fn expect_forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>, what: &s
 /// Whether `user` (a ServiceAccount's groups are added for `system:serviceaccount:` users)
 /// may `verb` `group`/`resource[/subresource]` in `namespace` (None: cluster-wide), named `name`.
 #[allow(clippy::too_many_arguments)]
-async fn may(
+pub(crate) async fn may(
     admin: &kube::Client,
     user: &str,
     sa_ns: &str,

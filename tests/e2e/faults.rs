@@ -281,35 +281,35 @@ fn report_line(name: &str, seed: u64, s: &Summary, violations: usize, elapsed: D
 
 /// What one contender does.
 #[derive(Clone)]
-struct Work {
-    lock: String,
-    permits: i32,
-    lease: Duration,
+pub(crate) struct Work {
+    pub(crate) lock: String,
+    pub(crate) permits: i32,
+    pub(crate) lease: Duration,
     /// Hold time range, ms.
-    hold: (u64, u64),
-    stop: At,
-    journal: Journal,
+    pub(crate) hold: (u64, u64),
+    pub(crate) stop: At,
+    pub(crate) journal: Journal,
 }
 
 #[derive(Debug, Default)]
-struct Stats {
-    grants: usize,
-    errors: usize,
+pub(crate) struct Stats {
+    pub(crate) grants: usize,
+    pub(crate) errors: usize,
     /// The first errors, for failure messages.
-    first_errors: Vec<String>,
-    lost: usize,
-    problems: Vec<String>,
+    pub(crate) first_errors: Vec<String>,
+    pub(crate) lost: usize,
+    pub(crate) problems: Vec<String>,
 }
 
 /// Stalls the thread of a runtime once, the next time its contender holds.
-struct Stall {
+pub(crate) struct Stall {
     armed: AtomicBool,
     length: Duration,
 }
 
 /// Acquire, act in steps while the client says it holds (its published state, deadline
 /// checked against a fresh clock reading at every step), release; until `w.stop`.
-async fn contend(client: LockClient, who: String, w: Work, seed: u64, stall: Option<Arc<Stall>>) -> Stats {
+pub(crate) async fn contend(client: LockClient, who: String, w: Work, seed: u64, stall: Option<Arc<Stall>>) -> Stats {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut stats = Stats::default();
     let note = |text: String| w.journal.report(Report::Note { at: checker::now(), who: who.clone(), text });

@@ -4,7 +4,8 @@
 //! Modules: `smoke` (the harness itself), `chart` (the Helm chart, RBAC and examples), `lock`
 //! (the controller), `client` (run, sidecar, CLI, plugin, library), `faults` (fault runs judged by the
 //! history checker, bad input), `image` (the container image), `node` (pods on a local node,
-//! the images of `make image`). Add one module per area.
+//! the images of `make image`), `node_chart` (the Helm chart and killed holder pods on the local
+//! node). Add one module per area.
 
 mod support;
 
@@ -14,5 +15,6 @@ mod faults;
 mod image;
 mod lock;
 mod node;
+mod node_chart;
 mod smoke;
 mod webhook;
