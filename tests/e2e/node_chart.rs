@@ -417,7 +417,11 @@ async fn the_chart_on_the_node_fails_over_upgrades_and_uninstalls() {
         seconds(taken - deleted),
         seconds(next_grant - deleted)
     );
-    assert_eq!(new_leader, standby, "the standby replica, already synced, should take over");
+    // The standby retries every 2 s; the Deployment's replacement pod, started meanwhile, may
+    // ask first. Either is one of this release's controller pods.
+    assert!(new_leader.starts_with(&format!("{name}-controller-")), "the Lease went to {new_leader}");
+    let which = if new_leader == standby { "the standby" } else { "the Deployment's replacement pod" };
+    eprintln!("failover: {which} took over");
     let failover_grants = join_contenders(running, "failover").await;
     let after = grants_after(&journal, taken).len();
     assert!(after >= 3, "only {after} grants after the failover");
