@@ -116,8 +116,13 @@ fn resolve_command(program: &OsString) -> Result<PathBuf, ExitCode> {
 
 /// `setpriv`, if installed: used to give the command the parent-death signal SIGKILL, so
 /// that it cannot outlive a wrapper that is itself killed (and stops renewing).
+/// Only util-linux's: busybox's applet of that name (in busybox and Alpine images) has no
+/// `--pdeathsig` and would fail the command, so it is asked for its help first.
 fn setpriv() -> Option<PathBuf> {
-    resolve_quiet("setpriv")
+    let path = resolve_quiet("setpriv")?;
+    let help = std::process::Command::new(&path).arg("--help").stdin(std::process::Stdio::null()).output().ok()?;
+    let knows = |text: &[u8]| String::from_utf8_lossy(text).contains("--pdeathsig");
+    (knows(&help.stdout) || knows(&help.stderr)).then_some(path)
 }
 
 fn resolve_quiet(name: &str) -> Option<PathBuf> {
