@@ -5,7 +5,8 @@
 //! (the controller), `client` (run, sidecar, CLI, plugin, library), `faults` (fault runs judged by the
 //! history checker, bad input), `image` (the container image), `node` (pods on a local node,
 //! the images of `make image`), `node_chart` (the Helm chart and killed holder pods on the local
-//! node). Add one module per area.
+//! node), `node_examples` (every `examples/*.yaml` running on the local node). Add one module
+//! per area.
 
 mod support;
 
@@ -16,5 +17,6 @@ mod image;
 mod lock;
 mod node;
 mod node_chart;
+mod node_examples;
 mod smoke;
 mod webhook;
