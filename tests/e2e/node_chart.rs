@@ -8,8 +8,9 @@
 //!   and while `helm upgrade` rolls every pod; `helm uninstall` keeps the CRDs and the Locks
 //!   and removes the rest. The history checker judges every grant of the run.
 //! - `a_holder_pod_*`: a pod running `kubelock run` in `kubelock-test:dev` holds a Lock while a
-//!   holder in the test waits; the pod is deleted gracefully, force-deleted, or its container
-//!   is SIGKILLed in containerd. The waiter is granted at once where the pod is known stopped,
+//!   holder in the test waits; the pod is deleted gracefully, force-deleted, its container
+//!   is SIGKILLed in containerd, or its node is lost (the kubelet paused, the pod's network
+//!   cut). The waiter is granted at once where the pod is known stopped,
 //!   after the lease otherwise, and never while the pod still acted: the pod writes every
 //!   instant it acts (`/proc/uptime`, CLOCK_BOOTTIME, the test's clock too) to a hostPath
 //!   file, and the checker judges those intervals with the store's history.
@@ -44,7 +45,7 @@ use kube::{
 use kubelock::{
     api::{Lock, LockRequest},
     client::{AcquireOptions, LockClient, LockState},
-    devenv::TEST_IMAGE,
+    devenv::{Component, TEST_IMAGE},
 };
 use serde_json::json;
 use tokio::{io::AsyncReadExt as _, io::AsyncWriteExt as _, sync::RwLock};
@@ -53,7 +54,7 @@ use crate::{
     chart::{HELM_TIMEOUT, Release, WEBHOOK_TEST_LABEL, chart_dir, helm, may, release_name},
     faults::{Work, contend},
     support::{
-        Identity, Proc, TIMEOUT, TestEnv,
+        Identity, Proc, ServerFaults as _, TIMEOUT, TestEnv,
         checker::{self, At, Bounds, FaultKind, History, Journal, Report, Summary},
         eventually,
         fixtures::{ControllerCmd, controller_rules, create_lock, free_port, lock_with, requester_rules, wait_ready},
@@ -876,4 +877,74 @@ async fn a_holder_pod_killed_in_containerd_is_released_at_once() {
     let pod = case.pods.get("holder").await.expect("the holder pod");
     assert_eq!(phase(&pod), "Failed", "{:?}", pod.status);
     assert!(after < HOLDER_LEASE / 2, "granted {after:?} after the kill: by the lease, not by the pod stopping");
+}
+
+/// Resumes the kubelet when dropped, so that a failing test does not leave the node paused.
+struct PausedKubelet<'a>(&'a TestEnv);
+
+impl PausedKubelet<'_> {
+    fn pause(env: &TestEnv) -> PausedKubelet<'_> {
+        env.control_plane().pause(Component::Kubelet).unwrap_or_else(|e| panic!("pausing the kubelet: {e}"));
+        PausedKubelet(env)
+    }
+}
+
+impl Drop for PausedKubelet<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.control_plane().resume(Component::Kubelet) {
+            eprintln!("resuming the kubelet: {e}");
+        }
+    }
+}
+
+/// The node lost: its kubelet stops reporting (SIGSTOP) and the holder pod's network is cut
+/// (every TCP packet out of its network namespace dropped), so the pod's status still says
+/// Running and its `kubelock run` can neither renew nor release. Nothing confirms that the
+/// holder stopped: the permits are freed only once the lease passed, and by then the pod's
+/// `kubelock run`, on its own clock, has stopped its command.
+#[tokio::test]
+async fn a_holder_pod_on_a_lost_node_is_released_after_its_lease() {
+    let _alone = TURN.write().await; // the other holder tests need the kubelet's reports
+    let case = HolderCase::start().await;
+    let request = case.hold().await;
+    let id = case.container_id().await;
+    let waiter = case.waiter().await;
+    let socket = case.env.node().containerd_socket.clone();
+    let tasks = case
+        .env
+        .command("ctr-tasks", "ctr")
+        .arg("--address")
+        .arg(&socket)
+        .args(["-n", "k8s.io", "task", "ls"])
+        .output(TIMEOUT)
+        .await;
+    let pid = tasks
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&id.as_str()))
+        .and_then(|f| f.get(1).map(|p| p.to_string()))
+        .unwrap_or_else(|| panic!("the holder's task in ctr task ls:\n{}{}", tasks.stdout, tasks.stderr));
+    let kubelet = PausedKubelet::pause(&case.env);
+    let cut = case
+        .env
+        .command("cut-network", "nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["iptables", "-w", "-I", "OUTPUT", "-p", "tcp", "-j", "DROP"])
+        .output(TIMEOUT)
+        .await;
+    let killed = checker::now();
+    assert!(cut.status.is_some_and(|s| s.success()), "cutting the pod's network: {}{}", cut.stdout, cut.stderr);
+    let pod = case.pods.get("holder").await.expect("the holder pod");
+    assert_eq!(phase(&pod), "Running", "the kubelet is paused: nothing reports the pod stopped");
+    let (after, released) = case.next_granted("node lost", &request, &id, killed, waiter).await;
+    drop(kubelet);
+    assert!(!released, "a holder cut off from the API server released");
+    // The lease counts from the last renewal the controller saw: at most a third of it
+    // (the renewal interval) before the cut.
+    let floor = HOLDER_LEASE - HOLDER_LEASE / 3;
+    assert!(
+        after >= floor,
+        "granted {after:?} after the node was lost: before its lease ({HOLDER_LEASE:?}) could pass"
+    );
 }
