@@ -94,7 +94,11 @@ cargo build --quiet --bin kubelock
     die "the in-cluster controller did not grant kind-smoke"; }
 log "smoke test passed"
 
-# The same end-to-end suite as on the local control plane, against the kind cluster.
+# The same end-to-end suite as on the local control plane, against the kind cluster. The node
+# modules start the machine's own local node (root, containerd of their own, hostPath files
+# read by the test): they are skipped here; the chart and examples they run on that node were
+# installed above the way users install them.
 log "running the e2e suite against $CLUSTER"
 # shellcheck disable=SC2086
-KUBELOCK_TEST_KUBECONFIG="$KUBECONFIG_FILE" cargo test --test e2e -- ${E2E_ARGS:-}
+KUBELOCK_TEST_KUBECONFIG="$KUBECONFIG_FILE" cargo test --test e2e -- \
+  --skip node:: --skip node_chart:: --skip node_examples:: ${E2E_ARGS:-}
