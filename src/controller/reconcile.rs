@@ -22,7 +22,7 @@ use super::{
     Error,
     cache::{lock_key_of, pod_info, strip_pod},
     record::{Regarding, record},
-    writes::{Objects, delete_finished, fence, is_status, mirror},
+    writes::{Mirrored, Objects, delete_finished, fence, is_status, mirror},
 };
 use crate::{
     api::{self, Lock, LockRequest},
@@ -262,9 +262,7 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
         delete_finished(&ctx, &ns, &plan).await;
         record(&ctx, Regarding::Lock(&lock), &plan, &mirrored);
         tracing::trace!(elapsed = ?start.elapsed(), writes = plan.requests.len(), "reconcile done");
-        // A failed mirror write is retried soon: no watch event would bring it back.
-        let retry = (!mirrored.complete).then(|| ctx.started.elapsed() + MIRROR_RETRY);
-        return Ok(ctx.mono_to_action(plan.wake_at.into_iter().chain(retry).min()));
+        return Ok(ctx.mono_to_action(plan.wake_at.into_iter().chain(mirror_again(&ctx, &mirrored)).min()));
     }
     Err(Error::Contention(MAX_ROUNDS))
 }
@@ -304,8 +302,17 @@ pub async fn reconcile_orphan(req: Arc<LockRequest>, ctx: Arc<Context>) -> Resul
     let mirrored = mirror(&ctx, &ns, &by_uid, &plan).await;
     delete_finished(&ctx, &ns, &plan).await;
     record(&ctx, Regarding::Request(&requests[0]), &plan, &mirrored);
-    let retry = (!mirrored.complete).then(|| ctx.started.elapsed() + MIRROR_RETRY);
-    Ok(ctx.mono_to_action(plan.wake_at.into_iter().chain(retry).min()))
+    Ok(ctx.mono_to_action(plan.wake_at.into_iter().chain(mirror_again(&ctx, &mirrored)).min()))
+}
+
+/// When to reconcile again for the mirror writes: at once for those left over, soon for a
+/// failed one (no watch event would bring it back).
+fn mirror_again(ctx: &Context, mirrored: &Mirrored) -> Option<Duration> {
+    if mirrored.more {
+        Some(ctx.started.elapsed())
+    } else {
+        (!mirrored.complete).then(|| ctx.started.elapsed() + MIRROR_RETRY)
+    }
 }
 
 /// Counts a failed reconcile by its error category and retries it after a second (a change

@@ -23,6 +23,12 @@ use crate::{
 /// Mirror writes in flight at once for one Lock.
 const MIRROR_CONCURRENCY: usize = 16;
 
+/// Mirror writes of one reconcile at most; the rest are left to the next one, which comes at
+/// once. A queue seen for the first time (a controller started on 100,000 waiting requests)
+/// needs a status for each; written in one go they held up every grant of their Lock for
+/// minutes (the next reconcile, which grants, waits for this one to end).
+pub(super) const MIRROR_BUDGET: usize = 512;
+
 pub(super) fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
@@ -144,12 +150,15 @@ pub(super) async fn mirror(
     plan: &Plan,
 ) -> Mirrored {
     let api = Arc::new(Objects::new(ctx.client.clone(), ns, api::placeholder_request));
-    let writes: Vec<(String, String, Arc<LockRequest>, LockRequestStatus)> = plan
+    let mut writes: Vec<(String, String, Arc<LockRequest>, LockRequestStatus)> = plan
         .requests
         .iter()
         .filter(|u| !u.fence) // written already, before the Lock status
         .filter_map(|u| Some((u.name.clone(), u.uid.clone(), by_uid.get(&u.uid)?.clone(), u.status.clone())))
         .collect();
+    // In the plan's order: new grants, then the queue from its head.
+    let more = writes.len() > MIRROR_BUDGET;
+    writes.truncate(MIRROR_BUDGET);
     let writes = writes.into_iter().map(|(name, uid, current, status)| {
         let (ctx, api) = (ctx.clone(), api.clone());
         async move {
@@ -180,6 +189,7 @@ pub(super) async fn mirror(
         futures::stream::iter(writes).buffer_unordered(MIRROR_CONCURRENCY).collect().await;
     Mirrored {
         complete: results.iter().all(|(_, r)| r.is_some()),
+        more,
         written: results.into_iter().filter(|(_, r)| *r == Some(true)).map(|(uid, _)| uid).collect(),
     }
 }
@@ -188,6 +198,8 @@ pub(super) async fn mirror(
 pub(super) struct Mirrored {
     /// Every write succeeded (or its request is gone).
     pub complete: bool,
+    /// Writes were left over for the next reconcile ([`MIRROR_BUDGET`]).
+    pub more: bool,
     /// UIDs of the requests whose status was written.
     pub written: HashSet<String>,
 }
