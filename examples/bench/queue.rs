@@ -1,5 +1,5 @@
 //! Item 10, a long queue: N LockRequests on one Lock, created before the controller starts;
-//! once the API server is quiet, K handovers (the holder marks its request released, the next
+//! once the API server is quiet (every waiter's first status written), K handovers (the holder marks its request released, the next
 //! in line is granted). What each grant costs in API writes with N waiting behind it, and the
 //! controller's memory with N requests in its cache.
 
@@ -17,11 +17,14 @@ use serde_json::{Value, json};
 
 use crate::{
     requester,
-    scale::{create_all, round, wait_quiet},
+    scale::{create_all, round, wait_quiet, wait_quiet_within},
     sys::{self, Controller},
 };
 
 const LOCK: &str = "q";
+
+/// How long the controller may take to write every waiter's first status.
+const SETTLE_MAX: Duration = Duration::from_secs(900);
 
 /// Item 10's figures.
 #[derive(Debug, Default)]
@@ -94,8 +97,26 @@ pub async fn long_queue(
     let result = async {
         let api_start = sys::apiserver_writes(client).await?;
         controller.wait_ready(Duration::from_secs(300)).await?;
-        let last = wait_quiet(client).await?;
+        // Every waiter's first status (one write each, a bounded number per reconcile), counted
+        // by the controller; the first reconcile plans them all before it writes any, so a
+        // quiet API server alone does not tell.
+        let empty = controller.snapshot().await?;
+        let from = Instant::now();
+        loop {
+            let written = controller.snapshot().await?.writes_since(&empty).get("request_status/ok").copied();
+            if written.unwrap_or(0.0) >= n as f64 {
+                break;
+            }
+            if from.elapsed() > SETTLE_MAX {
+                bail!("{} of {n} request statuses written after {SETTLE_MAX:?}", written.unwrap_or(0.0));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await; // polling the controller's counts
+        }
+        let (last, quiet) = wait_quiet_within(client, Duration::from_secs(60)).await?;
         out.settle_s = controller.started.elapsed().as_secs_f64();
+        if !quiet {
+            bail!("the API server still took writes {:.0} s after the controller started", out.settle_s);
+        }
         out.settle_api_writes = sys::delta(&last, &api_start);
         eprintln!("  settled {:.1} s after the controller started", out.settle_s);
 

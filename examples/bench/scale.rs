@@ -148,16 +148,22 @@ pub fn track(locks: Api<Lock>, requests: Api<LockRequest>, stop: CancellationTok
 /// Waits (at most 30 s) until the API server has served no write for a second, checking
 /// every 500 ms; returns its write counters then.
 pub async fn wait_quiet(client: &kube::Client) -> anyhow::Result<BTreeMap<String, f64>> {
+    Ok(wait_quiet_within(client, Duration::from_secs(30)).await?.0)
+}
+
+/// Waits at most `max` until the API server has served no write for a second, checking every
+/// 500 ms; returns its write counters then, and whether it was quiet.
+pub async fn wait_quiet_within(client: &kube::Client, max: Duration) -> anyhow::Result<(BTreeMap<String, f64>, bool)> {
     let from = Instant::now();
     let mut last = sys::apiserver_writes(client).await?;
     let mut still = 0;
-    while still < 2 && from.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    while still < 2 && from.elapsed() < max {
+        tokio::time::sleep(Duration::from_millis(500)).await; // polling the API server's counters
         let now = sys::apiserver_writes(client).await?;
         still = if sys::delta(&now, &last).is_empty() { still + 1 } else { 0 };
         last = now;
     }
-    Ok(last)
+    Ok((last, still >= 2))
 }
 
 /// Waits (at most 30 s) until no Event is written for a second: the Events of a burst of
