@@ -272,9 +272,15 @@ impl Forwarded {
     }
 }
 
-/// The grant's local deadline if it still has one, else now (a lost grant: stop at once).
-fn deadline_or_now(guard: &Guard) -> BootInstant {
-    guard.deadline().unwrap_or_else(BootInstant::now)
+/// The grant's local deadline while it has one, remembered in `last`. A grant lost to someone
+/// else (a break, a deleted request) has no deadline any more, but the next holder is only
+/// granted once the one it had last has passed (the lock delay of an ended grant covers it):
+/// the command keeps its grace up to that deadline. With none ever seen, now.
+fn deadline_of(guard: &Guard, last: &mut Option<BootInstant>) -> BootInstant {
+    if let Some(d) = guard.deadline() {
+        *last = Some(d);
+    }
+    last.unwrap_or_else(BootInstant::now)
 }
 
 fn exit_code_of(status: std::process::ExitStatus) -> u8 {
@@ -391,9 +397,19 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
     }
     // What the command leaves behind when it exits (orphans, whatever their process group or
     // session) becomes our child, so that the release waits for it too.
-    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
-        eprintln!("kubelock: cannot become the subreaper of the command's processes: {e}");
-    }
+    // Without it (and not PID 1, which they reparent to anyway) they are out of sight: the
+    // release cannot know they stopped, so the lock is left to its lease instead.
+    let sees_orphans = match rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+        Ok(()) => true,
+        Err(e) => {
+            let init = rustix::process::getpid().is_init();
+            eprintln!(
+                "kubelock: cannot become the subreaper of the command's processes: {e}{}",
+                if init { "" } else { "; the lock will be left to its lease when the command ends" }
+            );
+            init
+        }
+    };
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -420,6 +436,7 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
     let mut kill_timer = BootTimer::new().map_err(CliError::Signals)?;
     let mut kill_at: Option<BootInstant> = None;
     let mut states = guard.state();
+    let mut last_deadline = guard.deadline();
     let status = loop {
         if kill_at.is_none() {
             // Not stopping yet: SIGTERM `grace` before the deadline as renewals keep it.
@@ -430,7 +447,7 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
         tokio::select! {
             biased;
             reason = guard.lost(), if lost.is_none() => {
-                let deadline = deadline_or_now(&guard);
+                let deadline = deadline_of(&guard, &mut last_deadline);
                 let at = kill_at.unwrap_or_else(|| BootInstant::now().saturating_add(grace)).min(deadline);
                 if kill_at.is_none() {
                     eprintln!(
@@ -445,7 +462,7 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
             }
             _ = term_timer.fired(), if kill_at.is_none() && term_timer.armed().is_some() => {
                 // Renewals have not moved the deadline: stop while the grant still holds.
-                let deadline = deadline_or_now(&guard);
+                let deadline = deadline_of(&guard, &mut last_deadline);
                 eprintln!(
                     "kubelock: lock {}: no renewal succeeded and the lease deadline is {} away; stopping the command (SIGTERM, SIGKILL at the deadline)",
                     args.lock, duration::format(deadline.saturating_since(BootInstant::now()))
@@ -460,7 +477,10 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
                 target.send(rustix::process::Signal::KILL);
                 break child.wait().await; // killed: nothing more to time
             }
-            _ = states.changed() => {} // a renewal moved the deadline: re-arm
+            _ = states.changed() => {
+                // A renewal moved the deadline: remember it and re-arm.
+                deadline_of(&guard, &mut last_deadline);
+            }
             status = child.wait() => break status,
             sig = signals.recv() => {
                 // Sharing the terminal's foreground group, the command got Ctrl-C/Ctrl-\ from
@@ -487,8 +507,10 @@ pub async fn run(args: RunArgs, client_args: &ClientArgs) -> Result<ExitCode, Cl
     if own_group {
         target.send(rustix::process::Signal::KILL);
     }
-    let nothing_left = leftovers_gone_by(target, deadline_or_now(&guard)).await;
-    if !nothing_left {
+    let nothing_left = leftovers_gone_by(target, deadline_of(&guard, &mut last_deadline)).await;
+    if !sees_orphans {
+        guard.detach();
+    } else if !nothing_left {
         eprintln!("kubelock: processes the command started still run after its exit; the lock is left to its lease");
         guard.detach();
     } else if let Err(e) = guard.release().await {

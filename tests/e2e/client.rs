@@ -1032,3 +1032,46 @@ async fn cli_acquire_release_and_break_edge_cases() {
     let out = kubelock("break-missing").args(["break", "no-such-lock", "--reason", "x"]).output(TIMEOUT).await;
     assert!(out.stderr.contains("lock no-such-lock not found in namespace"), "{}", out.stderr);
 }
+
+/// A grant lost to someone else (a break) drains for its lease: the command still gets its
+/// `--grace` between SIGTERM and SIGKILL, within the deadline it was given. Before, the lost
+/// grant had no deadline any more and the SIGKILL followed the SIGTERM at once.
+#[tokio::test]
+async fn a_broken_run_gives_its_command_its_grace() {
+    let w = world(&[("broken", 1, "30s", "0s")]).await;
+    let (marks, tick) = (w.path("marks"), w.path("tick"));
+    let script = format!(
+        "trap 'echo term $(date +%s%N) >> {m}' TERM; echo start $(date +%s%N) >> {m}; \
+         while :; do date +%s%N > {t}.new; mv {t}.new {t}; sleep 0.05; done",
+        m = marks.display(),
+        t = tick.display()
+    );
+    let mut run = w.run("run", "broken", &["--grace", "3s"], &script).spawn();
+    eventually("the command to start", TIMEOUT, || async {
+        let text = std::fs::read_to_string(&marks).unwrap_or_default();
+        if text.contains("start") { Ok(()) } else { Err(text) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", run.stderr_tail(20)));
+    let lock = w.locks().await.get("broken").await.expect("the Lock");
+    let request = lock.status.expect("a status").holders[0].request.clone();
+    let brk = serde_json::json!({"metadata": {"annotations": {
+        kubelock::api::BREAK_ANNOTATION: "stuck", kubelock::api::BROKEN_BY_ANNOTATION: "admin"}}});
+    w.requests()
+        .await
+        .patch(&request, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&brk))
+        .await
+        .expect("breaking the request");
+    let _ = run.wait(TIMEOUT).await.unwrap_or_else(|| panic!("run did not exit:\n{}", run.stderr_tail(20)));
+    let text = std::fs::read_to_string(&marks).unwrap_or_default();
+    let term: u128 = text.lines().find_map(|l| l.strip_prefix("term ")?.trim().parse().ok()).unwrap_or_else(|| {
+        panic!("the command never ran its SIGTERM trap (killed at once?): {text}\n{}", run.stderr_tail(20))
+    });
+    let last: u128 = std::fs::read_to_string(&tick).expect("a tick").trim().parse().expect("a time");
+    let lived = Duration::from_nanos((last.saturating_sub(term)) as u64);
+    assert!(
+        lived >= Duration::from_secs(2),
+        "the command was killed {lived:?} after its SIGTERM, not given its grace of 3 s:\n{}",
+        run.stderr_tail(20)
+    );
+}
