@@ -323,10 +323,18 @@ fn drain(
     Some(d.clone())
 }
 
-/// Grants made by an earlier Lock of this name (deleted and recreated): their holders may
-/// still act on whatever this Lock's name guards, so they drain here too, unless their Lock
-/// still exists under another name (the request was re-pointed) or they drained already.
-pub(super) fn drain_earlier_grants(
+/// Grants that the Lock's status does not list, although their holders may still act on
+/// what this Lock's name guards: grants of an earlier Lock of this name (deleted and
+/// recreated), unless that Lock still exists under another name (the request was re-pointed)
+/// or they drained already; and grants of this Lock that another writer than the controller
+/// took out of its status (an edit of the status subresource), unless this controller ended
+/// them itself (its cache lags its own end). They drain here from their last renewal seen.
+///
+/// The end is written on the request as a fence, before the Lock: a renewal that lands
+/// first refuses it (plan again, counting from that renewal), and a renewal that lands after
+/// it is answered `Expired`. Written after the Lock, a renewal in between would be answered
+/// `Granted` and give its holder a deadline later than the drain's end.
+pub(super) fn drain_unlisted_grants(
     inputs: &Inputs<'_>,
     lock_uid: &str,
     plan: &mut Plan,
@@ -335,6 +343,7 @@ pub(super) fn drain_earlier_grants(
 ) {
     let now = inputs.now;
     let name = inputs.lock.name_any();
+    let fencing = inputs.lock.status.as_ref().map_or(0, |s| s.fencing_token);
     for r in inputs.requests.iter().map(AsRef::as_ref) {
         let uid = uid_of(r);
         if inputs.observations.drained.contains(uid) {
@@ -343,18 +352,28 @@ pub(super) fn drain_earlier_grants(
         let status = r.status.clone().unwrap_or_default();
         let (Some(token), Some(granted_by)) = (status.token, status.lock_uid.as_deref()) else { continue };
         if uid.is_empty()
-            || granted_by == lock_uid
             || r.spec.lock_name != name
             || r.spec.released
             || pass.handled.contains(uid)
-            || inputs.other_locks.contains(granted_by)
-            || !matches!(r.phase(), Phase::Granted | Phase::Expired)
+            || obs.drained.contains(uid)
         {
             continue;
         }
-        if obs.drained.contains(uid) {
-            continue;
-        }
+        let (reason, message) = if granted_by == lock_uid {
+            if inputs.observations.ended.contains(uid) {
+                obs.ended.insert(uid.to_string()); // kept while the cache lags our own end
+                continue;
+            }
+            if r.phase() != Phase::Granted || fencing < token {
+                continue; // finished, or our view of the Lock predates the grant
+            }
+            (Reason::Lost, "its grant was taken out of the Lock's status by another writer than the controller".to_string())
+        } else {
+            if inputs.other_locks.contains(granted_by) || !matches!(r.phase(), Phase::Granted | Phase::Expired) {
+                continue;
+            }
+            (Reason::LockDeleted, format!("its grant was made by another Lock than the current {name}"))
+        };
         let holder = Holder {
             request: r.name_any(),
             request_uid: uid.to_string(),
@@ -365,10 +384,18 @@ pub(super) fn drain_earlier_grants(
             lease_duration: status.lease_duration.clone().unwrap_or_else(|| duration::format(FALLBACK_LEASE)),
             pod_ref: r.spec.pod_ref.clone(),
         };
-        if r.phase() == Phase::Granted {
-            finish_stale_grant(r, inputs, lock_uid, &name, plan);
+        if r.phase() == Phase::Granted && granted_by != lock_uid && !inputs.lock_fresh {
+            plan.checks.insert(Check::Lock); // is this Lock really a newer one? (it drains meanwhile)
+        } else if r.phase() == Phase::Granted {
+            fence_end(Some(r), &holder, reason, &message, granted_by, inputs, plan);
+            let note = format!(
+                "{} lost token {token}: {message}; its permits drain until it can no longer act",
+                holder.holder
+            );
+            let held = Some(since(holder.granted_at.0, now.wall));
+            plan.holder_event(EventKind::Expired, reason, &holder, held, note);
         }
-        let entry = draining_entry(&holder, r.spec.pod_ref.as_ref(), Reason::LockDeleted, now.wall);
+        let entry = draining_entry(&holder, r.spec.pod_ref.as_ref(), reason, now.wall);
         pass.handled.insert(uid.to_string());
         match drain(&entry, Some(r), inputs, plan, obs, pass) {
             Some(d) => pass.draining.push(d),

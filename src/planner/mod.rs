@@ -90,7 +90,7 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
 
     // 1 and 2: holders, how their grants end and drain, and the lock delay their ends start.
     let mut pass = holders::plan_holders(&inputs, &old, &lock_uid, &mut plan, &mut obs);
-    holders::drain_earlier_grants(&inputs, &lock_uid, &mut plan, &mut obs, &mut pass);
+    holders::drain_unlisted_grants(&inputs, &lock_uid, &mut plan, &mut obs, &mut pass);
     let lock_delay = params.as_ref().map_or(std::time::Duration::ZERO, |p| p.lock_delay);
     let delayed_until = holders::plan_delay(&inputs, &old, lock_delay, pass.delay_starts, &mut plan, &mut obs);
     // 3: the queue.

@@ -960,6 +960,93 @@ fn a_grant_of_a_lock_that_still_exists_elsewhere_does_not_drain_here() {
 }
 
 #[test]
+fn the_end_of_an_earlier_locks_grant_is_a_fence_so_a_racing_renewal_restarts_the_drain() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    let mut r = request("a", 1, 1);
+    r.status = Some(LockRequestStatus {
+        phase: Some(Phase::Granted),
+        token: Some(9),
+        lock_uid: Some("previous".into()),
+        lease_duration: Some("30s".into()),
+        ..Default::default()
+    });
+    w.add(r);
+    w.add(request("b", 1, 2));
+    let p = w.plan();
+    let end = p.requests.iter().find(|u| u.name == "a").expect("a's end is written");
+    // Before the Lock, with the version this plan read: a renewal landing first refuses it.
+    // Written after the Lock, that renewal would be answered Granted, and its holder's new
+    // deadline would outlive the drain counted from the renewal before it.
+    assert!(end.fence, "{end:?}");
+    assert_eq!(end.status.phase, Some(Phase::Expired));
+    // The race: a renews 5 s later, before the fence lands; refused, the plan is made again.
+    w.mono += secs(5);
+    w.renew("a");
+    w.step();
+    w.mono += secs(29);
+    w.step();
+    assert!(w.holders().is_empty(), "drained from the renewal that refused the fence");
+    w.mono += secs(1);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+}
+
+#[test]
+fn a_holder_taken_out_of_the_lock_status_by_another_writer_drains_before_the_next_grant() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    assert_eq!(w.holders(), ["a"]);
+    // Someone edits the status subresource and takes a out; a's holder has not seen it.
+    w.mono += secs(3);
+    let mut status = w.status();
+    status.holders.clear();
+    w.lock.status = Some(status);
+    let p = w.plan();
+    let end = p.requests.iter().find(|u| u.name == "a").expect("a's end is written");
+    assert!(end.fence, "{end:?}");
+    w.apply(&p);
+    assert_eq!(w.phase("a"), Phase::Expired);
+    assert_eq!(w.reason("a"), "Lost");
+    assert!(w.holders().is_empty(), "b is not granted while a may still act");
+    assert_eq!(w.status().draining[0].request, "a");
+    assert_eq!(w.taken(), 1);
+    // From a's grant, the last renewal seen: 30 s after it, not after the edit.
+    w.mono += secs(26);
+    w.step();
+    assert!(w.holders().is_empty());
+    w.mono += secs(1);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+    w.mono += secs(1);
+    w.step();
+    assert!(w.status().draining.is_empty(), "drained once");
+}
+
+#[test]
+fn a_grant_this_controller_ended_is_not_drained_again_when_its_cache_lags() {
+    // a's lease expired and the controller ended it; the cache still shows a Granted.
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    let granted = w.req("a").clone();
+    w.mono += secs(30);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+    for _ in 0..2 {
+        let r = w.requests.iter_mut().find(|r| r.name_any() == "a").unwrap();
+        *r = Arc::new(granted.clone());
+        let p = w.plan();
+        assert!(p.requests.iter().all(|u| !u.fence), "{p:?}");
+        w.apply(&p);
+        assert_eq!(w.holders(), ["b"]);
+        assert!(w.status().draining.is_empty(), "{:?}", w.status());
+    }
+}
+
+#[test]
 fn planning_an_unchanged_world_changes_nothing() {
     let mut w = World::new(lock(2, "30s", "0s"));
     for (i, n) in ["a", "b", "c", "d"].iter().enumerate() {
