@@ -298,6 +298,8 @@ pub(crate) struct Stats {
     /// The first errors, for failure messages.
     pub(crate) first_errors: Vec<String>,
     pub(crate) lost: usize,
+    /// `kubelock run` commands that trapped their SIGTERM and kept acting until killed.
+    pub(crate) trapped: usize,
     pub(crate) problems: Vec<String>,
 }
 
@@ -433,6 +435,9 @@ struct ActorLog {
     first: Option<At>,
     last: Option<At>,
     steps: u64,
+    /// When its SIGTERM came (a trapping actor), and the steps it took after it.
+    term: Option<At>,
+    steps_after_term: u64,
 }
 
 fn read_actor_log(path: &Path) -> ActorLog {
@@ -453,8 +458,10 @@ fn read_actor_log(path: &Path) -> ActorLog {
                     log.first.get_or_insert(t);
                     log.last = Some(t);
                     log.steps += 1;
+                    log.steps_after_term += u64::from(log.term.is_some());
                 }
             }
+            ["term", nanos] => log.term = nanos.parse::<u64>().ok().map(Duration::from_nanos),
             _ => {}
         }
     }
@@ -463,8 +470,14 @@ fn read_actor_log(path: &Path) -> ActorLog {
 
 /// The command of a `kubelock run` holder: records its grant and a step every 20 ms on
 /// `CLOCK_BOOTTIME` (`start PID LOCK REQUEST TOKEN`, `step NANOS`), for `hold`. It never looks
-/// at the lock: stopping it on a loss is `kubelock run`'s job.
-fn actor(path: &Path, hold: Duration) {
+/// at the lock: stopping it on a loss is `kubelock run`'s job. With `trap_term`, it traps
+/// SIGTERM (`term NANOS`) and keeps acting until it is killed, as a command that drains its
+/// work on SIGTERM may.
+fn actor(path: &Path, hold: Duration, trap_term: bool) {
+    let term = Arc::new(AtomicBool::new(false));
+    if trap_term {
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone()).expect("trapping SIGTERM");
+    }
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("opening the actor log");
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "-".into());
     let start = format!(
@@ -476,10 +489,16 @@ fn actor(path: &Path, hold: Duration) {
     );
     file.write_all(start.as_bytes()).expect("writing the actor log");
     let began = checker::now();
+    let mut termed = false;
     loop {
+        if !termed && term.load(Ordering::SeqCst) {
+            termed = true;
+            file.write_all(format!("term {}\n", checker::now().as_nanos()).as_bytes()).expect("writing the actor log");
+        }
         let t = checker::now();
         file.write_all(format!("step {}\n", t.as_nanos()).as_bytes()).expect("writing the actor log");
-        if t - began >= hold {
+        // Told to stop, it goes on (until SIGKILL; a bound in case that never comes).
+        if t - began >= hold && !(termed && t - began < hold + Duration::from_secs(60)) {
             break;
         }
         std::thread::sleep(STEP);
@@ -492,13 +511,14 @@ fn actor(path: &Path, hold: Duration) {
 fn run_actor() {
     if let Some(path) = std::env::var_os("KUBELOCK_FAULT_ACTOR") {
         let hold = std::env::var("KUBELOCK_FAULT_HOLD_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
-        actor(Path::new(&path), Duration::from_millis(hold));
+        let trap = std::env::var_os("KUBELOCK_FAULT_TRAP_TERM").is_some();
+        actor(Path::new(&path), Duration::from_millis(hold), trap);
         return;
     }
     let dir = tempfile::tempdir().expect("a temp dir");
     let path = dir.path().join("actor");
     let before = checker::now();
-    actor(&path, Duration::from_millis(100));
+    actor(&path, Duration::from_millis(100), false);
     let log = read_actor_log(&path);
     assert_eq!(log.pid, Some(std::process::id()));
     assert!(log.steps >= 5, "{log:?}");
@@ -523,7 +543,9 @@ fn term_pending_or_gone(pid: u32) -> bool {
 
 /// A loop of `kubelock run` holders on one lock; `freeze` asks it to freeze the next one
 /// (wrapper and command) past its lease, then thaw the wrapper first and the command once the
-/// wrapper has signalled it.
+/// wrapper has signalled it. With `trap` their commands trap SIGTERM and keep acting until
+/// killed; the loop goes on past the stop while `trap` counts commands still owed that were
+/// stopped so (each one counts it down).
 #[allow(clippy::too_many_arguments)]
 async fn run_holders(
     env_dir: PathBuf,
@@ -534,6 +556,7 @@ async fn run_holders(
     seed: u64,
     freeze: Arc<AtomicUsize>,
     freeze_for: Duration,
+    trap: Option<Arc<AtomicUsize>>,
 ) -> Stats {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut stats = Stats::default();
@@ -541,14 +564,15 @@ async fn run_holders(
     let mut n = 0;
     // Past the stop while a freeze asked for has not happened yet (a slow machine), for a while.
     let overtime = w.stop + Duration::from_secs(60);
-    while checker::now() < w.stop || (freeze.load(Ordering::SeqCst) > 0 && checker::now() < overtime) {
+    let owed = || freeze.load(Ordering::SeqCst) > 0 || trap.as_ref().is_some_and(|t| t.load(Ordering::SeqCst) > 0);
+    while checker::now() < w.stop || (owed() && checker::now() < overtime) {
         n += 1;
         let name = format!("{who}-{n}");
         let file = env_dir.join(format!("{name}.actor"));
         let hold = ms(&mut rng, w.hold.0, w.hold.1);
         // A grace that fits the lease (`kubelock run` refuses one that does not).
         let grace = kubelock::client::grace::default_grace(w.lease, default_margin(w.lease));
-        let mut proc = Cmd::kubelock(&name, &env_dir)
+        let cmd = Cmd::kubelock(&name, &env_dir)
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .args(["-n", &ns, "--request-timeout", "5s"])
@@ -559,8 +583,8 @@ async fn run_holders(
             .arg(&exe)
             .args(["faults::run_actor", "--exact", "--nocapture", "--test-threads", "1", "-q"])
             .env("KUBELOCK_FAULT_ACTOR", &file)
-            .env("KUBELOCK_FAULT_HOLD_MS", hold.as_millis().to_string())
-            .spawn();
+            .env("KUBELOCK_FAULT_HOLD_MS", hold.as_millis().to_string());
+        let mut proc = if trap.is_some() { cmd.env("KUBELOCK_FAULT_TRAP_TERM", "1") } else { cmd }.spawn();
         let mut froze = false;
         if freeze.load(Ordering::SeqCst) > 0 {
             // Wait for the command to run (the grant), then freeze both mid-hold.
@@ -631,6 +655,16 @@ async fn run_holders(
                 proc.stderr_tail(10)
             )),
             (false, Some(0)) => {}
+            (false, Some(75)) if log.term.is_some() => {
+                // Its grant ended while it acted (a break, a delete by someone else): stopped.
+                stats.lost += 1;
+                if log.steps_after_term > 0 {
+                    stats.trapped += 1;
+                    if let Some(t) = &trap {
+                        let _ = t.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                    }
+                }
+            }
             (false, other) => {
                 stats.errors += 1;
                 w.journal.report(Report::Note {
@@ -664,6 +698,7 @@ fn total(stats: &[Stats]) -> Stats {
         t.grants += s.grants;
         t.errors += s.errors;
         t.lost += s.lost;
+        t.trapped += s.trapped;
         t.problems.extend(s.problems.iter().cloned());
     }
     t
@@ -770,12 +805,33 @@ async fn grants_ended_by_others_while_holders_act() {
         let client = run.requester().await;
         tasks.push(tokio::spawn(contend(client, format!("{lock}-{i}"), work(lock), run.seed + i as u64, None)));
     }
+    // `kubelock run` holders whose commands trap SIGTERM and keep acting until killed: a grant
+    // ended by someone else must still stop them before the next holder acts. The schedule
+    // goes on until one was stopped so.
+    let owed = Arc::new(AtomicUsize::new(1));
+    for i in 0..2 {
+        tasks.push(tokio::spawn(run_holders(
+            run.env.log_dir().to_path_buf(),
+            run.env.kubeconfig(Identity::Requester1),
+            run.env.ns().into(),
+            format!("run-{i}"),
+            work("mutex"),
+            run.seed + 40 + i,
+            Arc::new(AtomicUsize::new(0)),
+            Duration::ZERO,
+            Some(owed.clone()),
+        )));
+    }
+    let overtime = stop + Duration::from_secs(60);
     let admin = run.env.admin().await;
     let requests: Api<LockRequest> = Api::namespaced(admin, run.env.ns());
     let kinds = [FaultKind::OthersDelete, FaultKind::Break, FaultKind::Repoint, FaultKind::LockRecreate];
     let mut done: std::collections::BTreeMap<&'static str, usize> = Default::default();
     let mut turn = 0usize;
-    while checker::now() < stop || kinds.iter().any(|k| !done.contains_key(k.name())) {
+    while checker::now() < stop
+        || kinds.iter().any(|k| !done.contains_key(k.name()))
+        || (owed.load(Ordering::SeqCst) > 0 && checker::now() < overtime)
+    {
         tokio::time::sleep(ms(&mut run.rng, 500, 2000)).await; // the fault schedule
         // Every kind in turn first, then at random.
         let kind = if turn < kinds.len() { kinds[turn] } else { kinds[run.rng.random_range(0..kinds.len())] };
@@ -815,7 +871,13 @@ async fn grants_ended_by_others_while_holders_act() {
         if holders.is_empty() {
             continue;
         }
-        let h = &holders[run.rng.random_range(0..holders.len())];
+        // A `kubelock run` holder half of the time when one holds.
+        let runs: Vec<_> = holders.iter().filter(|h| h.holder.starts_with("run-")).collect();
+        let h = if !runs.is_empty() && run.rng.random_bool(0.5) {
+            runs[run.rng.random_range(0..runs.len())]
+        } else {
+            &holders[run.rng.random_range(0..holders.len())]
+        };
         let at = checker::now();
         let result = match kind {
             FaultKind::OthersDelete => requests.delete(&h.request, &DeleteParams::default()).await.map(|_| ()),
@@ -843,12 +905,16 @@ async fn grants_ended_by_others_while_holders_act() {
     let stats: Vec<Stats> = join_all(tasks).await.into_iter().map(|r| r.expect("a contender panicked")).collect();
     let all = total(&stats);
     let summary = run.finish().await;
-    println!("contenders: {} grants, {} lost, {} errors; faults done: {done:?}", all.grants, all.lost, all.errors);
+    println!(
+        "contenders: {} grants, {} lost ({} kubelock run commands that trapped SIGTERM), {} errors; faults done: {done:?}",
+        all.grants, all.lost, all.trapped, all.errors
+    );
     for kind in kinds {
         assert!(summary.faults.get(kind.name()).copied().unwrap_or(0) > 0, "no {} happened: {summary}", kind.name());
     }
     assert!(summary.drained > 0, "no grant drained: {summary}");
     assert!(all.lost > 0, "no holder lost its grant mid-hold: {all:?}");
+    assert!(all.trapped > 0, "no kubelock run command that trapped its SIGTERM had its grant ended: {all:?}");
     assert!(summary.acted > 0 && summary.fifo_pairs > 0, "{summary}");
     for (i, s) in stats.iter().enumerate() {
         assert!(s.grants > 0, "contender {i} was never granted: {s:?}");
@@ -928,6 +994,7 @@ async fn control_plane_outages_frozen_and_skewed_holders() {
             run.seed + 40 + i,
             freeze.clone(),
             Duration::from_secs(5),
+            None,
         )));
     }
 
@@ -1058,17 +1125,15 @@ async fn skewed_holder(requests: Api<LockRequest>, journal: Journal) -> Result<S
 
 /// A burst of `KUBELOCK_FAULT_BURST` (1,000) requests on one mutex, from 20 concurrent
 /// creators, while the controller is killed now and then. Each holder is released as soon as
-/// the Lock lists it, until `KUBELOCK_FAULT_BURST_GRANTS` (20; `all` for every one) have
-/// been (every one, all 1,000, takes about 110 s on two cores; the default keeps `make test`
-/// short). The
-/// checker judges FIFO across seconds, tokens, mirrors and progress; every grant is made once.
+/// the Lock lists it, until every request has been granted and released
+/// (`KUBELOCK_FAULT_BURST_GRANTS=N` stops after the first N). The checker judges FIFO across
+/// seconds, tokens, mirrors and progress; every grant is made once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_requests_is_granted_in_order() {
     let count: usize = std::env::var("KUBELOCK_FAULT_BURST").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let drain: usize = match std::env::var("KUBELOCK_FAULT_BURST_GRANTS").ok().as_deref() {
-        Some("all") => count,
-        Some(n) => n.parse().unwrap_or(20).min(count),
-        None => 20.min(count),
+        None | Some("all") => count,
+        Some(n) => n.parse().unwrap_or(count).min(count),
     };
     let mut run = FaultRun::start("a_burst_of_requests_is_granted_in_order").await;
     run.lock("burst", 1, "60s", "0s").await;
