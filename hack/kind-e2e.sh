@@ -101,4 +101,4 @@ log "smoke test passed"
 log "running the e2e suite against $CLUSTER"
 # shellcheck disable=SC2086
 KUBELOCK_TEST_KUBECONFIG="$KUBECONFIG_FILE" cargo test --test e2e -- \
-  --skip node:: --skip node_chart:: --skip node_examples:: ${E2E_ARGS:-}
+  --skip node:: --skip node_chart:: --skip node_examples:: --skip node_teardown:: ${E2E_ARGS:-}

@@ -5,7 +5,8 @@
 //! (the controller), `client` (run, sidecar, CLI, plugin, library), `faults` (fault runs judged by the
 //! history checker, bad input), `image` (the container image), `node` (pods on a local node,
 //! the images of `make image`), `node_chart` (the Helm chart and killed holder pods on the local
-//! node), `node_examples` (every `examples/*.yaml` running on the local node). Add one module
+//! node), `node_examples` (every `examples/*.yaml` running on the local node), `node_teardown` (nothing
+//! of a node outlives it; after the other node modules, as they stop the shared node). Add one module
 //! per area.
 
 mod support;
@@ -18,5 +19,6 @@ mod lock;
 mod node;
 mod node_chart;
 mod node_examples;
+mod node_teardown;
 mod smoke;
 mod webhook;
