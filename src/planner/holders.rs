@@ -367,7 +367,10 @@ pub(super) fn drain_unlisted_grants(
             if r.phase() != Phase::Granted || fencing < token {
                 continue; // finished, or our view of the Lock predates the grant
             }
-            (Reason::Lost, "its grant was taken out of the Lock's status by another writer than the controller".to_string())
+            (
+                Reason::Lost,
+                "its grant was taken out of the Lock's status by another writer than the controller".to_string(),
+            )
         } else {
             if inputs.other_locks.contains(granted_by) || !matches!(r.phase(), Phase::Granted | Phase::Expired) {
                 continue;
