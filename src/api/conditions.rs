@@ -52,6 +52,10 @@ pub enum Reason {
     SpecChanged,
     /// The grant ended while its status was not mirrored (seen after a controller restart).
     Lost,
+    /// The grant was taken out of the Lock's status by another writer than the controller
+    /// (an edit of the status subresource, or the status reset): it drains like any end the
+    /// holder did not report.
+    RemovedFromStatus,
     /// More permits asked than the Lock has.
     TooManyPermits,
     /// The request's spec cannot be honoured.

@@ -179,7 +179,8 @@ pub struct Draining {
     /// reports it stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_ref: Option<super::PodRef>,
-    /// Why the grant ended (`Deleted`, `Broken`, `PodGone`, `SpecChanged`, `LockDeleted`).
+    /// Why the grant ended (`Deleted`, `Broken`, `PodGone`, `SpecChanged`, `LockDeleted`,
+    /// `RemovedFromStatus`).
     pub reason: String,
     /// When the grant ended (the controller's wall clock; informational).
     pub ended_at: MicroTime,

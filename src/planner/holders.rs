@@ -123,9 +123,13 @@ fn end_of(h: &Holder, req: Option<&LockRequest>, inputs: &Inputs<'_>, seen: &Ren
         return match cause {
             Some(Reason::LeaseExpired) => End::Free { kind: EventKind::Expired, reason: Reason::LeaseExpired, message },
             Some(reason @ Reason::Broken) => End::Drain { kind: EventKind::Broken, reason, message, restart: false },
-            Some(reason @ (Reason::PodGone | Reason::LockDeleted | Reason::SpecChanged | Reason::Deleted)) => {
-                End::Drain { kind: EventKind::Expired, reason, message, restart: false }
-            }
+            Some(
+                reason @ (Reason::PodGone
+                | Reason::LockDeleted
+                | Reason::SpecChanged
+                | Reason::Deleted
+                | Reason::RemovedFromStatus),
+            ) => End::Drain { kind: EventKind::Expired, reason, message, restart: false },
             _ => End::Drain { kind: EventKind::Expired, reason: Reason::Lost, message, restart: false },
         };
     }
@@ -273,7 +277,9 @@ pub(super) fn plan_holders(
         if !pass.handled.insert(d.request_uid.clone()) {
             continue;
         }
-        match drain(d, by_uid.get(d.request_uid.as_str()).copied(), inputs, plan, obs, &mut pass) {
+        // Committed to this Lock's status by CAS, so its end is certain: fenced if not yet.
+        let fence = format!("its grant ended ({}); it drains until its holder can no longer act", d.reason);
+        match drain(d, by_uid.get(d.request_uid.as_str()).copied(), inputs, plan, obs, &mut pass, Some(fence)) {
             Some(d) => pass.draining.push(d),
             None => {
                 obs.drained.insert(d.request_uid.clone());
@@ -284,6 +290,8 @@ pub(super) fn plan_holders(
 }
 
 /// One draining grant: kept while its holder may still act; `None` once its permits are free.
+/// `fence`: the message with which to write its end on its request while that still reads
+/// `Granted` (`None`: not yet, this plan cannot be sure the end is real).
 fn drain(
     d: &Draining,
     req: Option<&LockRequest>,
@@ -291,6 +299,7 @@ fn drain(
     plan: &mut Plan,
     obs: &mut Observations,
     pass: &mut HolderPass,
+    fence: Option<String>,
 ) -> Option<Draining> {
     let now = inputs.now;
     if let Some(req) = req.filter(|r| r.spec.released) {
@@ -308,9 +317,22 @@ fn drain(
         }
         PodState::Fine => false,
     };
-    // The countdown from the last renewal seen before the end; renewals after the end do not
-    // count (they are answered Expired, or refused). After a restart it starts again.
-    let at = inputs.observations.renewals.get(&d.request_uid).map_or(now.mono, |r| r.at);
+    // The countdown from the last renewal seen before the end is on the request: once it reads
+    // `Expired` (a fence), renewals are answered so and do not count. While it still reads
+    // `Granted`, a renewal may be answered `Granted`: it counts, and the end is written now.
+    // After a restart it starts again.
+    let live = req.filter(|r| r.phase() == Phase::Granted && r.metadata.deletion_timestamp.is_none());
+    let at = match live {
+        Some(r) => {
+            if let Some(message) = fence {
+                let reason = d.reason.parse().unwrap_or(Reason::Lost);
+                let fate = Fate::Finished { phase: Phase::Expired, reason, message, holder: None, lock_uid: None };
+                plan.fence(r, desired_status(r, fate, now));
+            }
+            observed(inputs, &d.request_uid, Some(r)).at
+        }
+        None => inputs.observations.renewals.get(&d.request_uid).map_or(now.mono, |r| r.at),
+    };
     let lease = lease_of(&d.lease_duration);
     if stopped || now.mono.saturating_sub(at) >= lease {
         pass.delay_starts = true;
@@ -359,23 +381,37 @@ pub(super) fn drain_unlisted_grants(
         {
             continue;
         }
-        let (reason, message) = if granted_by == lock_uid {
+        let (reason, message, certain) = if granted_by == lock_uid {
             if inputs.observations.ended.contains(uid) {
                 obs.ended.insert(uid.to_string()); // kept while the cache lags our own end
                 continue;
             }
-            if r.phase() != Phase::Granted || fencing < token {
-                continue; // finished, or our view of the Lock predates the grant
+            // Still `Granted`, or already fenced by an earlier plan whose Lock write did not
+            // follow (a conflict, a controller that stopped in between).
+            let fenced = r.phase() == Phase::Expired && end_reason(r) == Some(Reason::RemovedFromStatus);
+            if r.phase() != Phase::Granted && !fenced {
+                continue;
             }
-            (
-                Reason::Lost,
-                "its grant was taken out of the Lock's status by another writer than the controller".to_string(),
-            )
+            // Our view of the Lock predates the grant (a lagging cache: ask), or its status
+            // was reset (a fresh view says so): it drains meanwhile either way.
+            let predates = fencing < token;
+            if predates && !inputs.lock_fresh {
+                plan.checks.insert(Check::Lock);
+            }
+            let message = "its grant was taken out of the Lock's status by another writer than the controller";
+            (Reason::RemovedFromStatus, message.to_string(), !predates || inputs.lock_fresh)
         } else {
             if inputs.other_locks.contains(granted_by) || !matches!(r.phase(), Phase::Granted | Phase::Expired) {
                 continue;
             }
-            (Reason::LockDeleted, format!("its grant was made by another Lock than the current {name}"))
+            if r.phase() == Phase::Granted && !inputs.lock_fresh {
+                plan.checks.insert(Check::Lock); // is this Lock really a newer one? (it drains meanwhile)
+            }
+            (
+                Reason::LockDeleted,
+                format!("its grant was made by another Lock than the current {name}"),
+                inputs.lock_fresh,
+            )
         };
         let holder = Holder {
             request: r.name_any(),
@@ -387,10 +423,7 @@ pub(super) fn drain_unlisted_grants(
             lease_duration: status.lease_duration.clone().unwrap_or_else(|| duration::format(FALLBACK_LEASE)),
             pod_ref: r.spec.pod_ref.clone(),
         };
-        if r.phase() == Phase::Granted && granted_by != lock_uid && !inputs.lock_fresh {
-            plan.checks.insert(Check::Lock); // is this Lock really a newer one? (it drains meanwhile)
-        } else if r.phase() == Phase::Granted {
-            fence_end(Some(r), &holder, reason, &message, granted_by, inputs, plan);
+        if r.phase() == Phase::Granted && certain {
             let note = format!(
                 "{} lost token {token}: {message}; its permits drain until it can no longer act",
                 holder.holder
@@ -400,13 +433,19 @@ pub(super) fn drain_unlisted_grants(
         }
         let entry = draining_entry(&holder, r.spec.pod_ref.as_ref(), reason, now.wall);
         pass.handled.insert(uid.to_string());
-        match drain(&entry, Some(r), inputs, plan, obs, pass) {
+        match drain(&entry, Some(r), inputs, plan, obs, pass, certain.then_some(message)) {
             Some(d) => pass.draining.push(d),
             None => {
                 obs.drained.insert(uid.to_string());
             }
         }
     }
+}
+
+/// Why a finished request's grant ended, as its `Granted` condition says.
+fn end_reason(r: &LockRequest) -> Option<Reason> {
+    let status = r.status.as_ref()?;
+    ConditionType::Granted.find(&status.conditions)?.reason.parse().ok()
 }
 
 /// The lock delay after an expiry: returns whether it holds back grants now, and the

@@ -59,6 +59,7 @@ fn secs(s: u64) -> Duration {
 /// A small simulated controller around the planner: applies plans like the controller does.
 struct World {
     lock: Lock,
+    lock_fresh: bool,
     requests: Vec<Arc<LockRequest>>,
     obs: Observations,
     gone: HashSet<String>,
@@ -77,6 +78,7 @@ impl World {
     fn new(lock: Lock) -> Self {
         Self {
             lock,
+            lock_fresh: true,
             requests: Vec::new(),
             obs: Observations::default(),
             gone: HashSet::new(),
@@ -106,7 +108,7 @@ impl World {
     fn plan(&self) -> Plan {
         plan(Inputs {
             lock: &self.lock,
-            lock_fresh: true,
+            lock_fresh: self.lock_fresh,
             requests: &self.requests,
             fresh: &self.fresh,
             gone: &self.gone,
@@ -838,14 +840,21 @@ fn a_grant_that_ended_unmirrored_is_finalized_only_when_certain() {
         ..Default::default()
     });
     w.add(r);
-    // The Lock view predates token 5: a lagging cache, not an ended grant.
+    // The Lock view predates token 5: a lagging cache, not an ended grant. Nothing is written
+    // on the request; a read of the Lock is asked for.
+    w.lock_fresh = false;
     let p = w.plan();
     assert!(p.requests.iter().all(|u| u.name != "a"), "{p:?}");
-    // The Lock has issued token 5 and later ones: the grant ended.
+    assert!(p.checks.contains(&Check::Lock), "{p:?}");
+    // The Lock has issued token 5 and later ones, and does not list it: the grant ended, but
+    // not by this controller (its ends are written on the request first). Its holder may
+    // still act: it drains.
+    w.lock_fresh = true;
     w.lock.status = Some(LockStatus { fencing_token: 6, ..Default::default() });
     w.step();
     assert_eq!(w.phase("a"), Phase::Expired);
-    assert_eq!(w.reason("a"), "Lost");
+    assert_eq!(w.reason("a"), "RemovedFromStatus");
+    assert_eq!(w.status().draining[0].request, "a");
 }
 
 #[test]
@@ -1006,22 +1015,98 @@ fn a_holder_taken_out_of_the_lock_status_by_another_writer_drains_before_the_nex
     let p = w.plan();
     let end = p.requests.iter().find(|u| u.name == "a").expect("a's end is written");
     assert!(end.fence, "{end:?}");
-    w.apply(&p);
+    // Its holder renews 7 s later, before that fence lands: refused, the plan is made again,
+    // and the countdown starts from the renewal (answered Granted, it moved a's deadline).
+    w.mono += secs(7);
+    w.renew("a");
+    w.step();
     assert_eq!(w.phase("a"), Phase::Expired);
-    assert_eq!(w.reason("a"), "Lost");
+    assert_eq!(w.reason("a"), "RemovedFromStatus");
     assert!(w.holders().is_empty(), "b is not granted while a may still act");
     assert_eq!(w.status().draining[0].request, "a");
     assert_eq!(w.taken(), 1);
-    // From a's grant, the last renewal seen: 30 s after it, not after the edit.
-    w.mono += secs(26);
+    w.mono += secs(29);
     w.step();
-    assert!(w.holders().is_empty());
+    assert!(w.holders().is_empty(), "30 s from the renewal, not from the grant: {:?}", w.status());
     w.mono += secs(1);
     w.step();
     assert_eq!(w.holders(), ["b"]);
     w.mono += secs(1);
     w.step();
     assert!(w.status().draining.is_empty(), "drained once");
+}
+
+#[test]
+fn a_fenced_removal_whose_lock_write_failed_still_drains() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    let mut status = w.status();
+    status.holders.clear();
+    w.lock.status = Some(status);
+    // The fence lands; the Lock write after it does not (a conflict, or the controller stops).
+    let p = w.plan();
+    for u in &p.requests {
+        let r = w.requests.iter_mut().find(|r| uid_of(r) == u.uid).unwrap();
+        Arc::make_mut(r).status = Some(u.status.clone());
+    }
+    w.obs = Observations::default(); // a new leader, say
+    assert_eq!(w.phase("a"), Phase::Expired);
+    w.step();
+    assert!(w.holders().is_empty(), "{:?}", w.status());
+    assert_eq!(w.status().draining[0].request, "a");
+}
+
+#[test]
+fn a_lock_status_reset_by_hand_drains_its_grants() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    w.add(request("a", 1, 1));
+    w.add(request("b", 1, 2));
+    w.step();
+    // The whole status reset (fencing token 0, below a's token): a fresh read says so.
+    w.lock.status = Some(LockStatus::default());
+    w.step();
+    assert!(w.holders().is_empty(), "{:?}", w.status());
+    assert_eq!(w.status().draining[0].request, "a");
+    w.mono += secs(30);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
+    assert!(w.token("b") > w.token("a"));
+}
+
+#[test]
+fn an_earlier_locks_grant_drained_before_the_lock_was_confirmed_is_fenced_once_it_is() {
+    let mut w = World::new(lock(1, "30s", "0s"));
+    let mut r = request("a", 1, 1);
+    r.status = Some(LockRequestStatus {
+        phase: Some(Phase::Granted),
+        token: Some(9),
+        lock_uid: Some("previous".into()),
+        lease_duration: Some("30s".into()),
+        ..Default::default()
+    });
+    w.add(r);
+    w.add(request("b", 1, 2));
+    // The Lock is not confirmed (no quorum read this reconcile): a drains, unfenced.
+    w.lock_fresh = false;
+    let p = w.step();
+    assert!(p.requests.iter().all(|u| !(u.name == "a" && u.fence)), "{p:?}");
+    assert_eq!(w.phase("a"), Phase::Granted);
+    assert_eq!(w.status().draining[0].request, "a");
+    // Its holder renews; the next plan, committed or not, writes its end.
+    w.lock_fresh = true;
+    w.mono += secs(10);
+    w.renew("a");
+    let p = w.step();
+    assert!(p.requests.iter().any(|u| u.name == "a" && u.fence), "{p:?}");
+    assert_eq!(w.phase("a"), Phase::Expired);
+    w.mono += secs(29);
+    w.step();
+    assert!(w.holders().is_empty(), "30 s from the renewal seen before the fence");
+    w.mono += secs(1);
+    w.step();
+    assert_eq!(w.holders(), ["b"]);
 }
 
 #[test]
