@@ -12,6 +12,10 @@
 //!   while requests queue, etcd killed and restarted, `kubelock run` holders frozen (SIGSTOP)
 //!   past their lease and thawed, an in-process holder whose runtime stalls past its lease, a
 //!   holder that renews with its wall clock an hour ahead and an hour behind, controller kills.
+//! - `grants_ended_by_others_while_holders_act`: holders' requests deleted by another party,
+//!   holders broken, granted requests re-pointed, Locks deleted and recreated, holders' pods
+//!   deleted (gracefully, by force) or reported stopped, while in-process contenders and
+//!   `kubelock run` holders (whose commands trap SIGTERM and keep acting) hold.
 //! - `a_burst_of_requests_is_granted_in_order`: 1,000 requests on one mutex
 //!   (`KUBELOCK_FAULT_BURST`), each released as soon as it is granted, while the controller is
 //!   killed now and then: every one is granted exactly once, in FIFO order.
@@ -36,6 +40,7 @@ use std::{
 
 use futures::{StreamExt as _, future::join_all};
 use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::{
     Api, ResourceExt as _,
@@ -43,7 +48,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use kubelock::{
-    api::{Lock, LockRequest, Phase},
+    api::{Lock, LockRequest, Phase, PodRef},
     client::{AcquireOptions, BootInstant, LockClient, LockState, default_margin},
 };
 use rand::{RngExt as _, SeedableRng as _, rngs::StdRng};
@@ -309,18 +314,89 @@ pub(crate) struct Stall {
     length: Duration,
 }
 
+/// A contender bound to pods: every cycle runs "in" a new pod object, bound to a node that no
+/// kubelet runs (so nothing but the fault schedule reports it stopped), and acquires with its
+/// `podRef`. The schedule deletes that pod (gracefully or by force), or stops it: it asks the
+/// contender to stop acting, waits until it did, then writes `Failed` into the pod's status
+/// as a kubelet would. The contender goes on past the stop while `owed` counts pod faults
+/// still to make.
+pub(crate) struct PodBound {
+    pods: Api<Pod>,
+    stop: AtomicBool,
+    stopped: AtomicBool,
+    owed: Arc<AtomicUsize>,
+}
+
+impl PodBound {
+    /// A pod object on the node no kubelet runs.
+    async fn create(&self, name: &str) -> Result<PodRef, kube::Error> {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": "no-kubelet", "containers": [{"name": "app", "image": "app"}]},
+        }))
+        .expect("a pod");
+        let pod = self.pods.create(&Default::default(), &pod).await?;
+        Ok(PodRef { name: name.into(), uid: pod.uid() })
+    }
+
+    /// Stops the contender acting in its pod (as its container stopping would), then reports
+    /// the pod Failed. False if the contender did not stop in time (it was not holding).
+    async fn stop_and_report(&self, pod: &str) -> Result<bool, kube::Error> {
+        self.stopped.store(false, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+        let acted = eventually("the contender to stop acting", Duration::from_secs(5), || async {
+            if self.stopped.load(Ordering::SeqCst) { Ok(()) } else { Err("still acting".to_string()) }
+        })
+        .await;
+        if acted.is_err() {
+            self.stop.store(false, Ordering::SeqCst);
+            return Ok(false);
+        }
+        let status = serde_json::json!({"status": {"phase": "Failed"}});
+        self.pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        Ok(true)
+    }
+}
+
 /// Acquire, act in steps while the client says it holds (its published state, deadline
 /// checked against a fresh clock reading at every step), release; until `w.stop`.
 pub(crate) async fn contend(client: LockClient, who: String, w: Work, seed: u64, stall: Option<Arc<Stall>>) -> Stats {
+    contend_in_pods(client, who, w, seed, stall, None).await
+}
+
+/// [`contend`], each cycle in a pod of its own if `pods` is given.
+async fn contend_in_pods(
+    client: LockClient,
+    who: String,
+    w: Work,
+    seed: u64,
+    stall: Option<Arc<Stall>>,
+    pods: Option<Arc<PodBound>>,
+) -> Stats {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut stats = Stats::default();
     let note = |text: String| w.journal.report(Report::Note { at: checker::now(), who: who.clone(), text });
-    while checker::now() < w.stop {
+    let overtime = w.stop + Duration::from_secs(60);
+    let owed = || pods.as_ref().is_some_and(|p| p.owed.load(Ordering::SeqCst) > 0);
+    let mut cycle = 0;
+    while checker::now() < w.stop || (owed() && checker::now() < overtime) {
         let mut opts = AcquireOptions::new(&w.lock);
         opts.permits = w.permits;
         opts.lease = Some(w.lease);
         opts.holder_identity = who.clone();
         opts.wait_timeout = Some(Duration::from_secs(90));
+        cycle += 1;
+        if let Some(p) = &pods {
+            p.stop.store(false, Ordering::SeqCst);
+            match p.create(&format!("{who}-{cycle}")).await {
+                Ok(pod_ref) => opts.pod_ref = Some(pod_ref),
+                Err(e) => {
+                    note(format!("creating its pod failed: {e}"));
+                    tokio::time::sleep(ms(&mut rng, 100, 500)).await; // back off, then try again
+                    continue;
+                }
+            }
+        }
         let guard = match client.acquire(opts).await {
             Ok(g) => g,
             Err(e) => {
@@ -362,6 +438,12 @@ pub(crate) async fn contend(client: LockClient, who: String, w: Work, seed: u64,
                 _ => None,
             };
             let Some((deadline, lease)) = holding else { break };
+            if let Some(p) = &pods
+                && p.stop.load(Ordering::SeqCst)
+            {
+                p.stopped.store(true, Ordering::SeqCst);
+                break; // its pod's container stopped
+            }
             first.get_or_insert(t.since_boot());
             last = Some(t.since_boot());
             steps += 1;
@@ -393,6 +475,11 @@ pub(crate) async fn contend(client: LockClient, who: String, w: Work, seed: u64,
         }
         if let Err(e) = guard.release().await {
             note(format!("release of token {token} failed: {e}"));
+        }
+        if let Some(p) = &pods {
+            // Done with this cycle's pod (it may be gone already, or be terminating).
+            let name = format!("{who}-{cycle}");
+            let _ = p.pods.delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
         }
         tokio::time::sleep(ms(&mut rng, 0, 100)).await; // between cycles
     }
@@ -824,19 +911,45 @@ async fn grants_ended_by_others_while_holders_act() {
     }
     let overtime = stop + Duration::from_secs(60);
     let admin = run.env.admin().await;
-    let requests: Api<LockRequest> = Api::namespaced(admin, run.env.ns());
-    let kinds = [FaultKind::OthersDelete, FaultKind::Break, FaultKind::Repoint, FaultKind::LockRecreate];
+    let requests: Api<LockRequest> = Api::namespaced(admin.clone(), run.env.ns());
+    // Contenders bound to pods on the pool, whose pods the schedule deletes or stops.
+    let pod_kinds = [FaultKind::PodDelete, FaultKind::PodForceDelete, FaultKind::PodStopped];
+    let pod_owed = Arc::new(AtomicUsize::new(pod_kinds.len()));
+    let mut bound = std::collections::BTreeMap::new();
+    for i in 0..2 {
+        let who = format!("pod-{i}");
+        let p = Arc::new(PodBound {
+            pods: Api::namespaced(admin.clone(), run.env.ns()),
+            stop: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            owed: pod_owed.clone(),
+        });
+        bound.insert(who.clone(), p.clone());
+        let client = run.requester().await;
+        tasks.push(tokio::spawn(contend_in_pods(client, who, work("pool"), run.seed + 50 + i, None, Some(p))));
+    }
+    let pods: Api<Pod> = Api::namespaced(admin, run.env.ns());
+    let kinds = [
+        FaultKind::OthersDelete,
+        FaultKind::Break,
+        FaultKind::Repoint,
+        FaultKind::LockRecreate,
+        FaultKind::PodDelete,
+        FaultKind::PodForceDelete,
+        FaultKind::PodStopped,
+    ];
     let mut done: std::collections::BTreeMap<&'static str, usize> = Default::default();
     let mut turn = 0usize;
     while checker::now() < stop
-        || kinds.iter().any(|k| !done.contains_key(k.name()))
-        || (owed.load(Ordering::SeqCst) > 0 && checker::now() < overtime)
+        || ((kinds.iter().any(|k| !done.contains_key(k.name())) || owed.load(Ordering::SeqCst) > 0)
+            && checker::now() < overtime)
     {
         tokio::time::sleep(ms(&mut run.rng, 500, 2000)).await; // the fault schedule
         // Every kind in turn first, then at random.
         let kind = if turn < kinds.len() { kinds[turn] } else { kinds[run.rng.random_range(0..kinds.len())] };
         turn += 1;
-        let lock_name = if run.rng.random_bool(0.5) { "mutex" } else { "pool" };
+        let on_pod = pod_kinds.contains(&kind);
+        let lock_name = if on_pod || run.rng.random_bool(0.5) { "pool" } else { "mutex" };
         if kind == FaultKind::LockRecreate {
             let Ok(old) = run.locks.get(lock_name).await else { continue };
             // Any Lock, whatever its grants: deleted, it drains them in its own status (its
@@ -869,6 +982,37 @@ async fn grants_ended_by_others_while_holders_act() {
         let Ok(lock) = run.locks.get(lock_name).await else { continue };
         let holders = lock.status.map(|s| s.holders).unwrap_or_default();
         if holders.is_empty() {
+            continue;
+        }
+        if on_pod {
+            // A holder bound to a pod.
+            let in_pods: Vec<_> =
+                holders.iter().filter(|h| bound.contains_key(&h.holder) && h.pod_ref.is_some()).collect();
+            let Some(h) = in_pods.get(run.rng.random_range(0..in_pods.len().max(1))).copied() else {
+                turn -= 1; // none holds now: this kind again next time
+                continue;
+            };
+            let pod = h.pod_ref.clone().expect("filtered").name;
+            let at = checker::now();
+            let result = match kind {
+                FaultKind::PodDelete => pods.delete(&pod, &DeleteParams::default()).await.map(|_| true),
+                FaultKind::PodForceDelete => pods
+                    .delete(&pod, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+                    .await
+                    .map(|_| true),
+                _ => bound[&h.holder].stop_and_report(&pod).await,
+            };
+            match result {
+                Ok(true) => {
+                    run.journal.fault(kind, at, None, format!("{lock_name} {} token {} pod {pod}", h.request, h.token));
+                    if !done.contains_key(kind.name()) {
+                        pod_owed.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    *done.entry(kind.name()).or_default() += 1;
+                }
+                Ok(false) => turn -= 1, // it stopped holding meanwhile
+                Err(e) => run.journal.report(Report::Note { at, who: "faults".into(), text: format!("{kind:?}: {e}") }),
+            }
             continue;
         }
         // A `kubelock run` holder half of the time when one holds.

@@ -142,6 +142,13 @@ pub enum FaultKind {
     Repoint,
     /// A Lock deleted and created again under its name.
     LockRecreate,
+    /// A holder's pod deleted gracefully, on a node no kubelet runs (nothing confirms a stop).
+    PodDelete,
+    /// A holder's pod deleted by force (grace period 0).
+    PodForceDelete,
+    /// A holder's pod stopped: its holder stops acting, then the pod's status says Failed, as
+    /// a kubelet reports a pod whose containers terminated.
+    PodStopped,
 }
 
 impl FaultKind {
@@ -161,6 +168,9 @@ impl FaultKind {
             FaultKind::Break => "break",
             FaultKind::Repoint => "repoint",
             FaultKind::LockRecreate => "lock-recreate",
+            FaultKind::PodDelete => "pod-delete",
+            FaultKind::PodForceDelete => "pod-force-delete",
+            FaultKind::PodStopped => "pod-stopped",
         }
     }
 }
