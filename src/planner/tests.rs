@@ -52,6 +52,19 @@ fn request(name: &str, permits: i32, created: i64) -> LockRequest {
     }
 }
 
+/// A request whose status says the Lock of UID `lock_uid` granted it `token` for 30 s.
+fn granted(name: &str, created: i64, lock_uid: &str, token: i64) -> LockRequest {
+    let mut r = request(name, 1, created);
+    r.status = Some(LockRequestStatus {
+        phase: Some(Phase::Granted),
+        token: Some(token),
+        lock_uid: Some(lock_uid.into()),
+        lease_duration: Some("30s".into()),
+        ..Default::default()
+    });
+    r
+}
+
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
@@ -832,14 +845,7 @@ fn the_lock_delay_lasts_once_across_plans_whatever_the_clock_precision() {
 #[test]
 fn a_grant_that_ended_unmirrored_is_finalized_only_when_certain() {
     let mut w = World::new(lock(1, "30s", "0s"));
-    let mut r = request("a", 1, 1);
-    r.status = Some(LockRequestStatus {
-        phase: Some(Phase::Granted),
-        token: Some(5),
-        lock_uid: Some("lock-uid".into()),
-        ..Default::default()
-    });
-    w.add(r);
+    w.add(granted("a", 1, "lock-uid", 5));
     // The Lock view predates token 5: a lagging cache, not an ended grant. Nothing is written
     // on the request; a read of the Lock is asked for.
     w.lock_fresh = false;
@@ -921,15 +927,7 @@ fn orphans_wait_for_their_lock_and_lose_grants_of_a_deleted_one() {
 #[test]
 fn a_grant_of_an_earlier_lock_of_the_same_name_drains_before_the_next_grant() {
     let mut w = World::new(lock(1, "30s", "0s"));
-    let mut r = request("a", 1, 1);
-    r.status = Some(LockRequestStatus {
-        phase: Some(Phase::Granted),
-        token: Some(9),
-        lock_uid: Some("previous".into()),
-        lease_duration: Some("30s".into()),
-        ..Default::default()
-    });
-    w.add(r);
+    w.add(granted("a", 1, "previous", 9));
     w.add(request("b", 1, 2));
     w.step();
     assert_eq!(w.phase("a"), Phase::Expired);
@@ -952,14 +950,7 @@ fn a_grant_of_an_earlier_lock_of_the_same_name_drains_before_the_next_grant() {
 fn a_grant_of_a_lock_that_still_exists_elsewhere_does_not_drain_here() {
     // A request re-pointed from another Lock: its grant drains on that Lock, not here.
     let mut w = World::new(lock(1, "30s", "0s"));
-    let mut r = request("a", 1, 1);
-    r.status = Some(LockRequestStatus {
-        phase: Some(Phase::Granted),
-        token: Some(9),
-        lock_uid: Some("other-lock".into()),
-        ..Default::default()
-    });
-    w.add(r);
+    w.add(granted("a", 1, "other-lock", 9));
     w.add(request("b", 1, 2));
     w.other_locks.insert("other-lock".into());
     w.step();
@@ -971,15 +962,7 @@ fn a_grant_of_a_lock_that_still_exists_elsewhere_does_not_drain_here() {
 #[test]
 fn the_end_of_an_earlier_locks_grant_is_a_fence_so_a_racing_renewal_restarts_the_drain() {
     let mut w = World::new(lock(1, "30s", "0s"));
-    let mut r = request("a", 1, 1);
-    r.status = Some(LockRequestStatus {
-        phase: Some(Phase::Granted),
-        token: Some(9),
-        lock_uid: Some("previous".into()),
-        lease_duration: Some("30s".into()),
-        ..Default::default()
-    });
-    w.add(r);
+    w.add(granted("a", 1, "previous", 9));
     w.add(request("b", 1, 2));
     let p = w.plan();
     let end = p.requests.iter().find(|u| u.name == "a").expect("a's end is written");
@@ -1078,15 +1061,7 @@ fn a_lock_status_reset_by_hand_drains_its_grants() {
 #[test]
 fn an_earlier_locks_grant_drained_before_the_lock_was_confirmed_is_fenced_once_it_is() {
     let mut w = World::new(lock(1, "30s", "0s"));
-    let mut r = request("a", 1, 1);
-    r.status = Some(LockRequestStatus {
-        phase: Some(Phase::Granted),
-        token: Some(9),
-        lock_uid: Some("previous".into()),
-        lease_duration: Some("30s".into()),
-        ..Default::default()
-    });
-    w.add(r);
+    w.add(granted("a", 1, "previous", 9));
     w.add(request("b", 1, 2));
     // The Lock is not confirmed (no quorum read this reconcile): a drains, unfenced.
     w.lock_fresh = false;

@@ -5,7 +5,6 @@
 //! again after each of them.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -94,18 +93,7 @@ async fn a_killed_dev_node_leaves_nothing_behind() {
         .env_remove("KUBECONFIG")
         .piped_stdout()
         .spawn();
-    let stdout = dev.take_stdout().expect("piped stdout");
-    let export = tokio::time::timeout(
-        Duration::from_secs(180),
-        tokio::task::spawn_blocking(move || {
-            BufReader::new(stdout).lines().map_while(Result::ok).find(|l| l.starts_with("export KUBECONFIG="))
-        }),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("kubelock dev --node not ready in 180 s:\n{}", dev.stderr_tail(30)))
-    .expect("reading stdout")
-    .unwrap_or_else(|| panic!("kubelock dev --node exited early:\n{}", dev.stderr_tail(30)));
-    let kubeconfig = PathBuf::from(export.trim_start_matches("export KUBECONFIG="));
+    let kubeconfig = dev.dev_kubeconfig(Duration::from_secs(180)).await;
     let dir = kubeconfig.parent().expect("the kubeconfig is in the state directory").to_path_buf();
 
     let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("the printed kubeconfig");

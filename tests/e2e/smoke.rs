@@ -3,7 +3,6 @@
 //! and restarted, and nothing outlives a killed parent.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -192,18 +191,7 @@ async fn killed_dev_leaves_no_orphans() {
         .env_remove("KUBECONFIG")
         .piped_stdout()
         .spawn();
-    let stdout = dev.take_stdout().expect("piped stdout");
-    let export = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::task::spawn_blocking(move || {
-            BufReader::new(stdout).lines().map_while(Result::ok).find(|l| l.starts_with("export KUBECONFIG="))
-        }),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("kubelock dev not ready in 120 s:\n{}", dev.stderr_tail(30)))
-    .expect("reading stdout")
-    .unwrap_or_else(|| panic!("kubelock dev exited early:\n{}", dev.stderr_tail(30)));
-    let kubeconfig = PathBuf::from(export.trim_start_matches("export KUBECONFIG="));
+    let kubeconfig = dev.dev_kubeconfig(Duration::from_secs(120)).await;
     let dir = kubeconfig.parent().expect("the kubeconfig is in the state directory").to_path_buf();
     assert!(dir.starts_with(tmp.path()), "state directory {} not under TMPDIR", dir.display());
 

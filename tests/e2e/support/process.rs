@@ -216,6 +216,27 @@ impl Proc {
     pub fn stdout_tail(&self, lines: usize) -> String {
         self.stdout_log.as_deref().map(|p| log_tail(p, lines)).unwrap_or_default()
     }
+
+    /// A `kubelock dev` started with piped stdout: the kubeconfig of the line
+    /// `export KUBECONFIG=…` it prints once its control plane is ready (within `timeout`).
+    pub async fn dev_kubeconfig(&mut self, timeout: Duration) -> PathBuf {
+        let stdout = self.take_stdout().expect("piped stdout");
+        let export = tokio::time::timeout(
+            timeout,
+            tokio::task::spawn_blocking(move || {
+                use std::io::BufRead as _;
+                std::io::BufReader::new(stdout)
+                    .lines()
+                    .map_while(Result::ok)
+                    .find(|l| l.starts_with("export KUBECONFIG="))
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{} not ready in {timeout:?}:\n{}", self.name, self.stderr_tail(30)))
+        .expect("reading stdout")
+        .unwrap_or_else(|| panic!("{} exited early:\n{}", self.name, self.stderr_tail(30)));
+        PathBuf::from(export.trim_start_matches("export KUBECONFIG="))
+    }
 }
 
 impl Drop for Proc {
