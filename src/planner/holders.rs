@@ -117,9 +117,8 @@ fn end_of(h: &Holder, req: Option<&LockRequest>, inputs: &Inputs<'_>, seen: &Ren
     if req.phase().is_final() {
         // Its end is already written on the request (a fence whose Lock write did not
         // follow: a conflict, or a controller that stopped in between): finish it here.
-        let status = req.status.clone().unwrap_or_default();
-        let cause = ConditionType::Granted.find(&status.conditions).and_then(|c| c.reason.parse::<Reason>().ok());
-        let message = status.message.unwrap_or_default();
+        let cause = end_reason(req);
+        let message = req.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default();
         return match cause {
             Some(Reason::LeaseExpired) => End::Free { kind: EventKind::Expired, reason: Reason::LeaseExpired, message },
             Some(reason @ Reason::Broken) => End::Drain { kind: EventKind::Broken, reason, message, restart: false },
@@ -278,8 +277,8 @@ pub(super) fn plan_holders(
             continue;
         }
         // Committed to this Lock's status by CAS, so its end is certain: fenced if not yet.
-        let fence = format!("its grant ended ({}); it drains until its holder can no longer act", d.reason);
-        match drain(d, by_uid.get(d.request_uid.as_str()).copied(), inputs, plan, obs, &mut pass, Some(fence)) {
+        let fence = Some("its grant ended; it drains until its holder can no longer act");
+        match drain(d, by_uid.get(d.request_uid.as_str()).copied(), inputs, plan, obs, &mut pass, fence) {
             Some(d) => pass.draining.push(d),
             None => {
                 obs.drained.insert(d.request_uid.clone());
@@ -299,7 +298,7 @@ fn drain(
     plan: &mut Plan,
     obs: &mut Observations,
     pass: &mut HolderPass,
-    fence: Option<String>,
+    fence: Option<&str>,
 ) -> Option<Draining> {
     let now = inputs.now;
     if let Some(req) = req.filter(|r| r.spec.released) {
@@ -326,6 +325,7 @@ fn drain(
         Some(r) => {
             if let Some(message) = fence {
                 let reason = d.reason.parse().unwrap_or(Reason::Lost);
+                let message = message.to_string();
                 let fate = Fate::Finished { phase: Phase::Expired, reason, message, holder: None, lock_uid: None };
                 plan.fence(r, desired_status(r, fate, now));
             }
@@ -371,7 +371,8 @@ pub(super) fn drain_unlisted_grants(
         if inputs.observations.drained.contains(uid) {
             obs.drained.insert(uid.to_string()); // remembered while the request lingers
         }
-        let status = r.status.clone().unwrap_or_default();
+        // Only requests that remember a grant go further (no copy of every waiter's status).
+        let Some(status) = r.status.as_ref() else { continue };
         let (Some(token), Some(granted_by)) = (status.token, status.lock_uid.as_deref()) else { continue };
         if uid.is_empty()
             || r.spec.lock_name != name
@@ -433,7 +434,7 @@ pub(super) fn drain_unlisted_grants(
         }
         let entry = draining_entry(&holder, r.spec.pod_ref.as_ref(), reason, now.wall);
         pass.handled.insert(uid.to_string());
-        match drain(&entry, Some(r), inputs, plan, obs, pass, certain.then_some(message)) {
+        match drain(&entry, Some(r), inputs, plan, obs, pass, certain.then_some(message.as_str())) {
             Some(d) => pass.draining.push(d),
             None => {
                 obs.drained.insert(uid.to_string());
