@@ -215,8 +215,10 @@ pub async fn reconcile(lock: Arc<Lock>, ctx: Arc<Context>) -> Result<Action, Err
             lock_fresh = true;
             continue;
         }
-        // Fence the ends of grants on their requests before the Lock says so.
-        if plan.lock_status.is_some() && !fence(&ctx, &ns, &by_uid, &plan, &mut reads).await? {
+        // Fence the ends of grants on their requests before the Lock says so; also with no
+        // Lock write, for a draining grant whose end is not on its request yet.
+        let fences = plan.lock_status.is_some() || plan.requests.iter().any(|u| u.fence);
+        if fences && !fence(&ctx, &ns, &by_uid, &plan, &mut reads).await? {
             continue; // a holder renewed (or went) meanwhile: plan again with what was read
         }
         // Compare-and-swap the Lock status.
